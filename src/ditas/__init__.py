@@ -1,0 +1,16 @@
+"""ditas: data-free W4A8 quantization of Diffusion Transformers (DiTAS).
+
+The pipeline, one package each: ``model`` (DiT and loading), ``diffusion`` (schedules, samplers,
+image generation), ``calibration`` (the FP model's own trajectory), ``quantization`` (smoothing,
+alpha search, training-free LoRA, quantized linear, checkpoints), ``evaluation`` (metrics) and
+``cli`` (the ``ditas`` command).
+"""
+
+from .errors import CheckpointError, ConfigError, DitasError
+from .model.dit import DiT, DiTConfig, DiT_models, dit_config
+from .model.loading import default_model_path, load_dit, save_dit
+
+__version__ = "0.1.0"
+
+__all__ = ["DiT", "DiTConfig", "DiT_models", "dit_config", "load_dit", "save_dit", "default_model_path",
+           "DitasError", "CheckpointError", "ConfigError", "__version__"]

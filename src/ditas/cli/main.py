@@ -1,0 +1,53 @@
+"""The ``ditas`` command line: one subcommand per pipeline step.
+
+Each subcommand lives in its own module ``ditas.cli.<name>`` exposing
+``add_parser(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int``. Errors that a user
+can fix are raised as ``ditas.errors.DitasError`` and printed as one line, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import DitasError
+
+SUBCOMMANDS = ("sample", "train", "eval", "quantize", "compare")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ditas",
+        description="Data-free W4A8 quantization of Diffusion Transformers (DiTAS).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"ditas.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"ditas.cli.{name}":
+                continue  # subcommand not built in this version
+            raise
+        p = module.add_parser(sub)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except DitasError as exc:
+        print(f"ditas {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ditas {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""``load_dit``: a DiT from whatever the user has, without executing code from the file.
+
+Accepted: a published ``.pt`` checkpoint (a state dict, or a dict holding one under ``model``,
+``ema`` or ``state_dict``), a ``.safetensors`` state dict, a ditas model folder (``config.json``
++ ``model.safetensors``, float or quantized), or a diffusers DiT folder (``DiTTransformer2DModel``
+or a ``DiTPipeline`` with ``transformer/``). The configuration comes from metadata when present,
+otherwise it is inferred from the tensor shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+from .dit import DiT, DiTConfig
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_MODEL_DIR = ASSETS / "default_dit"
+
+# head counts of the published sizes (not inferable from shapes); others assume 64-wide heads
+_HEADS_BY_HIDDEN = {1152: 16, 1024: 16, 768: 12, 384: 6}
+
+
+def default_model_path() -> Path:
+    """The embedded default model (a small DiT trained on real digits)."""
+    if not (DEFAULT_MODEL_DIR / "config.json").exists():
+        raise CheckpointError(
+            f"the embedded default model is missing from this installation ({DEFAULT_MODEL_DIR}); "
+            "give --model PATH")
+    return DEFAULT_MODEL_DIR
+
+
+# ----------------------------------------------------------------------------------------------
+#                                   Reading state dicts
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        tensors = {}
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            for k in f.keys():
+                tensors[k] = f.get_tensor(k)
+        return tensors, meta
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def _read_pt(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, truncated zips, forbidden globals, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint ({first})") from None
+    if isinstance(obj, dict):
+        for key in ("ema", "model", "state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors (or one under 'model'/'ema')")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+#                                  Configuration inference
+# ----------------------------------------------------------------------------------------------
+
+
+def infer_config(state: dict[str, torch.Tensor], source: str = "state dict") -> DiTConfig:
+    """The DiT configuration implied by the tensor shapes of a reference-layout state dict."""
+    required = ["x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight",
+                "final_layer.linear.weight", "blocks.0.mlp.fc1.weight"]
+    missing = [k for k in required if k not in state]
+    if missing:
+        sample = ", ".join(sorted(state)[:5])
+        raise CheckpointError(f"{source}: not a DiT state dict in the published layout "
+                              f"(missing {', '.join(missing)}; found keys like {sample})")
+    pe = state["x_embedder.proj.weight"]
+    if pe.ndim != 4 or pe.shape[2] != pe.shape[3]:
+        raise CheckpointError(f"{source}: x_embedder.proj.weight has shape {tuple(pe.shape)}, "
+                              "expected (hidden, channels, patch, patch)")
+    hidden, in_ch, patch = pe.shape[0], pe.shape[1], pe.shape[2]
+    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    num_patches = state["pos_embed"].shape[1]
+    grid = int(round(math.sqrt(num_patches)))
+    if grid * grid != num_patches:
+        raise CheckpointError(f"{source}: pos_embed has {num_patches} positions, not a square grid")
+    rows = state["y_embedder.embedding_table.weight"].shape[0]
+    out = state["final_layer.linear.weight"].shape[0] // (patch * patch)
+    if out not in (in_ch, 2 * in_ch):
+        raise CheckpointError(f"{source}: final layer outputs {out} channels for {in_ch} input channels")
+    mlp_hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+    heads = _HEADS_BY_HIDDEN.get(hidden, max(1, hidden // 64))
+    return DiTConfig(input_size=grid * patch, patch_size=patch, in_channels=in_ch, hidden_size=hidden,
+                     depth=depth, num_heads=heads, mlp_ratio=mlp_hidden / hidden, class_dropout_prob=0.1,
+                     num_classes=rows - 1, learn_sigma=out == 2 * in_ch)
+
+
+def build_from_state(state: dict[str, torch.Tensor], config: DiTConfig | None, source: str) -> DiT:
+    config = config or infer_config(state, source)
+    with torch.device("meta"):
+        model = DiT(config)
+    own = model.state_dict()
+    unknown = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state))
+    if unknown or missing:
+        parts = []
+        if unknown:
+            parts.append(f"unknown keys {unknown[:4]}{' ...' if len(unknown) > 4 else ''}")
+        if missing:
+            parts.append(f"missing keys {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+        raise CheckpointError(f"{source}: does not match a DiT with {config.to_json()}: " + "; ".join(parts))
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{source}: shape mismatch at {k}: file has {tuple(state[k].shape)}, "
+                                  f"the config implies {tuple(v.shape)}")
+        if not state[k].is_floating_point():
+            raise CheckpointError(f"{source}: {k} holds {state[k].dtype}, expected floating point")
+    model = model.to_empty(device="cpu")
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+#                                        Entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def _config_from_meta(meta: dict[str, str], source: str) -> DiTConfig | None:
+    if "config" not in meta:
+        return None
+    try:
+        data = json.loads(meta["config"])
+        return DiTConfig.from_dict(data.get("model", data))
+    except (json.JSONDecodeError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{source}: bad config metadata ({exc})") from None
+
+
+def load_dit(path: str | os.PathLike | None = None, config: DiTConfig | None = None, **kwargs: Any) -> torch.nn.Module:
+    """Loads a DiT (float or ditas-quantized) in eval mode. ``None``: the embedded default model.
+
+    Extra keyword arguments go to the quantized-model loader (for instance ``backend="int"``).
+    """
+    path = default_model_path() if path is None else Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return _load_folder(path, config, **kwargs)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        state, meta = _read_safetensors(path)
+        return build_from_state(state, config or _config_from_meta(meta, str(path)), str(path))
+    if suffix in (".pt", ".pth", ".ckpt", ".bin"):
+        return build_from_state(_read_pt(path), config, str(path))
+    raise CheckpointError(f"{path}: unsupported file type {suffix or '(none)'}; expected a .pt/.pth "
+                          "checkpoint, a .safetensors file or a model folder")
+
+
+def _load_folder(path: Path, config: DiTConfig | None, **kwargs: Any) -> torch.nn.Module:
+    cfg_file = path / "config.json"
+    if (path / "transformer" / "config.json").exists() and not cfg_file.exists():
+        path, cfg_file = path / "transformer", path / "transformer" / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{path}: a model folder needs a config.json (none found)")
+    try:
+        data = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({exc})") from None
+    if data.get("_class_name") == "DiTTransformer2DModel":
+        from .diffusers_convert import load_diffusers_dit
+
+        return load_diffusers_dit(path, data)
+    if "quantization" in data:
+        from ..quantization.checkpoint import load_quantized
+
+        return load_quantized(path, data, **kwargs)
+    if "model" not in data:
+        raise CheckpointError(f"{cfg_file}: not a ditas or diffusers DiT config (no 'model' or '_class_name')")
+    try:
+        cfg = config or DiTConfig.from_dict(data["model"])
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{cfg_file}: bad model config ({exc})") from None
+    weights = path / "model.safetensors"
+    if not weights.exists():
+        raise CheckpointError(f"{path}: model.safetensors is missing")
+    state, _ = _read_safetensors(weights)
+    return build_from_state(state, cfg, str(weights))
+
+
+def save_dit(model: DiT, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Writes a float DiT as a folder: ``config.json`` + ``model.safetensors`` (atomically)."""
+    from safetensors.torch import save_file
+
+    from ..fileio import atomic_dir
+
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"config": model.config.to_json()})
+        (tmp / "config.json").write_text(json.dumps({"format": "ditas-dit", "model": model.config.to_dict(),
+                                                     **(extra or {})}, indent=2))
+    return path
