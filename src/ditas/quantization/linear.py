@@ -1,0 +1,181 @@
+"""``QuantLinear``: a linear layer with integer weight codes, quantized activations and a float
+low-rank branch.
+
+Tensors are named for their role (as nunchaku's quantized linear):
+
+- ``qweight``  uint8 (out, in): weight codes in ``[0, 2^wbits - 1]`` (unpacked in memory; packed
+  to ``wbits`` only in checkpoints);
+- ``wscale``, ``wzero``: float scale and integer-valued zero point per weight group (see
+  ``quantizers.WEIGHT_LAYOUTS`` for the shapes);
+- ``bias``: float (out,) or absent;
+- ``smooth``: float (in,) divisor applied to the input on the fly, or absent (a smoothing factor
+  that could not be folded into a preceding layer, e.g. for ``fc2``);
+- ``lora_down`` (rank, in), ``lora_up`` (out, rank): the float low-rank branch, or absent.
+
+The layer computes ``y = Q_A(x / smooth) (W_q + lora_up lora_down)^T + bias`` where ``Q_A`` is
+dynamic activation quantization (per tensor or per token). ``backend="fake"`` simulates it in
+float; ``backend="int"`` runs the main product on int8 codes with int32 accumulation (see
+``int_kernels``). Both start from the same activation codes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .quantizers import (ACT_GRANULARITIES, RANGE_MODES, WEIGHT_LAYOUTS, activation_codes, dequantize_weight,
+                         quantize_weight)
+
+Backend = Literal["fake", "int"]
+BACKENDS = ("fake", "int")
+
+
+class QuantLinear(nn.Module):
+    """Linear layer with ``wbits``-bit integer weights and ``abits``-bit dynamic activations."""
+
+    def __init__(self, in_features: int, out_features: int, *, wbits: int, abits: int, bias: bool = True,
+                 layout: str = "channel", group_size: int = 0, act_granularity: str = "tensor",
+                 range_mode: str = "levels", lora_rank: int = 0, has_smooth: bool = False,
+                 backend: Backend = "fake"):
+        super().__init__()
+        if not 2 <= wbits <= 8:
+            raise ValueError(f"weight bits must be 2..8, got {wbits}")
+        if not 4 <= abits <= 16:
+            raise ValueError(f"activation bits must be 4..16, got {abits}")
+        if layout not in WEIGHT_LAYOUTS or act_granularity not in ACT_GRANULARITIES or range_mode not in RANGE_MODES:
+            raise ValueError(f"bad quantizer settings: layout={layout!r}, act_granularity={act_granularity!r}, "
+                             f"range_mode={range_mode!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.wbits, self.abits = wbits, abits
+        self.layout, self.group_size = layout, group_size
+        self.act_granularity, self.range_mode = act_granularity, range_mode
+        self.lora_rank = lora_rank
+        self.backend: Backend = backend
+        groups = self._param_shape(out_features, in_features, layout, group_size)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.uint8))
+        self.register_buffer("wscale", torch.ones(groups))
+        self.register_buffer("wzero", torch.zeros(groups))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("smooth", torch.ones(in_features) if has_smooth else None)
+        self.register_buffer("lora_down", torch.zeros(lora_rank, in_features) if lora_rank else None)
+        self.register_buffer("lora_up", torch.zeros(out_features, lora_rank) if lora_rank else None)
+        self._wcache: torch.Tensor | None = None  # simulated path: dequantized weight, not saved
+        self._int_state = None  # integer path: prepared int8 weight, not saved
+
+    @staticmethod
+    def _param_shape(out_f: int, in_f: int, layout: str, group_size: int) -> tuple[int, int]:
+        if layout == "channel":
+            return (out_f, 1)
+        if layout == "group":
+            if group_size < 1 or in_f % group_size:
+                raise ValueError(f"group size {group_size} does not divide in_features {in_f}")
+            return (out_f, in_f // group_size)
+        if out_f % 32:
+            raise ValueError(f"reference32 layout needs out_features divisible by 32, got {out_f}")
+        return (out_f // 32, in_f)
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, wbits: int, abits: int, layout: str = "channel",
+                    group_size: int = 0, act_granularity: str = "tensor", range_mode: str = "levels",
+                    weight: torch.Tensor | None = None, smooth: torch.Tensor | None = None,
+                    lora_down: torch.Tensor | None = None, lora_up: torch.Tensor | None = None,
+                    codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                    backend: Backend = "fake") -> "QuantLinear":
+        """Quantizes ``weight`` (default: ``linear.weight``) with round-to-nearest min/max.
+
+        ``codes`` = (qweight, wscale, wzero) lets a caller supply codes it chose itself (for
+        instance the best round of the training-free LoRA); ``weight`` is then ignored.
+        """
+        rank = 0 if lora_down is None else lora_down.shape[0]
+        m = cls(linear.in_features, linear.out_features, wbits=wbits, abits=abits, bias=linear.bias is not None,
+                layout=layout, group_size=group_size, act_granularity=act_granularity, range_mode=range_mode,
+                lora_rank=rank, has_smooth=smooth is not None, backend=backend)
+        if codes is None:
+            w = linear.weight.detach() if weight is None else weight.detach()
+            codes = quantize_weight(w, wbits, layout, group_size, range_mode)
+        q, s, z = codes
+        m.qweight.copy_(q)
+        m.wscale.copy_(s)
+        m.wzero.copy_(z)
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias.detach())
+        if smooth is not None:
+            m.smooth.copy_(smooth)
+        if rank:
+            m.lora_down.copy_(lora_down)
+            m.lora_up.copy_(lora_up)
+        return m.to(linear.weight.device)
+
+    # -- views ------------------------------------------------------------------------------------
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight the codes stand for (without the low-rank branch)."""
+        return dequantize_weight(self.qweight, self.wscale, self.wzero, self.layout, self.group_size)
+
+    def effective_weight(self) -> torch.Tensor:
+        """``W_q + lora_up @ lora_down``: what the layer multiplies the quantized input by."""
+        w = self.dequantized_weight()
+        if self.lora_rank:
+            w = w + self.lora_up @ self.lora_down
+        return w
+
+    def invalidate(self) -> None:
+        """Call after changing any tensor in place: drops cached derived weights."""
+        self._wcache = None
+        self._int_state = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.invalidate()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        self.invalidate()
+        return super()._apply(fn, recurse)
+
+    # -- forward ----------------------------------------------------------------------------------
+    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Smoothed input -> (codes, scale, zero); for abits >= 16: (x, None, None)."""
+        if self.smooth is not None:
+            x = x / self.smooth
+        if self.abits >= 16:
+            return x, None, None
+        return activation_codes(x, self.abits, self.act_granularity, self.range_mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        codes, a_scale, a_zero = self.quantize_input(x2)
+        xq = codes if a_scale is None else (codes - a_zero) * a_scale
+        if self.backend == "int" and a_scale is not None and self.int_supported():
+            from .int_kernels import int_linear
+
+            y = int_linear(self, codes, a_scale, a_zero)
+        else:
+            if self._wcache is None:
+                self._wcache = self.dequantized_weight()
+            y = F.linear(xq, self._wcache, self.bias)
+        if self.lora_rank:
+            y = y + (xq @ self.lora_down.t()) @ self.lora_up.t()
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def int_supported(self) -> bool:
+        """Whether the integer backend handles this layer (per-channel weights, <= 8-bit inputs)."""
+        return self.layout == "channel" and self.abits <= 8
+
+    def extra_repr(self) -> str:
+        layout = {"channel": "per-channel", "group": f"group{self.group_size}",
+                  "reference32": "reference-32"}[self.layout]
+        act = "fp" if self.abits >= 16 else f"dynamic per-{self.act_granularity}"
+        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
+                 f"W{self.wbits} {layout} asym", f"A{self.abits} {act}"]
+        if self.lora_rank:
+            parts.append(f"lora_rank={self.lora_rank}")
+        if self.smooth is not None:
+            parts.append("smooth=on-the-fly")
+        if self.range_mode == "reference":
+            parts.append("range=reference(2^b)")
+        parts.append(f"backend={self.backend}")
+        return ", ".join(parts)
