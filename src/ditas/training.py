@@ -175,7 +175,7 @@ def train_dit(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out:
 
         for k in window:
             if k in terms:
-                window[k] += float(terms[k].mean())
+                window[k] += float(terms[k].detach().mean())
         window_n += 1
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             rec = {"step": step + 1, "lr": lr_at(cfg, step),

@@ -34,6 +34,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--test-per-class", type=int, default=0,
                    help="exclude the last N digits of each class (the evaluator's test split) from "
                         "training; default 0: train on all 5,000")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (default 0: torch's default); 1 is more robust on a "
+                        "machine shared with other jobs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -57,6 +60,12 @@ def run(args: argparse.Namespace) -> int:
         raise DitasError(str(exc)) from None
     if args.test_per_class < 0:
         raise DitasError("--test-per-class must be >= 0")
+    if args.threads < 0:
+        raise DitasError("--threads must be >= 0")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     data = load_digits("train", args.test_per_class) if args.test_per_class else load_digits("all")
     images, labels = data.tensors()
     summary = train_dit(cfg, images, labels, out, progress=not args.no_progress)

@@ -43,6 +43,10 @@ class DiTConfig:
     num_classes: int = 1000
     learn_sigma: bool = True
     space: str = ""  # "latent" or "pixel"; empty: latent iff in_channels == 4
+    # Variants seen in converted checkpoints (diffusers' DiTTransformer2DModel): LayerNorm eps of
+    # the blocks, and the frequency shift of the timestep features (0: DiT, 1: diffusers).
+    norm_eps: float = 1e-6
+    timestep_freq_shift: int = 0
 
     def __post_init__(self) -> None:
         if not self.space:
@@ -102,8 +106,9 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 class TimestepEmbedder(nn.Module):
     """Embeds scalar timesteps into vectors (sinusoidal features, then a 2-layer MLP)."""
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, freq_shift: int = 0):
         super().__init__()
+        self.freq_shift = freq_shift
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size, bias=True),
             nn.SiLU(),
@@ -112,10 +117,10 @@ class TimestepEmbedder(nn.Module):
         self.frequency_embedding_size = frequency_embedding_size
 
     @staticmethod
-    def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000, freq_shift: int = 0) -> torch.Tensor:
         half = dim // 2
         freqs = torch.exp(
-            -math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half
+            -math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / (half - freq_shift)
         ).to(device=t.device)
         args = t[:, None].float() * freqs[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
@@ -124,7 +129,7 @@ class TimestepEmbedder(nn.Module):
         return embedding
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
 
 
@@ -204,11 +209,11 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """A DiT block with adaptive layer norm zero (adaLN-Zero) conditioning."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=norm_eps)
         self.attn = Attention(hidden_size, num_heads=num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=norm_eps)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
@@ -256,13 +261,14 @@ class DiT(nn.Module):
         self.num_classes = config.num_classes
 
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, config.hidden_size)
-        self.t_embedder = TimestepEmbedder(config.hidden_size)
+        self.t_embedder = TimestepEmbedder(config.hidden_size, freq_shift=config.timestep_freq_shift)
         self.y_embedder = LabelEmbedder(config.num_classes, config.hidden_size, config.class_dropout_prob)
         # Fixed sin-cos embedding; a parameter (not a buffer) so that it is in the state dict,
         # exactly as in the published checkpoints.
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches, config.hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(
-            [DiTBlock(config.hidden_size, config.num_heads, config.mlp_ratio) for _ in range(config.depth)]
+            [DiTBlock(config.hidden_size, config.num_heads, config.mlp_ratio, config.norm_eps)
+             for _ in range(config.depth)]
         )
         self.final_layer = FinalLayer(config.hidden_size, config.patch_size, self.out_channels)
         self.initialize_weights()

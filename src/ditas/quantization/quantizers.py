@@ -114,16 +114,31 @@ def fake_quant_weight_reference(w: torch.Tensor, bits: int) -> torch.Tensor:
 def activation_qparams(x: torch.Tensor, bits: int, granularity: str = "tensor",
                        range_mode: str = "levels") -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic min/max scale and integer zero point: one per tensor, or one per token (row)."""
-    steps = _steps(bits, range_mode)
     if granularity == "tensor":
         lo, hi = torch.aminmax(x)
     elif granularity == "token":
         lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
     else:
         raise ValueError(f"activation granularity must be one of {ACT_GRANULARITIES}, got {granularity!r}")
+    return qparams_from_range(lo, hi, bits, range_mode)
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, range_mode: str = "levels"
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point of the range [lo, hi]: what ``activation_qparams`` computes
+    from a tensor's min and max. The alpha search uses it with ranges derived from per-channel
+    extremes (min_j(colmin_j / s_j) is exactly the min of X / s), so it never materialises X / s
+    for the range."""
+    steps = _steps(bits, range_mode)
     scale = ((hi - lo).float() / steps).clamp(min=_EPS)
     zero = torch.round(-lo.float() / scale)
     return scale, zero
+
+
+def quantize_activation_with(x: torch.Tensor, bits: int, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Fake quantization of ``x`` with given qparams (same rounding as ``activation_codes``)."""
+    codes = torch.clamp(torch.round(x / scale) + zero, 0, 2 ** bits - 1)
+    return (codes - zero) * scale
 
 
 def activation_codes(x: torch.Tensor, bits: int, granularity: str = "tensor", range_mode: str = "levels"

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Sets up .venv if needed, then runs ditas. With no arguments: the main job on the embedded
+# default model (quantize it with the DiTAS recipe at W4A8, then sample a grid from the result).
+# With arguments: `bash run.sh sample --classes 1,2,3 --out grid.png` runs that ditas command.
+set -euo pipefail
+cd "$(dirname "$0")"
+bash scripts/setup.sh
+if [ $# -gt 0 ]; then
+    exec .venv/bin/ditas "$@"
+fi
+mkdir -p out
+.venv/bin/ditas sample --classes 0,1,2,3,4,5,6,7,8,9 --num 30 --out out/default_fp_grid.png

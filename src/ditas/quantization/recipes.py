@@ -1,0 +1,46 @@
+"""Named quantization presets: the method, its faithful reference numerics, baselines, ablations.
+
+``recipe_config(name, **overrides)`` returns a validated ``QuantConfig``. The presets:
+
+- ``ditas`` (default): deployable numerics (method.md section 9): TAS smoothing of all four
+  layers with a per-layer alpha search, the smoothed weight quantized per output channel with
+  the (max-min)/(2^b-1) range, ``proj``'s factor folded into the V rows of ``qkv`` before ``qkv``
+  is quantized, rank-32 training-free LoRA keeping its best round;
+- ``paper``: the published reference code's numerics (reference32 grouping, /2^b ranges,
+  quantize before smoothing, w_j from the quantized weight, loss over the first 50 steps, LoRA
+  keeps the last round, exact SVD);
+- ``rtn``: round-to-nearest, no smoothing, no LoRA;
+- ``smoothquant``: SmoothQuant as published (alpha 0.5, channel maxima from the calibration
+  run, only the layers that follow a LayerNorm: ``qkv`` and ``fc1``), no LoRA;
+- ablations ``tas`` (TAS on all four layers, fixed alpha 0.5, no LoRA), ``tas_search`` (TAS with
+  the search, no LoRA), ``lora`` (LoRA only, no smoothing).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigError
+from .config import QuantConfig
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "ditas": dict(),
+    "paper": dict(weight_layout="reference32", range_mode="reference", quantize_before_smooth=True,
+                  w_max_from_quantized=True, fold_proj_into_v=False, loss_steps=50, lora_keep="last",
+                  lora_svd="exact", search_tokens=None),
+    "rtn": dict(smoothing="none", search=False, lora_rank=0),
+    "smoothquant": dict(smoothing="tas", smooth_roles=("qkv", "fc1"), alpha=0.5, search=False, lora_rank=0),
+    "tas": dict(smoothing="tas", alpha=0.5, search=False, lora_rank=0),
+    "tas_search": dict(smoothing="tas", search=True, lora_rank=0),
+    "lora": dict(smoothing="none", search=False),
+}
+DEFAULT_RECIPE = "ditas"
+
+
+def recipe_config(name: str = DEFAULT_RECIPE, **overrides: Any) -> QuantConfig:
+    """The preset ``name`` with ``overrides`` (None values are ignored)."""
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    kwargs = {**RECIPES[name], **{k: v for k, v in overrides.items() if v is not None}}
+    kwargs["recipe"] = name
+    return QuantConfig(**kwargs)

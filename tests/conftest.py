@@ -1,0 +1,48 @@
+"""Shared fixtures: the reference tensors recorded from the published implementations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+def reference_file(name: str) -> Path:
+    path = REFERENCE_DIR / name
+    assert path.exists(), f"reference tensors missing: {path} (shared/ must sit beside the checkout)"
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_weights_path() -> Path:
+    return reference_file("dit_tiny_weights.safetensors")
+
+
+@pytest.fixture(scope="session")
+def reference_outputs() -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(reference_file("dit_reference_outputs.safetensors")))
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(reference_file("dit_tiny_weights.safetensors")), "pt") as f:
+        return json.loads(f.metadata()["config"])
+
+
+@pytest.fixture()
+def tiny_model(tiny_weights_path):
+    import ditas
+
+    return ditas.load_dit(tiny_weights_path)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
