@@ -1,0 +1,74 @@
+"""Block-by-block recomputation of the FP layer inputs from a recorded trajectory.
+
+For block ``i`` we hold the tokens entering it at every calibration step. One FP pass of that
+block per step, with forward pre-hooks on its quantizable linears, yields every layer's inputs
+(both CFG halves, all tokens) and the tokens entering block ``i + 1``. Layer inputs do not depend
+on which layers are quantized (the search compares against the FP model), so this gives each
+layer exactly the inputs a per-layer observation run of the FP model would give, at the cost of
+about one model pass. Memory: one block's inputs over the calibration set (plus a token
+subsample per step for the search).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import CalibrationError
+from ..quantization.search import LayerInputs
+
+
+def subsample_index(n: int, k: int | None, seed: int, step: int) -> torch.Tensor | None:
+    """Rows kept for the search loss at ``step`` (None: all). Deterministic in (seed, step)."""
+    if k is None or k >= n:
+        return None
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randperm(n, generator=g)[:k].sort().values
+
+
+class _Collector:
+    def __init__(self, name: str, k: int | None, seed: int):
+        self.name, self.k, self.seed = name, k, seed
+        self.xs: list[torch.Tensor] = []
+        self.colmin: list[torch.Tensor] = []
+        self.colmax: list[torch.Tensor] = []
+        self.absmax: torch.Tensor | None = None
+        self.step = 0
+
+    def __call__(self, module, args):
+        x = args[0].detach()
+        x = x.reshape(-1, x.shape[-1]).float()
+        if not torch.isfinite(x).all():
+            raise CalibrationError(f"non-finite input (NaN or inf) at layer {self.name}, calibration step {self.step}")
+        lo, hi = x.amin(dim=0), x.amax(dim=0)
+        self.colmin.append(lo)
+        self.colmax.append(hi)
+        a = torch.maximum(lo.abs(), hi.abs())
+        self.absmax = a if self.absmax is None else torch.maximum(self.absmax, a)
+        idx = subsample_index(x.shape[0], self.k, self.seed, self.step)
+        self.xs.append(x.clone() if idx is None else x[idx].clone())
+
+    def result(self) -> LayerInputs:
+        return LayerInputs(self.xs, torch.stack(self.colmin), torch.stack(self.colmax), self.absmax)
+
+
+@torch.no_grad()
+def block_layer_inputs(block: nn.Module, block_name: str, rel_names: list[str], tokens: list[torch.Tensor],
+                       cond: list[torch.Tensor], search_tokens: int | None = None, seed: int = 0
+                       ) -> tuple[dict[str, LayerInputs], list[torch.Tensor]]:
+    """Inputs of the block's layers ``rel_names`` at every step, and the block's outputs."""
+    collectors = {rel: _Collector(f"{block_name}.{rel}", search_tokens, seed) for rel in rel_names}
+    handles = [block.get_submodule(rel).register_forward_pre_hook(collectors[rel]) for rel in rel_names]
+    outs = []
+    try:
+        for t, (x, c) in enumerate(zip(tokens, cond)):
+            for col in collectors.values():
+                col.step = t
+            y = block(x, c)
+            if not torch.isfinite(y).all():
+                raise CalibrationError(f"non-finite output (NaN or inf) of {block_name} at calibration step {t}")
+            outs.append(y)
+    finally:
+        for h in handles:
+            h.remove()
+    return {rel: col.result() for rel, col in collectors.items()}, outs

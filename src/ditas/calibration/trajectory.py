@@ -1,0 +1,107 @@
+"""One FP sampling run that records what the first block sees at every step.
+
+Data-free calibration (method.md section 3): the FP model samples N calibration labels (one noise
+each, classifier-free guidance, the inference step count). We record, per step, the tokens
+entering the first block and the conditioning vector ``c`` (both CFG halves). Every layer's FP
+inputs are then recomputed block by block from these (``blockwise.py``), so calibration costs one
+sampling run plus about one more model pass, instead of one sampling run per layer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..diffusion.gaussian import create_diffusion
+from ..diffusion.pipeline import start_noise
+from ..diffusion.samplers import guided_model_fn, sample_steps
+from ..errors import CalibrationError
+
+
+@dataclass
+class Trajectory:
+    """Block-0 inputs per calibration step (first step, highest t, first)."""
+
+    tokens: list[torch.Tensor]      # (B, T, D) per step; B = 2N with guidance
+    cond: list[torch.Tensor]        # (B, D) per step
+    labels: list[int]
+    steps: int
+    cfg_scale: float
+    sampler: str
+    seed: int
+    model_forward_calls: int = 0
+    wall_time_s: float = 0.0
+    final: torch.Tensor | None = field(default=None, repr=False)
+
+    def key(self) -> tuple:
+        return (tuple(self.labels), self.seed, self.steps, float(self.cfg_scale), self.sampler)
+
+
+def _finite_guard(model: nn.Module, layer_names: list[str], step: list[int]) -> list:
+    """Forward hooks that raise CalibrationError on the first non-finite layer input or output."""
+    handles = []
+    for name in layer_names:
+        module = model.get_submodule(name)
+
+        def hook(mod, args, out, name=name):
+            for what, t in (("input", args[0]), ("output", out)):
+                if not torch.isfinite(t).all():
+                    raise CalibrationError(f"non-finite {what} (NaN or inf) at layer {name}, calibration step "
+                                           f"{step[0]}: the FP model itself is broken on its own samples")
+        handles.append(module.register_forward_hook(hook))
+    return handles
+
+
+@torch.no_grad()
+def record_trajectory(model: nn.Module, labels: list[int], steps: int, cfg_scale: float, sampler: str = "ddpm",
+                      seed: int = 0, layer_names: list[str] | None = None, progress: bool = True) -> Trajectory:
+    """Samples ``labels`` with the FP model and records the block-0 inputs of every step.
+
+    Noise follows ``pipeline.generate``'s convention (start noise from ``seed``, step noise from
+    ``seed + 1``), so the calibration samples are those ``ditas sample`` would draw.
+    """
+    if not len(model.blocks):
+        raise CalibrationError("the model has no blocks to calibrate")
+    t0 = time.perf_counter()
+    y = torch.as_tensor(labels, dtype=torch.long)
+    diffusion = create_diffusion(steps, learn_sigma=model.config.learn_sigma)
+    z = start_noise(model, len(labels), seed)
+    model_fn, _ = guided_model_fn(model, y, cfg_scale)
+    if cfg_scale is not None and cfg_scale > 1.0:
+        z = torch.cat([z, z], dim=0)
+    tokens: list[torch.Tensor] = []
+    cond: list[torch.Tensor] = []
+    step = [0]
+
+    def record(mod, args):
+        tokens.append(args[0].detach().clone())
+        cond.append(args[1].detach().clone())
+
+    handles = [model.blocks[0].register_forward_pre_hook(record)]
+    handles += _finite_guard(model, layer_names or [], step)
+    calls = [0]
+
+    def fn(x, t):
+        calls[0] += 1
+        out = model_fn(x, t)
+        if not torch.isfinite(out).all():
+            raise CalibrationError(f"non-finite model output (NaN or inf) at calibration step {step[0]}")
+        return out
+
+    g = torch.Generator().manual_seed(seed + 1)
+    x = z
+    try:
+        with tqdm(total=steps, desc="calibration: FP sampling run", unit="step", disable=not progress,
+                  leave=False) as bar:
+            for i, x in sample_steps(fn, diffusion, z, sampler=sampler, generator=g):
+                step[0] = i + 1
+                bar.update(1)
+    finally:
+        for h in handles:
+            h.remove()
+    return Trajectory(tokens, cond, list(labels), steps, float(cfg_scale or 0.0), sampler, seed,
+                      model_forward_calls=calls[0], wall_time_s=time.perf_counter() - t0, final=x[: len(labels)])

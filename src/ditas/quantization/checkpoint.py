@@ -1,0 +1,182 @@
+"""Quantized model folders: ``config.json`` + ``model.safetensors`` (+ ``report.json``).
+
+``config.json`` holds ``"model"`` (the DiTConfig) and ``"quantization"`` (format version, recipe,
+bits, layouts, the full QuantConfig and one entry per quantized layer). ``model.safetensors``
+holds, per ``QuantLinear``, ``<name>.qweight`` (codes packed to the weight bit width, 1-D uint8),
+``wscale``, ``wzero``, ``bias``, ``smooth``, ``lora_down``, ``lora_up`` as present, and the float
+tensors of everything else. ``load_quantized`` builds the model on the meta device, puts
+``QuantLinear`` modules in place of the quantized layers and only then allocates memory, so no
+float weight is ever created for a quantized layer. Save then load is bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from ..fileio import atomic_dir
+from .linear import BACKENDS, QuantLinear
+
+FORMAT_VERSION = 1
+_QUANT_TENSORS = ("qweight", "wscale", "wzero", "bias", "smooth", "lora_down", "lora_up")
+
+
+def _packing():
+    try:
+        from . import packing
+    except ImportError:
+        return None
+    return packing
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _layer_meta(m: QuantLinear) -> dict[str, Any]:
+    return {"in_features": m.in_features, "out_features": m.out_features, "wbits": m.wbits, "abits": m.abits,
+            "layout": m.layout, "group_size": m.group_size, "act_granularity": m.act_granularity,
+            "range_mode": m.range_mode, "lora_rank": m.lora_rank, "bias": m.bias is not None,
+            "smooth": m.smooth is not None}
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike, quant_config: dict[str, Any] | None = None,
+                   report: dict[str, Any] | None = None) -> Path:
+    """Writes the quantized model folder atomically (an interrupted write leaves nothing)."""
+    from safetensors.torch import save_file
+
+    layers = quant_layers(model)
+    if not layers:
+        raise CheckpointError("the model has no quantized layers: save it with ditas.save_dit")
+    packing = _packing()
+    cfg = quant_config if quant_config is not None else getattr(model, "quant_config", {}) or {}
+    if hasattr(cfg, "to_dict"):
+        cfg = cfg.to_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    quant_keys = set()
+    for name, m in layers.items():
+        for t in _QUANT_TENSORS:
+            v = getattr(m, t)
+            if v is None:
+                continue
+            key = f"{name}.{t}"
+            quant_keys.add(key)
+            if t == "qweight" and packing is not None:
+                v = packing.pack_codes(v, m.wbits)
+            tensors[key] = v.detach().contiguous().cpu()
+    for k, v in model.state_dict().items():
+        if k not in quant_keys:
+            tensors[k] = v.detach().contiguous().cpu()
+    first = next(iter(layers.values()))
+    qmeta = {
+        "format_version": FORMAT_VERSION,
+        "recipe": cfg.get("recipe", "custom"),
+        "bits": {"weights": first.wbits, "activations": first.abits},
+        "weight_layout": first.layout,
+        "group_size": first.group_size,
+        "act_granularity": first.act_granularity,
+        "range_mode": first.range_mode,
+        "qweight_packing": "packed" if packing is not None else "none",
+        "config": cfg,
+        "layers": {name: _layer_meta(m) for name, m in layers.items()},
+    }
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        os.chmod(tmp, 0o755)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "ditas-quantized"})
+        (tmp / "config.json").write_text(json.dumps({"format": "ditas-quantized", "quantization": qmeta,
+                                                     "model": model.config.to_dict()}, indent=2))
+        if report is not None:
+            (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+    return path
+
+
+def _default_backend() -> str:
+    try:
+        from . import int_kernels  # noqa: F401
+    except ImportError:
+        return "fake"
+    return "int"
+
+
+def load_quantized(path: str | os.PathLike, data: dict[str, Any], backend: str | None = None,
+                   **kwargs: Any) -> nn.Module:
+    """Builds a quantized DiT from its folder; ``data`` is the parsed ``config.json``.
+
+    ``backend``: ``"int"`` (integer kernels where a layer supports them) or ``"fake"`` (simulated);
+    default ``int`` when the integer kernels are installed.
+    """
+    from ..model.dit import DiT, DiTConfig
+    from ..model.loading import _read_safetensors
+
+    if kwargs:
+        raise CheckpointError(f"unexpected options for a quantized model: {sorted(kwargs)}")
+    path = Path(path)
+    backend = backend or _default_backend()
+    if backend not in BACKENDS:
+        raise CheckpointError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    q = data.get("quantization")
+    if not isinstance(q, dict) or "layers" not in q:
+        raise CheckpointError(f"{path}/config.json: 'quantization' lacks its layer table")
+    version = q.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: quantized format version {version!r} is not supported "
+                              f"(this ditas reads version {FORMAT_VERSION})")
+    try:
+        cfg = DiTConfig.from_dict(data["model"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}/config.json: bad model config ({exc})") from None
+    weights = path / "model.safetensors"
+    if not weights.exists():
+        raise CheckpointError(f"{path}: model.safetensors is missing")
+    state, _ = _read_safetensors(weights)
+    packed = q.get("qweight_packing", "none") == "packed"
+    packing = _packing() if packed else None
+    if packed and packing is None:
+        raise CheckpointError(f"{path}: the weights are bit-packed but this installation has no unpacker")
+
+    with torch.device("meta"):
+        model = DiT(cfg)
+        for name, meta in q["layers"].items():
+            try:
+                old = model.get_submodule(name)
+            except AttributeError:
+                raise CheckpointError(f"{path}: quantized layer {name} does not exist in the model") from None
+            if (old.in_features, old.out_features) != (meta["in_features"], meta["out_features"]):
+                raise CheckpointError(f"{path}: layer {name} is {meta['in_features']}->{meta['out_features']} in the "
+                                      f"file but {old.in_features}->{old.out_features} in the model config")
+            try:
+                new = QuantLinear(meta["in_features"], meta["out_features"], wbits=meta["wbits"], abits=meta["abits"],
+                                  bias=meta["bias"], layout=meta["layout"], group_size=meta["group_size"],
+                                  act_granularity=meta["act_granularity"], range_mode=meta["range_mode"],
+                                  lora_rank=meta["lora_rank"], has_smooth=meta["smooth"], backend=backend)
+            except (KeyError, ValueError) as exc:
+                raise CheckpointError(f"{path}: bad layer entry for {name} ({exc})") from None
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+    model = model.to_empty(device="cpu")
+    expected = model.state_dict()
+    for name, meta in q["layers"].items():
+        key = f"{name}.qweight"
+        if key in state and packing is not None:
+            state[key] = packing.unpack_codes(state[key], meta["wbits"], (meta["out_features"], meta["in_features"]))
+    missing = sorted(set(expected) - set(state))
+    unknown = sorted(set(state) - set(expected))
+    if missing or unknown:
+        raise CheckpointError(f"{weights}: does not match its config.json (missing {missing[:4]}, "
+                              f"unknown {unknown[:4]})")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape) or state[k].dtype != v.dtype:
+            raise CheckpointError(f"{weights}: {k} is {tuple(state[k].shape)} {state[k].dtype}, expected "
+                                  f"{tuple(v.shape)} {v.dtype}")
+    model.load_state_dict(state, strict=True)
+    model.quant_config = q.get("config", {})
+    return model.eval()

@@ -1,0 +1,217 @@
+"""Per-layer quantization: TAS factors, the alpha grid search, and the final training-free LoRA.
+
+For one layer with FP inputs ``X_t`` recorded at every calibration step ``t``:
+
+    L(alpha) = sum_t mean( (Q_A(X_t / s) W_eff(alpha)^T + b  -  (X_t W^T + b))^2 )
+
+and the chosen alpha is the first argmin over the grid. Which ``W_eff(alpha)`` the search scores
+is ``QuantConfig.search_weight``:
+
+- ``plain``: ``Q_W(W s)``; the LoRA rounds run once, at the chosen alpha (cheap: no SVD in the
+  search, which is then matmul-bound);
+- ``approx``: one LoRA round with a randomized rank-r SVD per alpha;
+- ``exact``: every LoRA round per alpha (the definition; 21 x rounds SVDs per layer).
+
+The search subsamples tokens per step (``LayerInputs.xs``) but takes per-tensor activation ranges
+from all tokens (``colmin``/``colmax``): for positive ``s``, ``min_j(colmin_j / s_j)`` is exactly
+the minimum of ``X / s``, so the quantizer sees the same scale as at inference on that batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import QuantConfig
+from .lora import LoraFit, training_free_lora
+from .quantizers import dequantize_weight, fake_quant_activation, qparams_from_range, quantize_activation_with, \
+    quantize_weight
+from .smoothing import tas_factors
+
+
+@dataclass
+class LayerInputs:
+    """What the search needs from a layer's FP inputs over the calibration run.
+
+    ``xs[t]``: (tokens_t, in) inputs at step t (possibly a token subsample); ``colmin``/``colmax``
+    (steps, in): per-step channel extremes over all tokens; ``absmax`` (in,): channel abs max over
+    all steps and tokens (TAS's a_j).
+    """
+
+    xs: list[torch.Tensor]
+    colmin: torch.Tensor
+    colmax: torch.Tensor
+    absmax: torch.Tensor
+
+
+@dataclass
+class LayerQuant:
+    """The outcome for one layer: everything needed to build its ``QuantLinear``."""
+
+    name: str
+    role: str
+    alpha: float | None
+    smooth: torch.Tensor | None           # s (in,), or None without smoothing
+    codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    bias: torch.Tensor | None
+    lora_up: torch.Tensor | None
+    lora_down: torch.Tensor | None
+    losses: dict[float, float] = field(default_factory=dict)   # search loss per alpha
+    loss: float = float("nan")           # L(alpha) of the final layer (with the final LoRA)
+    rel_out_err: float = float("nan")    # loss / sum_t mean(Y_fp^2)
+    rel_weight_err: float = float("nan")  # ||W_eff / s - W|| / ||W||
+    lora_err_per_round: list[float] = field(default_factory=list)
+    lora_kept_round: int = -1
+
+    def summary(self) -> dict:
+        return {"role": self.role, "alpha": self.alpha, "loss": self.loss, "rel_output_error": self.rel_out_err,
+                "rel_weight_error": self.rel_weight_err,
+                "search_losses": {f"{a:.2f}": v for a, v in self.losses.items()},
+                "lora_error_per_round": self.lora_err_per_round, "lora_kept_round": self.lora_kept_round}
+
+
+def weight_quantizer(cfg: QuantConfig):
+    """The config's weight quantizer: float (out, in) -> ((codes, scale, zero), dequantized)."""
+
+    def q(w: torch.Tensor):
+        codes = quantize_weight(w, cfg.w_bits, cfg.weight_layout, cfg.group_size, cfg.range_mode)
+        return codes, dequantize_weight(*codes, cfg.weight_layout, cfg.group_size)
+
+    return q
+
+
+def _quant_inputs(inputs: LayerInputs, steps: int, s: torch.Tensor | None, cfg: QuantConfig) -> torch.Tensor:
+    """Q_A(X_t / s) for the first ``steps`` steps, concatenated."""
+    outs = []
+    for t in range(steps):
+        x = inputs.xs[t] if s is None else inputs.xs[t] / s
+        if cfg.a_bits >= 16:
+            outs.append(x)
+        elif cfg.act_granularity == "tensor":
+            lo_c, hi_c = (inputs.colmin[t], inputs.colmax[t]) if s is None else \
+                (inputs.colmin[t] / s, inputs.colmax[t] / s)
+            scale, zero = qparams_from_range(lo_c.min(), hi_c.max(), cfg.a_bits, cfg.range_mode)
+            outs.append(quantize_activation_with(x, cfg.a_bits, scale, zero))
+        else:
+            outs.append(fake_quant_activation(x, cfg.a_bits, "token", cfg.range_mode))
+    return torch.cat(outs)
+
+
+class _Loss:
+    """L(alpha) for one layer: FP outputs are computed once."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, inputs: LayerInputs, cfg: QuantConfig,
+                 out_scale: torch.Tensor | None):
+        self.cfg, self.inputs, self.bias = cfg, inputs, bias
+        self.steps = min(len(inputs.xs), cfg.loss_steps or len(inputs.xs))
+        self.sizes = [inputs.xs[t].shape[0] for t in range(self.steps)]
+        x = torch.cat(inputs.xs[: self.steps])
+        self.y_fp = torch.nn.functional.linear(x, weight, bias)
+        self.out_scale = out_scale
+        self.fp_energy = self._sum_of_means(self.y_fp if out_scale is None else self.y_fp * out_scale)
+
+    def _sum_of_means(self, e: torch.Tensor) -> float:
+        return float(sum(chunk.pow(2).mean() for chunk in torch.split(e, self.sizes)))
+
+    def __call__(self, s: torch.Tensor | None, w_eff: torch.Tensor) -> float:
+        xq = _quant_inputs(self.inputs, self.steps, s, self.cfg)
+        err = torch.nn.functional.linear(xq, w_eff, self.bias) - self.y_fp
+        if self.out_scale is not None:
+            err = err * self.out_scale
+        return self._sum_of_means(err)
+
+
+def _check_finite(name: str, what: str, t: torch.Tensor) -> None:
+    if not torch.isfinite(t).all():
+        from ..errors import CalibrationError
+
+        raise CalibrationError(f"layer {name}: non-finite {what} (NaN or inf)")
+
+
+def quantize_layer(name: str, role: str, weight: torch.Tensor, bias: torch.Tensor | None, inputs: LayerInputs,
+                   cfg: QuantConfig, out_scale: torch.Tensor | None = None) -> LayerQuant:
+    """Chooses alpha (if smoothing), quantizes the layer and fits its LoRA branch.
+
+    ``weight``/``bias`` are the float parameters the layer must reproduce (already carrying any
+    fold, e.g. ``qkv`` with ``proj``'s factor in its V rows); ``out_scale`` maps output errors
+    back to the unfolded output space for the loss.
+    """
+    w = weight.detach().float()
+    b = None if bias is None else bias.detach().float()
+    _check_finite(name, "weight", w)
+    loss_fn = _Loss(w, b, inputs, cfg, out_scale)
+    quant = weight_quantizer(cfg)
+    smooth = cfg.smooths(role)
+    alphas: list[float | None]
+    if not smooth:
+        alphas = [None]
+    elif cfg.search:
+        alphas = list(cfg.alpha_grid)
+    else:
+        alphas = [cfg.alpha]
+    rank = cfg.lora_rank
+
+    if cfg.quantize_before_smooth:
+        # reference numerics: the weight error does not depend on alpha; w_j from the quantized weight
+        fit = training_free_lora(w, quant, rank, cfg.lora_rounds, cfg.lora_keep, cfg.lora_svd)
+        lr = fit.up @ fit.down if fit.up is not None else None
+        base = fit.dequant if lr is None else fit.dequant + lr
+        w_max = (fit.dequant if cfg.w_max_from_quantized else w).abs().amax(dim=0)
+
+        def candidate(a):
+            s = None if a is None else tas_factors(inputs.absmax, w_max, a)
+            return s, (base if s is None else base * s[None, :]), fit
+
+        losses = {}
+        for a in alphas:
+            s, w_eff, _ = candidate(a)
+            losses[a] = loss_fn(s, w_eff)
+        best = min(alphas, key=lambda a: losses[a])
+        s, w_eff, fit = candidate(best)
+        q, sc, z = fit.codes
+        if s is not None:
+            sc = _scale_columns(sc, s, cfg)
+        down = None if fit.down is None else fit.down * s[None, :] if s is not None else fit.down
+        final_fit = LoraFit((q, sc, z), fit.dequant, fit.up, down, fit.err_per_round, fit.kept_round)
+    else:
+        w_max = w.abs().amax(dim=0)
+        losses = {}
+        for a in alphas:
+            s = None if a is None else tas_factors(inputs.absmax, w_max, a)
+            ws = w if s is None else w * s[None, :]
+            if len(alphas) == 1:
+                break
+            if rank and cfg.search_weight == "exact":
+                f = training_free_lora(ws, quant, rank, cfg.lora_rounds, cfg.lora_keep, cfg.lora_svd)
+                w_eff = f.dequant + f.up @ f.down
+            elif rank and cfg.search_weight == "approx":
+                f = training_free_lora(ws, quant, rank, 1, "last", "randomized")
+                w_eff = f.dequant + f.up @ f.down
+            else:
+                w_eff = quant(ws)[1]
+            losses[a] = loss_fn(s, w_eff)
+        best = alphas[0] if len(alphas) == 1 else min(alphas, key=lambda a: losses[a])
+        s = None if best is None else tas_factors(inputs.absmax, w_max, best)
+        ws = w if s is None else w * s[None, :]
+        final_fit = training_free_lora(ws, quant, rank, cfg.lora_rounds, cfg.lora_keep, cfg.lora_svd)
+        w_eff = final_fit.dequant if final_fit.up is None else final_fit.dequant + final_fit.up @ final_fit.down
+
+    final_loss = loss_fn(s, w_eff)
+    if len(alphas) == 1:
+        losses[best] = final_loss
+    w_orig = w_eff if s is None else w_eff / s[None, :]
+    rel_w = float(torch.linalg.norm(w_orig - w) / torch.linalg.norm(w).clamp(min=1e-12))
+    return LayerQuant(name=name, role=role, alpha=best, smooth=s, codes=final_fit.codes, bias=b,
+                      lora_up=final_fit.up, lora_down=final_fit.down,
+                      losses={float(a): v for a, v in losses.items() if a is not None},
+                      loss=final_loss, rel_out_err=final_loss / max(loss_fn.fp_energy, 1e-30), rel_weight_err=rel_w,
+                      lora_err_per_round=final_fit.err_per_round if rank else [],
+                      lora_kept_round=final_fit.kept_round if rank else -1)
+
+
+def _scale_columns(scale: torch.Tensor, s: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """Scales of a layout whose groups lie inside one input column, multiplied by ``s`` per column."""
+    if cfg.weight_layout != "reference32":
+        raise ValueError("quantize-before-smooth needs a layout whose groups lie in one input column (reference32)")
+    return scale * s[None, :]
