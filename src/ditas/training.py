@@ -137,12 +137,15 @@ def train_dit(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out:
     first_loss = last_loss = None
     start = time.perf_counter()
 
+    def write_log() -> None:  # rewritten whole (atomically) so a reader never sees half a line
+        with atomic_file(log_path) as tmp:
+            tmp.write_text("".join(log_lines))
+
     def checkpoint(step: int) -> None:
         info = {"training": {"steps_done": step, "config": cfg.to_dict()}}
         save_dit(ema, out / "ema", extra=info)
         save_dit(model, out / "raw", extra=info)
-        with atomic_file(log_path) as tmp:
-            tmp.write_text("".join(log_lines))
+        write_log()
 
     bar = tqdm(range(cfg.steps), desc="training", unit="step", disable=not progress)
     for step in bar:
@@ -184,6 +187,7 @@ def train_dit(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out:
             first_loss = rec["loss"] if first_loss is None else first_loss
             last_loss = rec["loss"]
             log_lines.append(json.dumps(rec) + "\n")
+            write_log()
             bar.set_postfix(loss=f"{rec['loss']:.4f}", mse=f"{rec['mse']:.4f}")
             if on_log:
                 on_log(rec)

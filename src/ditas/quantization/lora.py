@@ -11,6 +11,7 @@ monotonically, so the ``best`` round can be kept (ours) or the ``last`` (the ref
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -41,6 +42,23 @@ def low_rank(e: torch.Tensor, rank: int, method: str = "exact", seed: int = 0) -
     ``exact``: LAPACK SVD. ``randomized``: ``torch.svd_lowrank`` with oversampling and 4 power
     iterations (a near-optimal rank-r fit at a fraction of the cost for large layers).
     """
+    with _lapack_threads():
+        return _low_rank(e, rank, method, seed)
+
+
+@contextlib.contextmanager
+def _lapack_threads(n: int = 1):
+    """LAPACK's SVD with several OpenMP threads on a busy machine can be ~20-1000x slower than with
+    one (threads spin-wait for each other); the fits here are small enough for one thread."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _low_rank(e: torch.Tensor, rank: int, method: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     rank = min(rank, *e.shape)
     if method == "exact":
         u, s, vh = torch.linalg.svd(e, full_matrices=False)

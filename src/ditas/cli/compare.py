@@ -1,0 +1,236 @@
+"""``ditas compare``: FP against quantized recipes, sampled from the same noise and labels.
+
+Per recipe: PSNR of the final uint8 samples against the FP samples, the mean squared error of the
+guided epsilon prediction along the FP trajectory, and for the embedded digit model its class
+accuracy, domain FID, precision and recall. Writes ``compare.json`` and ``grid.png`` (one row per
+recipe) into ``--out`` atomically and prints a Markdown table.
+
+Recipes are names (``fp``, ``rtn``, ``smoothquant``, ``ditas``, ...), optionally with their own bit
+widths: ``ditas@w4a6``. Recipes with the same calibration settings share one FP calibration run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, DitasError
+from .quantize import add_quant_arguments, config_from_args
+
+_SPEC = re.compile(r"^([a-z_]+)(?:@w(\d+)a(\d+))?$")
+
+
+def parse_recipes(text: str, w_bits: int, a_bits: int) -> list[tuple[str, str, int | None, int | None]]:
+    """``"fp,rtn,ditas@w4a6"`` -> [(label, recipe, w_bits, a_bits), ...]."""
+    from ..quantization.recipes import RECIPES
+
+    out = []
+    for item in [v.strip() for v in text.split(",") if v.strip()]:
+        m = _SPEC.match(item)
+        if not m or (m.group(1) != "fp" and m.group(1) not in RECIPES):
+            raise ConfigError(f"unknown recipe {item!r} in --recipes; choose among fp, {', '.join(RECIPES)} "
+                              "(optionally with @wXaY)")
+        name = m.group(1)
+        if name == "fp":
+            out.append(("fp", "fp", None, None))
+            continue
+        w = int(m.group(2)) if m.group(2) else w_bits
+        a = int(m.group(3)) if m.group(3) else a_bits
+        out.append((f"{name}@w{w}a{a}", name, w, a))
+    if not out:
+        raise ConfigError("--recipes is empty")
+    labels = [o[0] for o in out]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"--recipes lists a recipe twice: {text!r}")
+    return out
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("compare", help="compare FP and quantized recipes on the same noise and labels")
+    p.add_argument("--model", help="DiT checkpoint or folder (default: the embedded default model)")
+    p.add_argument("--recipes", default="fp,rtn,smoothquant,ditas",
+                   help="comma-separated recipes, each optionally @wXaY (default fp,rtn,smoothquant,ditas)")
+    add_quant_arguments(p)
+    p.add_argument("--num", type=int, default=100, help="number of samples (default 100)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the samples (default 4.0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--eps-samples", type=int, default=32,
+                   help="samples whose FP trajectory scores the eps-prediction MSE (default 32)")
+    p.add_argument("--vae", help="local diffusers AutoencoderKL folder (latent-space models)")
+    p.add_argument("--space", choices=("latent", "pixel"), default=None,
+                   help="'pixel' compares a latent model's raw outputs as images (no VAE)")
+    p.add_argument("--backend", choices=("fake", "int"), default="fake", help="quantized layers' backend")
+    p.add_argument("--no-domain", action="store_true", help="skip the digit-model metrics")
+    p.add_argument("--grid-count", type=int, default=10, help="images per row of grid.png")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", required=True, help="output folder (compare.json, grid.png)")
+    return p
+
+
+def _is_default_model(path: str | None) -> bool:
+    from ..model.loading import default_model_path
+
+    if path is None:
+        return True
+    try:
+        return Path(path).resolve() == default_model_path().resolve()
+    except DitasError:
+        return False
+
+
+@torch.no_grad()
+def fp_eps_trajectory(model, labels, steps, cfg_scale, seed, sampler="ddpm"):
+    """(x_t, t, eps) at every step of the FP model's sampling run for ``labels``."""
+    from ..diffusion.gaussian import create_diffusion
+    from ..diffusion.pipeline import start_noise
+    from ..diffusion.samplers import guided_model_fn, sample_steps
+
+    y = torch.as_tensor(labels, dtype=torch.long)
+    diffusion = create_diffusion(steps, learn_sigma=model.config.learn_sigma)
+    z = start_noise(model, len(y), seed)
+    fn, _ = guided_model_fn(model, y, cfg_scale)
+    if cfg_scale is not None and cfg_scale > 1.0:
+        z = torch.cat([z, z])
+    rec = []
+
+    def wrapped(x, t):
+        out = fn(x, t)
+        rec.append((x.clone(), t.clone(), out[:, : model.config.in_channels].clone()))
+        return out
+
+    for _ in sample_steps(wrapped, diffusion, z, sampler=sampler, generator=torch.Generator().manual_seed(seed + 1)):
+        pass
+    return rec
+
+
+@torch.no_grad()
+def eps_mse(model, labels, cfg_scale, trajectory) -> float:
+    from ..diffusion.samplers import guided_model_fn
+
+    fn, _ = guided_model_fn(model, torch.as_tensor(labels, dtype=torch.long), cfg_scale)
+    errs = [float(((fn(x, t)[:, : model.config.in_channels] - eps) ** 2).mean()) for x, t, eps in trajectory]
+    return float(np.mean(errs))
+
+
+def _fmt(v, nd=3):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if v == float("inf"):
+            return "inf"
+        return f"{v:.{nd}g}" if abs(v) < 1e-2 else f"{v:.{nd}f}".rstrip("0").rstrip(".") if nd else f"{v:.0f}"
+    return str(v)
+
+
+def markdown_table(rows: dict[str, dict]) -> str:
+    cols = [("psnr_db", "PSNR vs FP (dB)"), ("eps_mse", "eps MSE vs FP"), ("class_accuracy", "class acc."),
+            ("fid", "domain FID"), ("precision", "precision"), ("recall", "recall")]
+    present = [c for c in cols if any(r.get(c[0]) is not None for r in rows.values())]
+    lines = ["| recipe | " + " | ".join(h for _, h in present) + " |",
+             "| --- |" + " --- |" * len(present)]
+    for name, r in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(r.get(k)) for k, _ in present) + " |")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..diffusion.pipeline import decode_to_uint8, generate, make_grid
+    from ..fileio import atomic_dir, check_writable
+    from ..model.loading import load_dit
+    from ..quantization.apply import quantize, record
+
+    out = Path(args.out)
+    check_writable(out)
+    if out.exists() and not out.is_dir():
+        raise DitasError(f"--out {out} exists and is not a folder")
+    for name in ("num", "steps", "batch_size", "eps_samples", "grid_count"):
+        if getattr(args, name) < 1:
+            raise DitasError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    specs = parse_recipes(args.recipes, args.w_bits, args.a_bits)
+    configs = {label: config_from_args(args, recipe, w, a) for label, recipe, w, a in specs if recipe != "fp"}
+    progress = not args.no_progress
+    model = load_dit(args.model)
+    if getattr(model, "quant_config", None) is not None:
+        raise DitasError("--model is a quantized model: compare starts from a float model")
+    if args.space:
+        model.config.space = args.space
+    vae = None
+    if model.config.space == "latent":
+        if not args.vae:
+            raise DitasError("this model works in a VAE latent space: give --vae PATH, or --space pixel to "
+                             "compare raw model outputs")
+        from ..model.vae import load_vae
+
+        vae = load_vae(args.vae)
+    domain = None
+    if not args.no_domain and _is_default_model(args.model):
+        try:
+            from ..evaluation.digits import evaluate_digit_samples as domain
+        except ImportError:
+            domain = None
+    labels = torch.arange(args.num) % model.num_classes
+    m_eps = min(args.eps_samples, args.num)
+    sample_kw = dict(steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size,
+                     progress=progress)
+
+    t0 = time.perf_counter()
+    fp_images = decode_to_uint8(model, generate(model, labels, **sample_kw), vae)
+    fp_traj = fp_eps_trajectory(model, labels[:m_eps].tolist(), args.steps, args.cfg_scale, args.seed)
+    rows: dict[str, dict] = {}
+    images: dict[str, np.ndarray] = {}
+    trajectories = {}
+    from ..evaluation.metrics import psnr
+
+    for label, recipe, _, _ in specs:
+        t1 = time.perf_counter()
+        row: dict = {"recipe": recipe}
+        if recipe == "fp":
+            imgs, row["psnr_db"], row["eps_mse"] = fp_images, None, 0.0  # PSNR of FP vs itself: infinite
+            row["sample_time_s"] = round(t1 - t0, 1)
+        else:
+            cfg = configs[label]
+            key = cfg.calibration_key()
+            if key not in trajectories:
+                trajectories[key] = record(model, cfg, progress)
+            qmodel, rep = quantize(model, cfg, trajectory=trajectories[key], progress=progress, backend=args.backend)
+            row.update(w_bits=cfg.w_bits, a_bits=cfg.a_bits, mean_rel_output_error=rep["mean_rel_output_error"],
+                       quantize_time_s=round(time.perf_counter() - t1, 1),
+                       alphas={n: v["alpha"] for n, v in rep["layers"].items()})
+            t2 = time.perf_counter()
+            imgs = decode_to_uint8(qmodel, generate(qmodel, labels, **sample_kw), vae)
+            row["sample_time_s"] = round(time.perf_counter() - t2, 1)
+            p = float(psnr(imgs, fp_images))
+            row["psnr_db"] = p if np.isfinite(p) else None  # identical images (strict JSON has no inf)
+            row["eps_mse"] = eps_mse(qmodel, labels[:m_eps].tolist(), args.cfg_scale, fp_traj)
+            del qmodel
+        if domain is not None:
+            d = domain(imgs, labels.numpy())
+            row.update(class_accuracy=d["class_accuracy"], fid=d["fid"], precision=d["precision"], recall=d["recall"])
+        rows[label] = row
+        images[label] = imgs
+        if progress:
+            print(f"{label}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items() if not isinstance(v, dict)),
+                  flush=True)
+
+    k = min(args.grid_count, args.num)
+    grid = make_grid(np.concatenate([images[lbl][:k] for lbl in rows]), nrow=k)
+    result = {"model": args.model or "default", "num_samples": args.num, "steps": args.steps,
+              "cfg_scale": args.cfg_scale, "seed": args.seed, "batch_size": args.batch_size,
+              "eps_samples": m_eps, "grid_rows": list(rows), "recipes": rows,
+              "wall_time_s": round(time.perf_counter() - t0, 1)}
+    from PIL import Image
+
+    with atomic_dir(out) as tmp:
+        (tmp / "compare.json").write_text(json.dumps(result, indent=2))
+        Image.fromarray(grid).save(tmp / "grid.png", format="PNG")
+    print(markdown_table(rows))
+    print(f"wrote {out}/compare.json and {out}/grid.png")
+    return 0

@@ -1,0 +1,91 @@
+"""Quantized model folders: bit-exact save/load, no float weights for quantized layers, atomicity."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import ditas
+from ditas.errors import CheckpointError
+from ditas.quantization import checkpoint as ckpt
+from ditas.quantization.apply import quantize
+from ditas.quantization.linear import QuantLinear
+from ditas.quantization.recipes import recipe_config
+from quant_helpers import random_dit
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    m = random_dit(3, depth=2)
+    cfg = recipe_config("ditas", w_bits=3, steps=2, calib_labels=2, lora_rank=4, lora_rounds=2,
+                        alpha_grid=(0.25, 0.75))
+    q, report = quantize(m, cfg, progress=False)
+    return q, cfg, report
+
+
+def test_save_load_is_bit_exact(tmp_path, quantized):
+    q, cfg, report = quantized
+    out = ckpt.save_quantized(q, tmp_path / "q", cfg, report)
+    data = json.loads((out / "config.json").read_text())
+    assert data["quantization"]["recipe"] == "ditas" and data["quantization"]["bits"] == {"weights": 3, "activations": 8}
+    assert data["model"]["depth"] == 2 and (out / "report.json").exists()
+    loaded = ditas.load_dit(out, backend="fake")
+    a, b = q.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    for name in ckpt.quant_layers(q):
+        m = loaded.get_submodule(name)
+        assert isinstance(m, QuantLinear) and not hasattr(m, "weight")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 8, 8, generator=g)
+    t, y = torch.tensor([10, 500]), torch.tensor([1, 2])
+    with torch.no_grad():
+        assert torch.equal(q(x, t, y), loaded(x, t, y))
+
+
+def test_qweight_is_packed_when_the_packer_exists(tmp_path, quantized):
+    from safetensors import safe_open
+
+    q, cfg, _ = quantized
+    out = ckpt.save_quantized(q, tmp_path / "q", cfg)
+    data = json.loads((out / "config.json").read_text())
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        qw = f.get_tensor("blocks.0.mlp.fc1.qweight")
+    if data["quantization"]["qweight_packing"] == "packed":
+        assert qw.ndim == 1 and qw.numel() < q.blocks[0].mlp.fc1.qweight.numel()
+    else:
+        assert ckpt._packing() is None and qw.shape == q.blocks[0].mlp.fc1.qweight.shape
+
+
+def test_interrupted_save_leaves_no_folder(tmp_path, quantized, monkeypatch):
+    import safetensors.torch
+
+    q, cfg, _ = quantized
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_quantized(q, tmp_path / "q", cfg)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_folders_are_clear_errors(tmp_path, quantized):
+    q, cfg, _ = quantized
+    out = ckpt.save_quantized(q, tmp_path / "q", cfg)
+    data = json.loads((out / "config.json").read_text())
+    data["quantization"]["format_version"] = 99
+    (out / "config.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="format version"):
+        ditas.load_dit(out)
+    data["quantization"]["format_version"] = 1
+    data["model"]["hidden_size"] = 128
+    (out / "config.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError):
+        ditas.load_dit(out)
+    with pytest.raises(CheckpointError, match="no quantized layers"):
+        ckpt.save_quantized(random_dit(0, depth=1), tmp_path / "f", cfg)

@@ -1,0 +1,55 @@
+"""QuantConfig validation and recipe presets."""
+
+from __future__ import annotations
+
+import pytest
+
+from ditas.errors import ConfigError
+from ditas.quantization.config import QuantConfig
+from ditas.quantization.recipes import RECIPES, recipe_config
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(w_bits=1), "weight bits"), (dict(w_bits=9), "weight bits"), (dict(a_bits=3), "activation bits"),
+    (dict(a_bits=17), "activation bits"), (dict(weight_layout="row"), "weight layout"),
+    (dict(act_granularity="channel"), "activation granularity"), (dict(alpha=1.5), "alpha"),
+    (dict(alpha_grid=()), "alpha grid"), (dict(lora_rank=-1), "LoRA rank"), (dict(lora_rounds=0), "LoRA rounds"),
+    (dict(calib_labels=0), "calibration labels"), (dict(steps=0), "calibration steps"),
+    (dict(sampler="euler"), "sampler"), (dict(weight_layout="group", group_size=0), "group size"),
+    (dict(smooth_roles=("qkv", "head")), "smooth roles"), (dict(w_bits=4.0), "weight bits"),
+])
+def test_invalid_values_raise_config_error(kwargs, words):
+    with pytest.raises(ConfigError, match=words):
+        QuantConfig(**kwargs)
+
+
+def test_every_recipe_is_valid_and_named():
+    for name in RECIPES:
+        cfg = recipe_config(name)
+        assert cfg.recipe == name
+    assert recipe_config("ditas").lora_rank == 32 and recipe_config("ditas").weight_layout == "channel"
+    assert recipe_config("rtn").smoothing == "none" and recipe_config("rtn").lora_rank == 0
+    paper = recipe_config("paper")
+    assert paper.weight_layout == "reference32" and paper.range_mode == "reference" and paper.lora_keep == "last"
+    assert recipe_config("smoothquant").alpha == 0.5 and not recipe_config("smoothquant").search
+
+
+def test_unknown_recipe_and_overrides():
+    with pytest.raises(ConfigError, match="unknown recipe"):
+        recipe_config("gptq")
+    with pytest.raises(ConfigError, match="weight bits"):
+        recipe_config("ditas", w_bits=12)
+    assert recipe_config("ditas", w_bits=3, lora_rank=None).w_bits == 3
+
+
+def test_round_trip_and_labels():
+    cfg = recipe_config("ditas", calib_labels=(1, 2, 3))
+    again = QuantConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+    with pytest.raises(ConfigError, match="unknown"):
+        QuantConfig.from_dict({"bits": 4})
+    assert QuantConfig(calib_labels=4).labels_for(1000) == [207, 360, 387, 974]
+    assert QuantConfig(calib_labels=5).labels_for(10) == [0, 2, 4, 6, 8]
+    assert QuantConfig(calib_labels=12).labels_for(10)[-2:] == [0, 1]
+    with pytest.raises(ConfigError, match="out of range"):
+        QuantConfig(calib_labels=(3, 11)).labels_for(10)

@@ -1,0 +1,94 @@
+"""TAS factors, the alpha search and the training-free LoRA on fresh random data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ditas.quantization.lora import training_free_lora
+from ditas.quantization.quantizers import fake_quant_activation
+from ditas.quantization.recipes import recipe_config
+from ditas.quantization.search import LayerInputs, _quant_inputs, quantize_layer, weight_quantizer
+from ditas.quantization.smoothing import tas_factors
+
+
+def _inputs(steps=4, tokens=48, width=32, seed=0, outliers=(1, 7)):
+    g = torch.Generator().manual_seed(seed)
+    xs = []
+    for t in range(steps):
+        x = torch.randn(tokens, width, generator=g) * (1 + 0.3 * t)
+        x[:, list(outliers)] *= 20
+        xs.append(x)
+    return LayerInputs(xs, torch.stack([x.amin(0) for x in xs]), torch.stack([x.amax(0) for x in xs]),
+                       torch.stack([x.abs().amax(0) for x in xs]).amax(0))
+
+
+def test_tas_factors_formula():
+    a = torch.tensor([4.0, 1.0, 0.0])
+    w = torch.tensor([1.0, 4.0, 2.0])
+    s = tas_factors(a, w, 0.5)
+    torch.testing.assert_close(s[:2], torch.tensor([2.0, 0.5]))
+    assert s[2] == pytest.approx(1e-4)  # floor
+    torch.testing.assert_close(tas_factors(a, w, 1.0)[:2], a[:2])
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "token"])
+def test_search_activation_quantizer_equals_quantizing_x_over_s(granularity):
+    inputs = _inputs(seed=3)
+    s = torch.rand(32) * 3 + 0.1
+    cfg = recipe_config("ditas", act_granularity=granularity, a_bits=6)
+    got = _quant_inputs(inputs, len(inputs.xs), s, cfg)
+    want = torch.cat([fake_quant_activation(x / s, 6, granularity) for x in inputs.xs])
+    assert torch.equal(got, want)
+
+
+def test_grid_search_returns_argmin_of_its_loss():
+    torch.manual_seed(1)
+    w, b = torch.randn(24, 32) * 0.2, torch.randn(24) * 0.1
+    inputs = _inputs(seed=1)
+    cfg = recipe_config("tas_search", search_tokens=None)
+    r = quantize_layer("l", "fc1", w, b, inputs, cfg)
+    assert len(r.losses) == 21
+    assert r.alpha == min(r.losses, key=r.losses.get)
+    assert r.losses[r.alpha] == pytest.approx(r.loss)
+    # the loss is the definition: sum over steps of the per-step MSE
+    s = tas_factors(inputs.absmax, w.abs().amax(0), r.alpha)
+    wq = weight_quantizer(cfg)(w * s)[1]
+    want = sum(float(((fake_quant_activation(x / s, 8) @ wq.T + b - (x @ w.T + b)) ** 2).mean()) for x in inputs.xs)
+    assert r.loss == pytest.approx(want, rel=1e-5)
+    # smoothing helps against outlier channels: better than no smoothing at all
+    rtn = quantize_layer("l", "fc1", w, b, inputs, recipe_config("rtn"))
+    assert r.loss < rtn.loss
+
+
+def test_loss_steps_limits_the_loss_to_the_first_steps():
+    torch.manual_seed(2)
+    w = torch.randn(16, 32) * 0.2
+    inputs = _inputs(steps=5, seed=2)
+    full = quantize_layer("l", "fc1", w, None, inputs, recipe_config("tas", search_tokens=None))
+    first = quantize_layer("l", "fc1", w, None, inputs, recipe_config("tas", search_tokens=None, loss_steps=2))
+    assert first.loss < full.loss
+
+
+@pytest.mark.parametrize("search_weight", ["plain", "approx", "exact"])
+def test_lora_kept_round_is_the_minimum(search_weight):
+    torch.manual_seed(3)
+    w = torch.randn(48, 32) * 0.2
+    inputs = _inputs(seed=4)
+    cfg = recipe_config("ditas", lora_rank=4, lora_rounds=6, search_weight=search_weight,
+                        alpha_grid=(0.0, 0.5, 1.0))
+    r = quantize_layer("l", "qkv", w, None, inputs, cfg)
+    assert r.lora_err_per_round[r.lora_kept_round] == min(r.lora_err_per_round)
+    assert r.alpha == min(r.losses, key=r.losses.get)
+    assert r.lora_up.shape == (48, 4) and r.lora_down.shape == (4, 32)
+
+
+def test_lora_reduces_weight_error():
+    torch.manual_seed(4)
+    w = torch.randn(64, 64)
+    q = weight_quantizer(recipe_config("ditas", w_bits=3))
+    plain = training_free_lora(w, q, 0, 1)
+    fit = training_free_lora(w, q, 8, 5, keep="best", svd="exact")
+    assert fit.error < plain.error
+    fast = training_free_lora(w, q, 8, 5, keep="best", svd="randomized")
+    assert fast.error < plain.error and fast.error < 1.05 * fit.error
