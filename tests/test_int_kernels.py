@@ -173,3 +173,17 @@ def test_unsupported_layers_rejected() -> None:
         int_linear(layer, c, s, z, kernel="cuda")
     with pytest.raises(ValueError, match="a_scale/a_zero"):
         int_linear(layer, c, torch.ones(3, 1), z)
+
+
+def test_int_forward_lora_bf16_is_a_close_approximation() -> None:
+    layer = _layer(64, 48, 4, 8, "tensor", seed=4, lora_rank=8)
+    x = torch.randn(2, 9, 64)
+    fake = layer(x)
+    exact = int_forward(layer, x)
+    approx = int_forward(layer, x, lora_bf16=True)
+    layer.lora_rank = 0  # the same layer without its low-rank branch
+    branch = fake - layer(x)
+    assert branch.norm() > 0.05 * fake.norm()
+    assert _rel(exact, fake) < 2e-6
+    err = float((approx - exact).norm() / branch.norm())
+    assert 0 < err < 1e-2  # bf16 rounding of the branch only: a few 2^-9
