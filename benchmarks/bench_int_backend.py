@@ -29,7 +29,8 @@ Variants
 
 Memory: ``bytes`` = parameters + buffers + derived caches the variant keeps (the prepared int8
 weight of the integer backend, torchao's inner tensors); ``peak+`` = rise of the process peak RSS
-during one call above the RSS before it (``/proc/self/clear_refs`` reset), i.e. transient memory.
+during one call above the RSS before it (after ``malloc_trim`` and a ``/proc/self/clear_refs``
+reset), i.e. the transient memory of a call (activations, workspaces, temporary copies).
 
 Usage: ``python benchmarks/bench_int_backend.py [--mode layers|dit|digits|all] [--quick] [--repeats N]``
 """
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import gc
 import statistics
 import sys
@@ -72,9 +74,18 @@ def _status_kb(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
+def _malloc_trim() -> None:
+    """Returns freed heap pages to the OS (glibc), so that a call's transient memory shows in RSS."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_rss_delta_mb(fn: Callable[[], object]) -> float:
     """Rise of the peak resident set during ``fn()`` above the resident set before it, in MiB."""
     gc.collect()
+    _malloc_trim()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS

@@ -187,3 +187,10 @@ def test_int_forward_lora_bf16_is_a_close_approximation() -> None:
     assert _rel(exact, fake) < 2e-6
     err = float((approx - exact).norm() / branch.norm())
     assert 0 < err < 1e-2  # bf16 rounding of the branch only: a few 2^-9
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_empty_batch(kernel) -> None:
+    layer = _layer(16, 8, 4, 8, "tensor", seed=6)
+    y = int_linear(layer, torch.zeros(0, 16), torch.tensor(1.0), torch.tensor(0.0), kernel=kernel)
+    assert y.shape == (0, 8)

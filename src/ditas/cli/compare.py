@@ -68,7 +68,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--space", choices=("latent", "pixel"), default=None,
                    help="'pixel' compares a latent model's raw outputs as images (no VAE)")
     p.add_argument("--backend", choices=("fake", "int"), default="fake", help="quantized layers' backend")
-    p.add_argument("--no-domain", action="store_true", help="skip the digit-model metrics")
+    p.add_argument("--domain", choices=("auto", "on", "off"), default="auto",
+                   help="digit-domain metrics (class accuracy, FID, precision, recall): auto = only for the "
+                        "embedded default digit model")
     p.add_argument("--grid-count", type=int, default=10, help="images per row of grid.png")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="output folder (compare.json, grid.png)")
@@ -171,10 +173,12 @@ def run(args: argparse.Namespace) -> int:
 
         vae = load_vae(args.vae)
     domain = None
-    if not args.no_domain and _is_default_model(args.model):
+    if args.domain == "on" or (args.domain == "auto" and _is_default_model(args.model)):
         try:
             from ..evaluation.digits import evaluate_digit_samples as domain
         except ImportError:
+            if args.domain == "on":
+                raise DitasError("--domain on: the digit evaluator is not installed") from None
             domain = None
     labels = torch.arange(args.num) % model.num_classes
     m_eps = min(args.eps_samples, args.num)

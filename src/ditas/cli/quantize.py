@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -104,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     report["wall_time_s"]["save_s"] = round(time.perf_counter() - t1, 3)
     with atomic_file(out / "report.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2))
+        os.chmod(tmp, 0o644)
     w = report["wall_time_s"]
     fp = report["forward_passes"]
     print(f"quantized {report['num_layers']} layers with recipe {cfg.recipe} (W{cfg.w_bits}A{cfg.a_bits}) -> {out}")

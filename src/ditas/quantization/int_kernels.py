@@ -284,6 +284,8 @@ def int_linear(module, codes: torch.Tensor, a_scale: torch.Tensor, a_zero: torch
     per_tensor = _check_inputs(module, codes, a_scale, a_zero)
     st = _state(module, kernel)
     m, k = codes.shape
+    if m == 0:
+        return torch.zeros(0, st.out_features, device=codes.device)
     a_scale = a_scale.float()
     if st.kernel == "onednn":
         q = codes.to(torch.uint8)
