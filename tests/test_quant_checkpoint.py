@@ -89,3 +89,16 @@ def test_bad_folders_are_clear_errors(tmp_path, quantized):
         ditas.load_dit(out)
     with pytest.raises(CheckpointError, match="no quantized layers"):
         ckpt.save_quantized(random_dit(0, depth=1), tmp_path / "f", cfg)
+
+
+def test_int_backend_agrees_with_the_simulated_path(tmp_path, quantized):
+    pytest.importorskip("ditas.quantization.int_kernels")
+    q, cfg, _ = quantized
+    out = ckpt.save_quantized(q, tmp_path / "q", cfg)
+    fake, real = ditas.load_dit(out, backend="fake"), ditas.load_dit(out, backend="int")
+    assert real.blocks[0].mlp.fc1.backend == "int"
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 1, 8, 8, generator=g)
+    t, y = torch.tensor([3, 400, 999]), torch.tensor([0, 5, 9])
+    with torch.no_grad():
+        torch.testing.assert_close(real(x, t, y), fake(x, t, y), rtol=1e-4, atol=1e-5)
