@@ -115,3 +115,16 @@ def test_reference32_needs_widths_divisible_by_32():
     m = random_dit(0, hidden=48, heads=4, depth=1)
     with pytest.raises(ConfigError, match="divisible by 32"):
         prepare(m, recipe_config("paper"))
+
+
+def test_search_mode_comparison_reports_exact_as_reference():
+    from ditas.quantization.report import compare_search_modes
+
+    m = random_dit(4, depth=1)
+    cfg = recipe_config("ditas", steps=2, calib_labels=2, lora_rank=4, lora_rounds=3, alpha_grid=(0.0, 0.5, 1.0),
+                        fold_proj_into_v=False)  # layers independent: exact is the per-layer optimum
+    out = compare_search_modes(m, cfg, modes=("plain", "exact"))
+    ex, pl = out["summary"]["exact"], out["summary"]["plain"]
+    assert ex["same_alpha_as_exact"] == ex["layers"] == 4 and ex["final_loss_ratio_vs_exact_mean"] == 1.0
+    # the exact search minimises the final loss per layer: no other mode beats it (up to rounding)
+    assert pl["final_loss_ratio_vs_exact_mean"] >= 1.0 - 1e-6

@@ -70,7 +70,7 @@ def test_loss_steps_limits_the_loss_to_the_first_steps():
     assert first.loss < full.loss
 
 
-@pytest.mark.parametrize("search_weight", ["plain", "approx", "exact"])
+@pytest.mark.parametrize("search_weight", ["auto", "plain", "approx", "exact"])
 def test_lora_kept_round_is_the_minimum(search_weight):
     torch.manual_seed(3)
     w = torch.randn(48, 32) * 0.2

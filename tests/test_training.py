@@ -124,3 +124,14 @@ def test_cli_train_bad_arguments(tmp_path, capsys):
     rc = main(["train", "--out", str(tmp_path / "file"), "--steps", "1", "--no-progress"])
     assert rc == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_init_continues_from_an_earlier_run(digits, tmp_path):
+    train_dit(_cfg(steps=10, log_every=5), *digits, tmp_path / "a", progress=False)
+    train_dit(_cfg(steps=1, log_every=1, lr=1e-12, warmup_steps=0), *digits, tmp_path / "b", progress=False,
+              init=tmp_path / "a")
+    old, new = load_dit(tmp_path / "a" / "raw").state_dict(), load_dit(tmp_path / "b" / "raw").state_dict()
+    assert all(torch.allclose(old[k], new[k], atol=1e-6) for k in old)
+    other = DiTConfig(**{**TINY, "depth": 1})
+    with pytest.raises(ConfigError, match="differs"):
+        train_dit(_cfg(model=other, steps=1), *digits, tmp_path / "c", progress=False, init=tmp_path / "a")

@@ -100,14 +100,30 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.mul_(decay).add_(p.detach(), alpha=1 - decay)
 
 
+def _load_init(model: DiT, ema: DiT, folder: Path, mc: DiTConfig) -> None:
+    from .model.loading import load_dit
+
+    for name, target in (("raw", model), ("ema", ema)):
+        src = load_dit(folder / name)
+        if src.config.to_dict() != mc.to_dict():
+            raise ConfigError(f"{folder / name}: its model config {src.config.to_json()} differs from "
+                              f"the one to train {mc.to_json()}")
+        target.load_state_dict(src.state_dict())
+
+
 # ----------------------------------------------------------------------------------------------
 #                                         The loop
 # ----------------------------------------------------------------------------------------------
 
 
 def train_dit(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: str | Path,
-              progress: bool = True, on_log: Callable[[dict], None] | None = None) -> dict[str, Any]:
-    """Trains a DiT on ``images`` (N, C, H, W) in [-1, 1] with ``labels`` (N,); returns the summary."""
+              progress: bool = True, on_log: Callable[[dict], None] | None = None,
+              init: str | Path | None = None) -> dict[str, Any]:
+    """Trains a DiT on ``images`` (N, C, H, W) in [-1, 1] with ``labels`` (N,); returns the summary.
+
+    ``init``: the output folder of an earlier run to continue from (its ``raw/`` weights start the
+    model, its ``ema/`` weights the EMA; the optimizer state starts fresh, hence the warmup).
+    """
     mc = cfg.model
     if images.ndim != 4 or tuple(images.shape[1:]) != (mc.in_channels, mc.input_size, mc.input_size):
         raise ConfigError(f"training images have shape {tuple(images.shape)}, the model expects "
@@ -119,8 +135,11 @@ def train_dit(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out:
 
     torch.manual_seed(cfg.seed)  # model init and label dropout draw from the global generator
     model = DiT(mc)
+    ema = copy.deepcopy(model)
+    if init is not None:
+        _load_init(model, ema, Path(init), mc)
     model.train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    ema.eval().requires_grad_(False)
     diffusion = create_diffusion(cfg.diffusion_steps, learn_sigma=mc.learn_sigma,
                                  num_timesteps=cfg.diffusion_steps)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -198,7 +217,7 @@ def train_dit(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out:
     bar.close()
     wall = time.perf_counter() - start
     checkpoint(cfg.steps)
-    summary = {"steps": cfg.steps, "wall_time_s": round(wall, 1),
+    summary = {"steps": cfg.steps, "init": str(init) if init is not None else None, "wall_time_s": round(wall, 1),
                "images_per_s": round(cfg.steps * cfg.batch_size / wall, 1),
                "first_logged_loss": first_loss, "final_logged_loss": last_loss,
                "num_train_images": n, "torch_threads": torch.get_num_threads(),

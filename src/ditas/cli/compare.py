@@ -220,9 +220,8 @@ def run(args: argparse.Namespace) -> int:
             row.update(class_accuracy=d["class_accuracy"], fid=d["fid"], precision=d["precision"], recall=d["recall"])
         rows[label] = row
         images[label] = imgs
-        if progress:
-            print(f"{label}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items() if not isinstance(v, dict)),
-                  flush=True)
+        print(f"{label}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items() if not isinstance(v, dict)),
+              flush=True)
 
     k = min(args.grid_count, args.num)
     grid = make_grid(np.concatenate([images[lbl][:k] for lbl in rows]), nrow=k)

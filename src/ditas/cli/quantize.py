@@ -43,8 +43,9 @@ def add_quant_arguments(p: argparse.ArgumentParser, with_bits: bool = True) -> N
     p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default: the recipe's; ditas: 32)")
     p.add_argument("--lora-rounds", type=int, default=None, help="training-free LoRA rounds (default 10)")
     p.add_argument("--alpha", type=float, default=None, help="fixed smoothing alpha (recipes without search)")
-    p.add_argument("--search-weight", choices=("plain", "approx", "exact"), default=None,
-                   help="weight scored by the alpha search (default plain; see docs/quantization.md)")
+    p.add_argument("--search-weight", choices=("auto", "plain", "approx", "exact"), default=None,
+                   help="weight scored by the alpha search (default auto: exact with LoRA for layers whose "
+                        "smaller side is <= 1024, plain above; see docs/quantization.md)")
     p.add_argument("--search-tokens", type=int, default=None,
                    help="tokens per step in the search loss (default 512; 0: all)")
 

@@ -37,6 +37,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (default 0: torch's default); 1 is more robust on a "
                         "machine shared with other jobs")
+    p.add_argument("--init", help="continue from the output folder of an earlier run (its raw/ and ema/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     data = load_digits("train", args.test_per_class) if args.test_per_class else load_digits("all")
     images, labels = data.tensors()
-    summary = train_dit(cfg, images, labels, out, progress=not args.no_progress)
+    summary = train_dit(cfg, images, labels, out, progress=not args.no_progress, init=args.init)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
     print(f"model written to {out / 'ema'}")
     return 0

@@ -15,7 +15,7 @@ from .quantizers import ACT_GRANULARITIES, RANGE_MODES, WEIGHT_LAYOUTS
 
 LAYER_ROLES = ("qkv", "proj", "fc1", "fc2")
 SMOOTHINGS = ("none", "tas")
-SEARCH_WEIGHTS = ("plain", "approx", "exact")
+SEARCH_WEIGHTS = ("auto", "plain", "approx", "exact")
 LORA_KEEPS = ("best", "last")
 LORA_SVDS = ("auto", "exact", "randomized")
 SAMPLERS = ("ddpm", "ddim")
@@ -47,7 +47,8 @@ class QuantConfig:
     ``loss_steps`` only, if set) on at most ``search_tokens`` tokens per step (activation ranges
     always come from all tokens). ``search_weight`` says which weight the search scores:
     ``plain`` (Q_W(W s), no LoRA), ``approx`` (one LoRA round with a randomized rank-r SVD) or
-    ``exact`` (all LoRA rounds per alpha, as the method's definition).
+    ``exact`` (all LoRA rounds per alpha, as the method's definition); ``auto`` (default): ``exact``
+    where the layer's exact SVD is cheap (smaller side <= 1024), ``plain`` above (DiT-XL/2).
 
     LoRA: ``lora_rank`` (0: none) and ``lora_rounds`` of training-free alternating fits, keeping
     the ``best`` or the ``last`` round; ``lora_svd`` exact (LAPACK) or randomized (auto: exact
@@ -74,7 +75,7 @@ class QuantConfig:
     fold_proj_into_v: bool = True
     loss_steps: int | None = None
     search_tokens: int | None = 512
-    search_weight: str = "plain"
+    search_weight: str = "auto"
     lora_rank: int = 32
     lora_rounds: int = 10
     lora_keep: str = "best"

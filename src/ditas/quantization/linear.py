@@ -62,7 +62,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("smooth", torch.ones(in_features) if has_smooth else None)
         self.register_buffer("lora_down", torch.zeros(lora_rank, in_features) if lora_rank else None)
         self.register_buffer("lora_up", torch.zeros(out_features, lora_rank) if lora_rank else None)
-        self._wcache: torch.Tensor | None = None  # simulated path: dequantized weight, not saved
+        self._wcache: torch.Tensor | None = None  # simulated path: W_q + up @ down, not saved
+        self._wcache_rank = 0  # the LoRA rank merged into _wcache
         self._int_state = None  # integer path: prepared int8 weight, not saved
 
     @staticmethod
@@ -153,12 +154,14 @@ class QuantLinear(nn.Module):
             from .int_kernels import int_linear
 
             y = int_linear(self, codes, a_scale, a_zero)
+            if self.lora_rank:
+                y = y + (xq @ self.lora_down.t()) @ self.lora_up.t()
         else:
-            if self._wcache is None:
-                self._wcache = self.dequantized_weight()
+            # simulated path: the LoRA branch reads the same quantized input, so it is merged into
+            # the cached weight (W_q + up @ down): one matmul instead of three, same function
+            if self._wcache is None or self._wcache_rank != self.lora_rank:
+                self._wcache, self._wcache_rank = self.effective_weight(), self.lora_rank
             y = F.linear(xq, self._wcache, self.bias)
-        if self.lora_rank:
-            y = y + (xq @ self.lora_down.t()) @ self.lora_up.t()
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def int_supported(self) -> bool:

@@ -10,7 +10,8 @@ is ``QuantConfig.search_weight``:
 - ``plain``: ``Q_W(W s)``; the LoRA rounds run once, at the chosen alpha (cheap: no SVD in the
   search, which is then matmul-bound);
 - ``approx``: one LoRA round with a randomized rank-r SVD per alpha;
-- ``exact``: every LoRA round per alpha (the definition; 21 x rounds SVDs per layer).
+- ``exact``: every LoRA round per alpha (the definition; 21 x rounds SVDs per layer);
+- ``auto``: ``exact`` when the weight's smaller side is <= 1024, else ``plain``.
 
 The search subsamples tokens per step (``LayerInputs.xs``) but takes per-tensor activation ranges
 from all tokens (``colmin``/``colmax``): for positive ``s``, ``min_j(colmin_j / s_j)`` is exactly
@@ -28,6 +29,9 @@ from .lora import LoraFit, training_free_lora
 from .quantizers import dequantize_weight, fake_quant_activation, qparams_from_range, quantize_activation_with, \
     quantize_weight
 from .smoothing import tas_factors
+
+# ``search_weight="auto"``: the exact (LoRA-aware) search where one layer's LAPACK SVD is cheap
+AUTO_EXACT_MAX = 1024
 
 
 @dataclass
@@ -175,6 +179,9 @@ def quantize_layer(name: str, role: str, weight: torch.Tensor, bias: torch.Tenso
         down = None if fit.down is None else fit.down * s[None, :] if s is not None else fit.down
         final_fit = LoraFit((q, sc, z), fit.dequant, fit.up, down, fit.err_per_round, fit.kept_round)
     else:
+        mode = cfg.search_weight
+        if mode == "auto":
+            mode = "exact" if min(w.shape) <= AUTO_EXACT_MAX else "plain"
         w_max = w.abs().amax(dim=0)
         losses = {}
         for a in alphas:
@@ -182,10 +189,10 @@ def quantize_layer(name: str, role: str, weight: torch.Tensor, bias: torch.Tenso
             ws = w if s is None else w * s[None, :]
             if len(alphas) == 1:
                 break
-            if rank and cfg.search_weight == "exact":
+            if rank and mode == "exact":
                 f = training_free_lora(ws, quant, rank, cfg.lora_rounds, cfg.lora_keep, cfg.lora_svd)
                 w_eff = f.dequant + f.up @ f.down
-            elif rank and cfg.search_weight == "approx":
+            elif rank and mode == "approx":
                 f = training_free_lora(ws, quant, rank, 1, "last", "randomized")
                 w_eff = f.dequant + f.up @ f.down
             else:
