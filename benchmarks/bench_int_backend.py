@@ -9,6 +9,8 @@ Modes
   fc2 4608->1152) at M = 512 tokens (batch 2 x 256 tokens), random weights;
 - ``dit``: a full DiT-XL/2-shaped forward (batch 2, 32x32x4 latent, patch 2: 256 tokens), random
   weights;
+- ``adaln``: the adaLN modulation linear (1152 -> 6912) at M = 2 (the conditioning vectors):
+  fp32, bf16, ``WeightOnlyInt8Linear`` (bf16 and fp32 compute), torchao ``Int8WeightOnlyConfig``;
 - ``digits``: one classifier-free-guided sampling step (``forward_with_cfg``, batch 20) of the small
   default digit model (32x32x1, patch 4, hidden 192, depth 6, 3 heads, 10 classes).
 
@@ -32,7 +34,8 @@ weight of the integer backend, torchao's inner tensors); ``peak+`` = rise of the
 during one call above the RSS before it (after ``malloc_trim`` and a ``/proc/self/clear_refs``
 reset), i.e. the transient memory of a call (activations, workspaces, temporary copies).
 
-Usage: ``python benchmarks/bench_int_backend.py [--mode layers|dit|digits|all] [--quick] [--repeats N]``
+Usage: ``python benchmarks/bench_int_backend.py [--mode layers|adaln|dit|digits|all] [--quick] [--repeats N]
+[--threads N]``
 """
 
 from __future__ import annotations
@@ -307,6 +310,31 @@ def bench_layers(rounds: int, min_sample_s: float, tokens: int = 512) -> str:
     return "\n\n".join(out)
 
 
+def bench_adaln(rounds: int, min_sample_s: float, batch: int = 2) -> str:
+    """The adaLN modulation linear (1152 -> 6 x 1152) on the conditioning vectors of a batch."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(1152, 6 * 1152)
+    x = torch.randn(batch, 1152, generator=g)
+    lin_bf = copy.deepcopy(lin).bfloat16()
+    xb = x.bfloat16()
+    wo = WeightOnlyInt8Linear.from_linear(lin)
+    wo32 = WeightOnlyInt8Linear.from_linear(lin, compute="fp32")
+    ao = nn.Sequential(copy.deepcopy(lin))
+    quantize_(ao, Int8WeightOnlyConfig())
+    vs = [Variant("fp32", lambda: lin(x), lin), Variant("bf16", lambda: lin_bf(xb), lin_bf),
+          Variant("WeightOnlyInt8Linear (bf16 compute)", lambda: wo(x), wo),
+          Variant("WeightOnlyInt8Linear (fp32 compute)", lambda: wo32(x), wo32),
+          Variant("torchao Int8WeightOnlyConfig", lambda: ao(x), ao)]
+    with torch.inference_mode():
+        ref = lin(x)
+        for v in vs:
+            v.rel_err = _rel(v.fn(), ref)
+        run_interleaved(vs, rounds, min_sample_s)
+    return table(f"adaLN modulation linear 1152->6912, M={batch}", vs)
+
+
 def _model_variants(model: DiT, call: Callable[[nn.Module, torch.dtype], torch.Tensor], with_bf16_parts: bool
                     ) -> list[Variant]:
     """fp32, bf16, W4A8 (+fused, +bf16 float parts), W8A8, torchao: built from one random model."""
@@ -384,7 +412,7 @@ def bench_digits(rounds: int, min_sample_s: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mode", choices=["layers", "dit", "digits", "all"], default="all")
+    p.add_argument("--mode", choices=["layers", "adaln", "dit", "digits", "all"], default="all")
     p.add_argument("--quick", action="store_true", help="few rounds; DiT-XL/2 widths at depth 4")
     p.add_argument("--repeats", type=int, default=0, help="rounds (default 15 layers/digits, 5 dit; quick: 3/2)")
     p.add_argument("--depth", type=int, default=0, help="DiT depth for --mode dit (default 28; quick 4)")
@@ -401,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     sample = 0.05 if args.quick else 0.2
     if args.mode in ("layers", "all"):
         bench_layers(small, sample)
+    if args.mode in ("adaln", "all"):
+        print(bench_adaln(small, sample) + "\n", flush=True)
     if args.mode in ("digits", "all"):
         print(bench_digits(small, sample) + "\n", flush=True)
     if args.mode in ("dit", "all"):

@@ -22,7 +22,8 @@ Two kernels compute the products (measured in ``benchmarks/bench_int_backend.py`
 - ``"onednn"`` (default when available): ``torch.ops.onednn.qlinear_pointwise``, oneDNN's
   u8 x s8 -> fp32 quantized linear, which takes the uint8 codes and the activation zero point
   directly and applies the scales and bias in its epilogue. On this CPU (AVX-512 VNNI) it is
-  3-4x faster than ``torch._int_mm`` at DiT-XL/2 shapes.
+  1.1-1.4x faster than ``torch._int_mm`` at DiT-XL/2 shapes (single thread; 2-3.5x with two
+  threads on a busy machine).
 - ``"int_mm"``: ``torch._int_mm`` (s8 x s8 -> s32) on ``a - 128`` plus explicit zero-point
   corrections with precomputed weight row sums (:func:`int8_matmul_zp`), then dequantization.
 
