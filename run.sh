@@ -9,4 +9,6 @@ if [ $# -gt 0 ]; then
     exec .venv/bin/ditas "$@"
 fi
 mkdir -p out
-.venv/bin/ditas sample --classes 0,1,2,3,4,5,6,7,8,9 --num 30 --out out/default_fp_grid.png
+.venv/bin/ditas quantize --calib-labels 4 --calib-steps 20 --out out/default-w4a8
+.venv/bin/ditas sample --model out/default-w4a8 --classes 0,1,2,3,4,5,6,7,8,9 --steps 50 --out out/default-w4a8/grid.png
+echo "quantized model: out/default-w4a8 (report.json inside); samples: out/default-w4a8/grid.png"
