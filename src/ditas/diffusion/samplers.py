@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .gaussian import GaussianDiffusion
+from .gaussian import GaussianDiffusion, _extract
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SAMPLERS = ("ddpm", "ddim")
@@ -65,17 +65,12 @@ def sample_steps(model_fn: ModelFn, diffusion: GaussianDiffusion, z: torch.Tenso
             x = pred.mean + nonzero * torch.exp(0.5 * pred.log_variance) * step_noise
         else:
             eps = diffusion.predict_eps_from_xstart(x, t, pred.pred_xstart)
-            ab = _take(diffusion.alphas_cumprod, t, x)
-            ab_prev = _take(diffusion.alphas_cumprod_prev, t, x)
+            ab = _extract(diffusion.alphas_cumprod, t, x.shape)
+            ab_prev = _extract(diffusion.alphas_cumprod_prev, t, x.shape)
             sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)
             mean_pred = pred.pred_xstart * torch.sqrt(ab_prev) + torch.sqrt(1 - ab_prev - sigma ** 2) * eps
             x = mean_pred + nonzero * sigma * step_noise
         yield i, x
-
-
-def _take(arr, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    from .gaussian import _extract
-    return _extract(arr, t, x.shape)
 
 
 def sample_loop(model_fn: ModelFn, diffusion: GaussianDiffusion, z: torch.Tensor, **kwargs) -> torch.Tensor:
