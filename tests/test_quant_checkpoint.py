@@ -13,6 +13,7 @@ from ditas.quantization import checkpoint as ckpt
 from ditas.quantization.apply import quantize
 from ditas.quantization.linear import QuantLinear
 from ditas.quantization.recipes import recipe_config
+from ditas.quantization.weight_only import WeightOnlyInt8Linear
 from quant_helpers import random_dit
 
 
@@ -39,6 +40,12 @@ def test_save_load_is_bit_exact(tmp_path, quantized):
     for name in ckpt.quant_layers(q):
         m = loaded.get_submodule(name)
         assert isinstance(m, QuantLinear) and not hasattr(m, "weight")
+    adaln = data["quantization"]["weight_only_layers"]
+    assert sorted(adaln) == ["blocks.0.adaLN_modulation.1", "blocks.1.adaLN_modulation.1",
+                             "final_layer.adaLN_modulation.1"]
+    for name in adaln:
+        m = loaded.get_submodule(name)
+        assert isinstance(m, WeightOnlyInt8Linear) and m.qweight.dtype == torch.int8
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 1, 8, 8, generator=g)
     t, y = torch.tensor([10, 500]), torch.tensor([1, 2])
@@ -102,3 +109,25 @@ def test_int_backend_agrees_with_the_simulated_path(tmp_path, quantized):
     t, y = torch.tensor([3, 400, 999]), torch.tensor([0, 5, 9])
     with torch.no_grad():
         torch.testing.assert_close(real(x, t, y), fake(x, t, y), rtol=1e-4, atol=1e-5)
+
+
+def test_adaln_float_option_keeps_float_adaln_and_int8_stays_close(tmp_path):
+    """``adaln="float"`` leaves the adaLN linears alone; the int8 model computes nearly the same."""
+    m = random_dit(5, depth=2)
+    common = dict(w_bits=4, steps=2, calib_labels=2, lora_rank=4, lora_rounds=2, alpha_grid=(0.25, 0.75))
+    q8, _ = quantize(m, recipe_config("ditas", **common), progress=False)
+    qf, _ = quantize(m, recipe_config("ditas_fp_adaln", **common), progress=False)
+    assert isinstance(q8.blocks[1].adaLN_modulation[1], WeightOnlyInt8Linear)
+    assert type(qf.blocks[1].adaLN_modulation[1]) is torch.nn.Linear
+    out = ckpt.save_quantized(qf, tmp_path / "qf")
+    assert json.loads((out / "config.json").read_text())["quantization"]["weight_only_layers"] == {}
+    loaded = ditas.load_dit(out, backend="fake")
+    assert type(loaded.final_layer.adaLN_modulation[1]) is torch.nn.Linear
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 1, 8, 8, generator=g)
+    t, y = torch.tensor([1, 250, 600, 999]), torch.tensor([0, 3, 6, 9])
+    with torch.no_grad():
+        a, b = q8(x, t, y), qf(x, t, y)
+        assert torch.equal(qf(x, t, y), loaded(x, t, y))
+    rel = ((a - b).norm() / b.norm()).item()
+    assert 0 < rel < 2e-2, rel

@@ -70,7 +70,7 @@ def test_loss_steps_limits_the_loss_to_the_first_steps():
     assert first.loss < full.loss
 
 
-@pytest.mark.parametrize("search_weight", ["auto", "plain", "approx", "exact"])
+@pytest.mark.parametrize("search_weight", ["auto", "plain", "approx", "shortlist", "exact"])
 def test_lora_kept_round_is_the_minimum(search_weight):
     torch.manual_seed(3)
     w = torch.randn(48, 32) * 0.2
@@ -92,3 +92,27 @@ def test_lora_reduces_weight_error():
     assert fit.error < plain.error
     fast = training_free_lora(w, q, 8, 5, keep="best", svd="randomized")
     assert fast.error < plain.error and fast.error < 1.05 * fit.error
+
+
+def test_shortlist_search_rescores_the_best_one_round_alphas_with_all_rounds():
+    """``shortlist`` = the argmin of the exact (all-rounds) loss over the k best alphas of the
+    one-round (``approx``) search; with k = the whole grid it is the exact search."""
+    torch.manual_seed(5)
+    w = torch.randn(40, 32) * 0.2
+    inputs = _inputs(seed=6)
+    common = dict(lora_rank=4, lora_rounds=5, alpha_grid=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), search_tokens=None)
+    exact = quantize_layer("l", "fc1", w, None, inputs, recipe_config("ditas", search_weight="exact", **common))
+    approx = quantize_layer("l", "fc1", w, None, inputs, recipe_config("ditas", search_weight="approx", **common))
+    for k in (1, 2, 3):
+        short = quantize_layer("l", "fc1", w, None, inputs,
+                               recipe_config("ditas", search_weight="shortlist", search_shortlist=k, **common))
+        listed = sorted(approx.losses, key=approx.losses.get)[:k]
+        want = min(sorted(listed), key=exact.losses.get)
+        assert short.alpha == want
+        assert short.loss == pytest.approx(exact.losses[want], rel=1e-6)
+        for a in listed:
+            assert short.losses[a] == pytest.approx(exact.losses[a], rel=1e-6)
+    full = quantize_layer("l", "fc1", w, None, inputs,
+                          recipe_config("ditas", search_weight="shortlist", search_shortlist=6, **common))
+    assert full.alpha == exact.alpha and full.loss == pytest.approx(exact.loss, rel=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(full.codes, exact.codes))

@@ -26,6 +26,7 @@ from .config import QuantConfig
 from .linear import QuantLinear
 from .search import LayerQuant, quantize_layer
 from .smoothing import fold_into_adaln, fold_weight_v_rows, v_rows
+from .weight_only import quantize_adaln_weight_only
 
 _ROLE_OF = {"attn.qkv": "qkv", "attn.proj": "proj", "mlp.fc1": "fc1", "mlp.fc2": "fc2"}
 
@@ -158,7 +159,11 @@ def calibrate(model: nn.Module, config: QuantConfig, trajectory: Trajectory | No
 
 @torch.no_grad()
 def convert(model: nn.Module, calibration: Calibration, backend: str = "fake") -> nn.Module:
-    """Replaces the layers by ``QuantLinear`` and folds the smoothing factors (in place)."""
+    """Replaces the layers by ``QuantLinear`` and folds the smoothing factors (in place).
+
+    With ``adaln="int8"`` the adaLN modulation linears, once every fold is in them, become
+    ``WeightOnlyInt8Linear``.
+    """
     cfg = calibration.config
     by_block: dict[int, dict[str, LayerSpec]] = {}
     for s in calibration.specs:
@@ -186,6 +191,8 @@ def convert(model: nn.Module, calibration: Calibration, backend: str = "fake") -
             q.invalidate()
             parent = model.get_submodule(spec.name.rsplit(".", 1)[0])
             setattr(parent, spec.name.rsplit(".", 1)[1], q)
+    if cfg.adaln == "int8":
+        quantize_adaln_weight_only(model)
     return model
 
 

@@ -4,7 +4,8 @@
 bits, layouts, the full QuantConfig and one entry per quantized layer). ``model.safetensors``
 holds, per ``QuantLinear``, ``<name>.qweight`` (codes packed to the weight bit width, 1-D uint8),
 ``wscale``, ``wzero``, ``bias``, ``smooth``, ``lora_down``, ``lora_up`` as present, and the float
-tensors of everything else. ``load_quantized`` builds the model on the meta device, puts
+tensors of everything else. adaLN linears stored weight-only (``WeightOnlyInt8Linear``) are listed
+under ``"weight_only_layers"`` and keep their int8 ``qweight``, ``wscale`` and ``bias``. ``load_quantized`` builds the model on the meta device, puts
 ``QuantLinear`` modules in place of the quantized layers and only then allocates memory, so no
 float weight is ever created for a quantized layer. Save then load is bit-exact.
 """
@@ -22,6 +23,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..fileio import atomic_dir
 from .linear import BACKENDS, QuantLinear
+from .weight_only import WeightOnlyInt8Linear
 
 FORMAT_VERSION = 1
 _QUANT_TENSORS = ("qweight", "wscale", "wzero", "bias", "smooth", "lora_down", "lora_up")
@@ -37,6 +39,10 @@ def _packing():
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def weight_only_layers(model: nn.Module) -> dict[str, WeightOnlyInt8Linear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, WeightOnlyInt8Linear)}
 
 
 def _layer_meta(m: QuantLinear) -> dict[str, Any]:
@@ -85,6 +91,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, quant_config: dict
         "qweight_packing": "packed" if packing is not None else "none",
         "config": cfg,
         "layers": {name: _layer_meta(m) for name, m in layers.items()},
+        "weight_only_layers": {name: {"in_features": m.in_features, "out_features": m.out_features,
+                                      "bias": m.bias is not None, "compute": m.compute, "bits": 8}
+                               for name, m in weight_only_layers(model).items()},
     }
     path = Path(path)
     with atomic_dir(path) as tmp:
@@ -160,6 +169,19 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any], backend: str |
                                   lora_rank=meta["lora_rank"], has_smooth=meta["smooth"], backend=backend)
             except (KeyError, ValueError) as exc:
                 raise CheckpointError(f"{path}: bad layer entry for {name} ({exc})") from None
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+        for name, meta in q.get("weight_only_layers", {}).items():
+            try:
+                old = model.get_submodule(name)
+                new = WeightOnlyInt8Linear(meta["in_features"], meta["out_features"], bias=meta["bias"],
+                                           compute=meta["compute"])
+            except AttributeError:
+                raise CheckpointError(f"{path}: weight-only layer {name} does not exist in the model") from None
+            except (KeyError, ValueError) as exc:
+                raise CheckpointError(f"{path}: bad weight-only layer entry for {name} ({exc})") from None
+            if (old.in_features, old.out_features) != (new.in_features, new.out_features):
+                raise CheckpointError(f"{path}: weight-only layer {name} does not match the model config")
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, new)
     model = model.to_empty(device="cpu")

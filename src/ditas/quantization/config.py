@@ -15,10 +15,11 @@ from .quantizers import ACT_GRANULARITIES, RANGE_MODES, WEIGHT_LAYOUTS
 
 LAYER_ROLES = ("qkv", "proj", "fc1", "fc2")
 SMOOTHINGS = ("none", "tas")
-SEARCH_WEIGHTS = ("auto", "plain", "approx", "exact")
+SEARCH_WEIGHTS = ("auto", "plain", "approx", "shortlist", "exact")
 LORA_KEEPS = ("best", "last")
 LORA_SVDS = ("auto", "exact", "randomized")
 SAMPLERS = ("ddpm", "ddim")
+ADALN_MODES = ("int8", "float")
 
 # The 16 ImageNet labels of the reference calibration set (method.md section 3).
 REFERENCE_LABELS = (207, 360, 387, 974, 88, 979, 417, 279, 27, 336, 177, 594, 748, 718, 447, 613)
@@ -47,12 +48,18 @@ class QuantConfig:
     ``loss_steps`` only, if set) on at most ``search_tokens`` tokens per step (activation ranges
     always come from all tokens). ``search_weight`` says which weight the search scores:
     ``plain`` (Q_W(W s), no LoRA), ``approx`` (one LoRA round with a randomized rank-r SVD) or
-    ``exact`` (all LoRA rounds per alpha, as the method's definition); ``auto`` (default): ``exact``
-    where the layer's exact SVD is cheap (smaller side <= 1024), ``plain`` above (DiT-XL/2).
+    ``exact`` (all LoRA rounds per alpha, as the method's definition), ``shortlist`` (``approx``
+    over the grid, then the ``search_shortlist`` best alphas rescored with all LoRA rounds);
+    ``auto`` (default): ``exact`` where the layer's exact SVD is cheap (smaller side <= 1024),
+    ``shortlist`` above (DiT-XL/2).
 
     LoRA: ``lora_rank`` (0: none) and ``lora_rounds`` of training-free alternating fits, keeping
     the ``best`` or the ``last`` round; ``lora_svd`` exact (LAPACK) or randomized (auto: exact
     when the smaller side of the weight is at most 1024).
+
+    adaLN storage: ``adaln`` ``int8`` stores the adaLN modulation linears (after the smoothing
+    folds) weight-only in int8 per output channel (``weight_only.WeightOnlyInt8Linear``; they are a
+    third of DiT-XL/2's weights), ``float`` keeps them as the method does.
 
     Calibration: ``calib_labels`` (a count or explicit labels), ``seed``, ``steps``, ``cfg_scale``,
     ``sampler`` of the one FP sampling run.
@@ -76,10 +83,12 @@ class QuantConfig:
     loss_steps: int | None = None
     search_tokens: int | None = 512
     search_weight: str = "auto"
+    search_shortlist: int = 4
     lora_rank: int = 32
     lora_rounds: int = 10
     lora_keep: str = "best"
     lora_svd: str = "auto"
+    adaln: str = "int8"
     calib_labels: int | tuple[int, ...] = 16
     seed: int = 0
     steps: int = 50
@@ -125,6 +134,8 @@ class QuantConfig:
             p.append(f"search tokens must be a positive integer or None, got {self.search_tokens!r}")
         if self.search_weight not in SEARCH_WEIGHTS:
             p.append(f"search weight must be one of {SEARCH_WEIGHTS}, got {self.search_weight!r}")
+        if not (is_int(self.search_shortlist) and self.search_shortlist >= 1):
+            p.append(f"search shortlist must be a positive integer, got {self.search_shortlist!r}")
         if not (is_int(self.lora_rank) and self.lora_rank >= 0):
             p.append(f"LoRA rank must be a non-negative integer, got {self.lora_rank!r}")
         if not (is_int(self.lora_rounds) and self.lora_rounds >= 1):
@@ -133,6 +144,8 @@ class QuantConfig:
             p.append(f"LoRA keep must be one of {LORA_KEEPS}, got {self.lora_keep!r}")
         if self.lora_svd not in LORA_SVDS:
             p.append(f"LoRA SVD must be one of {LORA_SVDS}, got {self.lora_svd!r}")
+        if self.adaln not in ADALN_MODES:
+            p.append(f"adaLN storage must be one of {ADALN_MODES}, got {self.adaln!r}")
         if is_int(self.calib_labels):
             if self.calib_labels < 1:
                 p.append(f"the number of calibration labels must be at least 1, got {self.calib_labels}")

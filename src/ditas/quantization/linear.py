@@ -14,8 +14,8 @@ Tensors are named for their role (as nunchaku's quantized linear):
 
 The layer computes ``y = Q_A(x / smooth) (W_q + lora_up lora_down)^T + bias`` where ``Q_A`` is
 dynamic activation quantization (per tensor or per token). ``backend="fake"`` simulates it in
-float; ``backend="int"`` runs the main product on int8 codes with int32 accumulation (see
-``int_kernels``). Both start from the same activation codes.
+float; ``backend="int"`` runs the main product on int8 codes with int32 accumulation (``forward`` calls
+``int_kernels.int_forward``, the fused integer path). Both start from the same activation codes.
 """
 
 from __future__ import annotations
@@ -146,22 +146,20 @@ class QuantLinear(nn.Module):
         return activation_codes(x, self.abits, self.act_granularity, self.range_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "int" and self.int_supported():
+            # fused integer forward: same activation codes, fewer passes (see int_kernels.int_forward)
+            from .int_kernels import int_forward
+
+            return int_forward(self, x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         codes, a_scale, a_zero = self.quantize_input(x2)
         xq = codes if a_scale is None else (codes - a_zero) * a_scale
-        if self.backend == "int" and a_scale is not None and self.int_supported():
-            from .int_kernels import int_linear
-
-            y = int_linear(self, codes, a_scale, a_zero)
-            if self.lora_rank:
-                y = y + (xq @ self.lora_down.t()) @ self.lora_up.t()
-        else:
-            # simulated path: the LoRA branch reads the same quantized input, so it is merged into
-            # the cached weight (W_q + up @ down): one matmul instead of three, same function
-            if self._wcache is None or self._wcache_rank != self.lora_rank:
-                self._wcache, self._wcache_rank = self.effective_weight(), self.lora_rank
-            y = F.linear(xq, self._wcache, self.bias)
+        # simulated path: the LoRA branch reads the same quantized input, so it is merged into the
+        # cached weight (W_q + up @ down): one matmul instead of three, same function
+        if self._wcache is None or self._wcache_rank != self.lora_rank:
+            self._wcache, self._wcache_rank = self.effective_weight(), self.lora_rank
+        y = F.linear(xq, self._wcache, self.bias)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def int_supported(self) -> bool:

@@ -13,7 +13,11 @@
 - ``smoothquant``: SmoothQuant as published (alpha 0.5, channel maxima from the calibration
   run, only the layers that follow a LayerNorm: ``qkv`` and ``fc1``), no LoRA;
 - ablations ``tas`` (TAS on all four layers, fixed alpha 0.5, no LoRA), ``tas_search`` (TAS with
-  the search, no LoRA), ``lora`` (LoRA only, no smoothing).
+  the search, no LoRA), ``lora`` (LoRA only, no smoothing), ``ditas_fp_adaln`` (``ditas`` with
+  the adaLN linears kept in float: measures what their int8 storage costs).
+
+Every recipe but ``paper`` stores the adaLN modulation linears weight-only in int8 after the
+folds (``adaln="int8"``); ``paper`` keeps them in float as the reference code does.
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     "ditas": dict(),
     "paper": dict(weight_layout="reference32", range_mode="reference", quantize_before_smooth=True,
                   w_max_from_quantized=True, fold_proj_into_v=False, loss_steps=50, lora_keep="last",
-                  lora_svd="exact", search_tokens=None),
+                  lora_svd="exact", search_tokens=None, adaln="float"),
     "rtn": dict(smoothing="none", search=False, lora_rank=0),
     "smoothquant": dict(smoothing="tas", smooth_roles=("qkv", "fc1"), alpha=0.5, search=False, lora_rank=0),
     "tas": dict(smoothing="tas", alpha=0.5, search=False, lora_rank=0),
     "tas_search": dict(smoothing="tas", search=True, lora_rank=0),
     "lora": dict(smoothing="none", search=False),
+    "ditas_fp_adaln": dict(adaln="float"),
 }
 DEFAULT_RECIPE = "ditas"
 

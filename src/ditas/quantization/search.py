@@ -11,7 +11,9 @@ is ``QuantConfig.search_weight``:
   search, which is then matmul-bound);
 - ``approx``: one LoRA round with a randomized rank-r SVD per alpha;
 - ``exact``: every LoRA round per alpha (the definition; 21 x rounds SVDs per layer);
-- ``auto``: ``exact`` when the weight's smaller side is <= 1024, else ``plain``.
+- ``shortlist``: ``approx`` over the grid, then the ``search_shortlist`` best alphas rescored
+  with every LoRA round (the definition's loss); the best of those is kept, its fit reused;
+- ``auto``: ``exact`` when the weight's smaller side is <= 1024, else ``shortlist``.
 
 The search subsamples tokens per step (``LayerInputs.xs``) but takes per-tensor activation ranges
 from all tokens (``colmin``/``colmax``): for positive ``s``, ``min_j(colmin_j / s_j)`` is exactly
@@ -181,28 +183,50 @@ def quantize_layer(name: str, role: str, weight: torch.Tensor, bias: torch.Tenso
     else:
         mode = cfg.search_weight
         if mode == "auto":
-            mode = "exact" if min(w.shape) <= AUTO_EXACT_MAX else "plain"
+            mode = "exact" if min(w.shape) <= AUTO_EXACT_MAX else "shortlist"
         w_max = w.abs().amax(dim=0)
-        losses = {}
-        for a in alphas:
+
+        def smoothed(a):
             s = None if a is None else tas_factors(inputs.absmax, w_max, a)
-            ws = w if s is None else w * s[None, :]
-            if len(alphas) == 1:
-                break
-            if rank and mode == "exact":
-                f = training_free_lora(ws, quant, rank, cfg.lora_rounds, cfg.lora_keep, cfg.lora_svd)
-                w_eff = f.dequant + f.up @ f.down
-            elif rank and mode == "approx":
-                f = training_free_lora(ws, quant, rank, 1, "last", "randomized")
-                w_eff = f.dequant + f.up @ f.down
-            else:
-                w_eff = quant(ws)[1]
-            losses[a] = loss_fn(s, w_eff)
-        best = alphas[0] if len(alphas) == 1 else min(alphas, key=lambda a: losses[a])
-        s = None if best is None else tas_factors(inputs.absmax, w_max, best)
-        ws = w if s is None else w * s[None, :]
-        final_fit = training_free_lora(ws, quant, rank, cfg.lora_rounds, cfg.lora_keep, cfg.lora_svd)
-        w_eff = final_fit.dequant if final_fit.up is None else final_fit.dequant + final_fit.up @ final_fit.down
+            return s, (w if s is None else w * s[None, :])
+
+        def full_fit(a):  # the layer as it will be built at this alpha: all LoRA rounds
+            s, ws = smoothed(a)
+            f = training_free_lora(ws, quant, rank, cfg.lora_rounds, cfg.lora_keep, cfg.lora_svd)
+            return s, f, (f.dequant if f.up is None else f.dequant + f.up @ f.down)
+
+        losses: dict = {}
+        kept = None  # (alpha, (s, fit, w_eff)) of the best full fit scored so far: reused at the end
+
+        def score_full(a):
+            nonlocal kept
+            full = full_fit(a)
+            losses[a] = loss_fn(full[0], full[2])
+            if kept is None or losses[a] < losses[kept[0]]:
+                kept = (a, full)
+
+        if len(alphas) > 1:
+            for a in alphas:
+                if rank and mode == "exact":
+                    score_full(a)
+                    continue
+                s, ws = smoothed(a)
+                if rank and mode in ("approx", "shortlist"):
+                    f = training_free_lora(ws, quant, rank, 1, "last", "randomized")
+                    w_eff = f.dequant + f.up @ f.down
+                else:
+                    w_eff = quant(ws)[1]
+                losses[a] = loss_fn(s, w_eff)
+            candidates = alphas
+            if rank and mode == "shortlist":
+                # rescore the most promising alphas of the one-round search with every LoRA round
+                candidates = sorted(sorted(alphas, key=lambda a: losses[a])[:cfg.search_shortlist])
+                for a in candidates:
+                    score_full(a)
+            best = min(candidates, key=lambda a: losses[a])
+        else:
+            best = alphas[0]
+        s, final_fit, w_eff = kept[1] if kept is not None and kept[0] == best else full_fit(best)
 
     final_loss = loss_fn(s, w_eff)
     if len(alphas) == 1:
