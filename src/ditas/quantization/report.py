@@ -21,7 +21,7 @@ from .apply import calibrate, record
 from .config import QuantConfig
 
 
-def compare_search_modes(model: nn.Module, base: QuantConfig, modes=("plain", "approx", "exact"),
+def compare_search_modes(model: nn.Module, base: QuantConfig, modes=("plain", "approx", "shortlist", "exact"),
                          progress: bool = False) -> dict:
     traj = record(model, base, progress)
     runs = {}
@@ -39,7 +39,9 @@ def compare_search_modes(model: nn.Module, base: QuantConfig, modes=("plain", "a
         names = list(r["alpha"])
         same = sum(r["alpha"][n] == ref["alpha"][n] for n in names)
         ratio = [r["loss"][n] / ref["loss"][n] for n in names if ref["loss"][n] > 0]
+        no_worse = sum(r["loss"][n] <= ref["loss"][n] * (1 + 1e-6) for n in names)
         summary[mode] = {"search_time_s": round(r["time_s"], 1), "layers": len(names), "same_alpha_as_exact": same,
+                         "final_loss_at_most_exact": no_worse,
                          "mean_rel_output_error": sum(r["rel_out_err"].values()) / len(names),
                          "final_loss_ratio_vs_exact_mean": sum(ratio) / len(ratio),
                          "final_loss_ratio_vs_exact_max": max(ratio),
