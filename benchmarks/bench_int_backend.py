@@ -17,11 +17,14 @@ Modes
 Variants
 - ``fp32``, ``bf16``: ``nn.Linear`` / the whole model in that dtype (bf16 input pre-cast);
 - ``W4A8 int``: ``QuantLinear.from_linear(..., wbits=4, abits=8, backend="int")``, per-channel weights,
-  per-tensor dynamic activations, random rank-32 LoRA factors (``+lora32``) or none; its forward as
-  written in ``linear.py``; in models the adaLN linears are ``WeightOnlyInt8Linear``;
-- ``... fused``: the same modules run through ``int_kernels.int_forward`` (in-place activation
-  quantization, LoRA from the codes, LoRA added in the oneDNN epilogue); ``lora32(bf16)``: with
-  ``lora_bf16=True`` (the low-rank products in bf16, an approximation of ~1e-4 relative);
+  per-tensor dynamic activations, random rank-32 LoRA factors (``+lora32``) or none, run unfused
+  (``quantize_input``, then ``int_linear``, then the LoRA branch from the dequantized input: what
+  ``QuantLinear.forward`` did before it called ``int_forward``); in models the adaLN linears are
+  ``WeightOnlyInt8Linear``;
+- ``... fused``: the same modules run through ``int_kernels.int_forward``, which is what
+  ``QuantLinear.forward`` now runs on the integer backend (in-place activation quantization, LoRA
+  from the codes, LoRA added in the oneDNN epilogue); ``lora32(bf16)``: with ``lora_bf16=True``
+  (the low-rank products in bf16, an approximation of ~1e-4 relative);
 - ``... int_mm``: the same with the ``torch._int_mm`` kernel instead of oneDNN;
 - ``... bf16 float parts``: the fused W4A8 model with everything that is not quantized
   (embedders, attention, LayerNorm, GELU, residual stream, final linear) in bf16;
@@ -55,7 +58,7 @@ import torch
 import torch.nn as nn
 
 from ditas.model.dit import DiT, DiTConfig, DiT_models
-from ditas.quantization.int_kernels import available_kernels, int_forward, prepare_int_weight
+from ditas.quantization.int_kernels import available_kernels, int_forward, int_linear, prepare_int_weight
 from ditas.quantization.linear import QuantLinear
 from ditas.quantization.weight_only import WeightOnlyInt8Linear, quantize_adaln_weight_only
 
@@ -211,6 +214,16 @@ def fused(m: QuantLinear, lora_bf16: bool = False) -> Callable[[torch.Tensor], t
     return partial(int_forward, m, lora_bf16=lora_bf16)
 
 
+def unfused_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """The integer layer without fusion: codes, integer product, LoRA from the dequantized input."""
+    shape = x.shape
+    codes, a_scale, a_zero = m.quantize_input(x.reshape(-1, shape[-1]))
+    y = int_linear(m, codes, a_scale, a_zero)
+    if m.lora_rank:
+        y = y + (((codes - a_zero) * a_scale) @ m.lora_down.t()) @ m.lora_up.t()
+    return y.reshape(*shape[:-1], m.out_features)
+
+
 def torchao_int8(model: nn.Module) -> nn.Module:
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
@@ -231,13 +244,10 @@ def quantize_dit(model: DiT, wbits: int, lora: bool, seed: int = 0) -> DiT:
 
 
 def set_fused(model: nn.Module, on: bool, lora_bf16: bool = False) -> None:
-    """Routes every QuantLinear of ``model`` through ``int_forward`` (or back to its own forward)."""
+    """Routes every QuantLinear of ``model`` through ``int_forward`` or ``unfused_forward``."""
     for m in model.modules():
         if isinstance(m, QuantLinear):
-            if on:
-                m.forward = fused(m, lora_bf16)
-            else:
-                m.__dict__.pop("forward", None)
+            m.forward = fused(m, lora_bf16) if on else partial(unfused_forward, m)
 
 
 def bf16_float_parts(model: DiT) -> DiT:
@@ -291,14 +301,15 @@ def bench_layers(rounds: int, min_sample_s: float, tokens: int = 512) -> str:
         w8 = quant_linear(lin, 8, False, g)
         ao = torchao_int8(nn.Sequential(copy.deepcopy(lin)))
         vs = [Variant("fp32", lambda: lin(x), lin), Variant("bf16", lambda: lin_bf(xb), lin_bf),
-              Variant("W4A8 int +lora32", lambda: w4l(x), w4l), Variant("W4A8 int", lambda: w4(x), w4),
+              Variant("W4A8 int +lora32", lambda: unfused_forward(w4l, x), w4l),
+              Variant("W4A8 int", lambda: unfused_forward(w4, x), w4),
               Variant("W4A8 int +lora32 fused", lambda: int_forward(w4l, x), w4l),
               Variant("W4A8 int +lora32(bf16) fused", lambda: int_forward(w4l, x, lora_bf16=True), w4l),
               Variant("W4A8 int fused", lambda: int_forward(w4, x), w4)]
         if "onednn" in kernels:
             w4mm = quant_linear(lin, 4, False, g, kernel="int_mm")
-            vs.append(Variant("W4A8 int (int_mm kernel)", lambda: w4mm(x), w4mm))
-        vs += [Variant("W8A8 int", lambda: w8(x), w8), Variant("W8A8 int fused", lambda: int_forward(w8, x), w8),
+            vs.append(Variant("W4A8 int (int_mm kernel)", lambda: unfused_forward(w4mm, x), w4mm))
+        vs += [Variant("W8A8 int", lambda: unfused_forward(w8, x), w8), Variant("W8A8 int fused", lambda: int_forward(w8, x), w8),
                Variant("torchao int8dyn", lambda: ao(x), ao)]
         with torch.inference_mode():
             ref = lin(x)

@@ -9,13 +9,23 @@ storage precision a choice gives it:
 - adaLN modulation linears: int8 weight-only (+ fp32 per-channel scale and bias), or fp32;
 - everything else (patch/time/label embedders, positional embedding, final linear): fp32.
 
-Usage: ``python benchmarks/checkpoint_size.py [--model DiT-XL/2] [--wbits 4] [--rank 32]``
+``--real DIR`` also writes real folders under DIR: the fp32 model (``save_dit``) and its W4A8
+quantized form (every block linear ``QuantLinear.from_linear`` with random rank-``r`` LoRA factors,
+adaLN linears ``WeightOnlyInt8Linear``, saved by ``save_quantized``), then prints the bytes of each
+part as stored in the safetensors file, loads the quantized folder back and runs one forward,
+reporting the peak RSS of that load (it never builds a float weight for a quantized layer).
+
+Usage: ``python benchmarks/checkpoint_size.py [--model DiT-XL/2] [--wbits 4] [--rank 32] [--real DIR]``
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import struct
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -65,11 +75,82 @@ def breakdown(model_name: str, wbits: int, rank: int, lora_bytes: int, adaln_int
     return sizes
 
 
+def stored_parts(safetensors_file: Path) -> dict[str, int]:
+    """Bytes per part of a ditas quantized ``model.safetensors``, read from its header."""
+    with open(safetensors_file, "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    parts: dict[str, int] = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        nbytes = info["data_offsets"][1] - info["data_offsets"][0]
+        leaf = key.rsplit(".", 1)[-1]
+        if "adaLN_modulation" in key:
+            part = "adaLN weights (int8)" if leaf == "qweight" else "adaLN scale+bias (fp32)"
+        elif any(f".{n}." in key for n in BLOCK_LINEARS) and leaf != "weight":
+            part = {"qweight": "packed qweight", "smooth": "smooth fc2 (fp32)", "lora_down": "LoRA factors (fp32)",
+                    "lora_up": "LoRA factors (fp32)"}.get(leaf, "wscale+wzero+bias (fp32)")
+        else:
+            part = "embedders, pos_embed, final linear (fp32)"
+        parts[part] = parts.get(part, 0) + nbytes
+    return parts
+
+
+def write_real(model_name: str, wbits: int, rank: int, out: Path) -> None:
+    from ditas.model.loading import save_dit
+    from ditas.quantization.checkpoint import save_quantized
+    from ditas.quantization.linear import QuantLinear
+    from ditas.quantization.weight_only import quantize_adaln_weight_only
+
+    torch.manual_seed(0)
+    out.mkdir(parents=True, exist_ok=True)
+    model = DiT_models[model_name]()
+    save_dit(model, out / "fp32")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for block in model.blocks:
+            for name in BLOCK_LINEARS:
+                parent_name, _, child = name.rpartition(".")
+                lin = block.get_submodule(name)
+                down = torch.randn(rank, lin.in_features, generator=g) * 0.01
+                up = torch.randn(lin.out_features, rank, generator=g) * 0.01
+                smooth = torch.rand(lin.in_features, generator=g) + 0.5 if name == "mlp.fc2" else None
+                q = QuantLinear.from_linear(lin, wbits=wbits, abits=8, lora_down=down, lora_up=up, smooth=smooth)
+                setattr(block.get_submodule(parent_name), child, q)
+        quantize_adaln_weight_only(model)
+    save_quantized(model, out / "w4a8", {"recipe": "random-codes"})
+    del model
+    fp32_bytes = (out / "fp32" / "model.safetensors").stat().st_size
+    q_bytes = (out / "w4a8" / "model.safetensors").stat().st_size
+    print(f"**Real files under {out}: {model_name} W{wbits}A8, LoRA r={rank} fp32, adaLN int8**\n")
+    print("| part (as stored) | MB | % of fp32 file |\n|---|---:|---:|")
+    for part, nbytes in sorted(stored_parts(out / "w4a8" / "model.safetensors").items(), key=lambda kv: -kv[1]):
+        print(f"| {part} | {nbytes / MB:.1f} | {100 * nbytes / fp32_bytes:.2f} |")
+    print(f"| **file `w4a8/model.safetensors`** | **{q_bytes / MB:.1f}** | **{100 * q_bytes / fp32_bytes:.2f}** |")
+    print(f"| file `fp32/model.safetensors` | {fp32_bytes / MB:.1f} | 100 |\n")
+    # load in a fresh process so its peak RSS is the load's own
+    code = ("import resource, torch, ditas; m = ditas.load_dit(%r, backend='int'); c = m.config; "
+            "x = torch.randn(2, c.in_channels, c.input_size, c.input_size); "
+            "m(x, torch.tensor([1, 500]), torch.tensor([1, 2])); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)") % str(out / "w4a8")
+    def peak_mb(snippet: str) -> float:
+        return float(subprocess.run([sys.executable, "-c", snippet], check=True, capture_output=True,
+                                    text=True).stdout)
+
+    peak = peak_mb(code)
+    base = peak_mb("import resource, torch, ditas; "
+                   "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    print(f"load + one forward (batch 2, int backend) in a fresh process: peak RSS {peak:.0f} MB, of which "
+          f"{base:.0f} MB is `import torch, ditas` alone: {peak - base:.0f} MB for the model "
+          f"(its fp32 weights alone would be {fp32_bytes / MB:.0f} MB)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="DiT-XL/2", choices=sorted(DiT_models))
     ap.add_argument("--wbits", type=int, default=4)
     ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--real", type=Path, help="also write real fp32 and W4A8 folders here and measure them")
     args = ap.parse_args(argv)
     configs = [("LoRA fp32, adaLN int8", 4, True), ("LoRA fp16, adaLN int8", 2, True),
                ("LoRA fp16, adaLN fp32", 2, False), ("LoRA fp32, adaLN fp32", 4, False)]
@@ -80,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in s.items():
             print(f"| {k} | {v / MB:.1f} | {100 * v / fp32:.2f} |")
         print(f"| fp32 file | {fp32 / MB:.1f} | 100 |\n")
+    if args.real:
+        write_real(args.model, args.wbits, args.rank, args.real)
     return 0
 
 
