@@ -129,17 +129,17 @@ def write_real(model_name: str, wbits: int, rank: int, out: Path) -> None:
     print(f"| **file `w4a8/model.safetensors`** | **{q_bytes / MB:.1f}** | **{100 * q_bytes / fp32_bytes:.2f}** |")
     print(f"| file `fp32/model.safetensors` | {fp32_bytes / MB:.1f} | 100 |\n")
     # load in a fresh process so its peak RSS is the load's own
-    code = ("import resource, torch, ditas; m = ditas.load_dit(%r, backend='int'); c = m.config; "
+    # VmHWM, not ru_maxrss: on Linux ru_maxrss survives exec, so a child would report this process's peak
+    hwm = "print(int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1024)"
+    code = ("import torch, ditas; m = ditas.load_dit(%r, backend='int'); c = m.config; "
             "x = torch.randn(2, c.in_channels, c.input_size, c.input_size); "
-            "m(x, torch.tensor([1, 500]), torch.tensor([1, 2])); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)") % str(out / "w4a8")
+            "torch.set_grad_enabled(False); m(x, torch.tensor([1, 500]), torch.tensor([1, 2])); " + hwm) % str(out / "w4a8")
     def peak_mb(snippet: str) -> float:
         return float(subprocess.run([sys.executable, "-c", snippet], check=True, capture_output=True,
                                     text=True).stdout)
 
     peak = peak_mb(code)
-    base = peak_mb("import resource, torch, ditas; "
-                   "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    base = peak_mb("import torch, ditas; " + hwm)
     print(f"load + one forward (batch 2, int backend) in a fresh process: peak RSS {peak:.0f} MB, of which "
           f"{base:.0f} MB is `import torch, ditas` alone: {peak - base:.0f} MB for the model "
           f"(its fp32 weights alone would be {fp32_bytes / MB:.0f} MB)")

@@ -135,3 +135,15 @@ def test_init_continues_from_an_earlier_run(digits, tmp_path):
     other = DiTConfig(**{**TINY, "depth": 1})
     with pytest.raises(ConfigError, match="differs"):
         train_dit(_cfg(model=other, steps=1), *digits, tmp_path / "c", progress=False, init=tmp_path / "a")
+
+
+@pytest.mark.parametrize("std", [1.0, None])
+def test_label_embedding_init(digits, tmp_path, std):
+    """``label_init_std`` re-draws the label table (None keeps DiT's 0.02); one step barely moves it."""
+    cfg = _cfg(steps=1, label_init_std=std, ema_decay=0.0)
+    train_dit(cfg, *digits, tmp_path, progress=False)
+    table = load_dit(tmp_path / "raw").y_embedder.embedding_table.weight
+    want = 0.02 if std is None else std
+    assert table.std().item() == pytest.approx(want, rel=0.25)
+    with pytest.raises(ConfigError, match="label_init_std"):
+        _cfg(label_init_std=-1.0)
