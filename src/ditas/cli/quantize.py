@@ -46,6 +46,8 @@ def add_quant_arguments(p: argparse.ArgumentParser, with_bits: bool = True) -> N
     p.add_argument("--search-weight", choices=("auto", "plain", "approx", "shortlist", "exact"), default=None,
                    help="weight scored by the alpha search (default auto: exact with LoRA for layers whose "
                         "smaller side is <= 1024, shortlist above; see docs/quantization.md)")
+    p.add_argument("--search-shortlist", type=int, default=None,
+                   help="alphas rescored with every LoRA round by the shortlist search (default 3)")
     p.add_argument("--adaln", choices=("int8", "float"), default=None,
                    help="adaLN modulation linears: int8 weight-only (default for all recipes but paper) "
                         "or float")
@@ -62,7 +64,8 @@ def config_from_args(args: argparse.Namespace, recipe: str, w_bits: int | None =
         weight_layout=args.weight_layout, group_size=args.group_size, act_granularity=args.act_granularity,
         calib_labels=parse_labels(args.calib_labels), steps=args.calib_steps, cfg_scale=args.calib_cfg,
         seed=args.calib_seed, sampler=args.calib_sampler, lora_rank=args.lora_rank, lora_rounds=args.lora_rounds,
-        alpha=args.alpha, search_weight=args.search_weight, adaln=args.adaln)
+        alpha=args.alpha, search_weight=args.search_weight, adaln=args.adaln,
+        search_shortlist=args.search_shortlist)
     cfg = recipe_config(recipe, **overrides)
     if args.search_tokens is not None:
         if args.search_tokens < 0:

@@ -83,7 +83,7 @@ class QuantConfig:
     loss_steps: int | None = None
     search_tokens: int | None = 512
     search_weight: str = "auto"
-    search_shortlist: int = 4
+    search_shortlist: int = 3
     lora_rank: int = 32
     lora_rounds: int = 10
     lora_keep: str = "best"
