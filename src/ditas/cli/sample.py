@@ -57,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix.lower() not in (".png", ".npz"):
         raise DitasError(f"--out must end in .png or .npz, got {out}")
     check_writable(out)
-    if args.steps < 1:
-        raise DitasError(f"--steps must be at least 1, got {args.steps}")
+    if args.steps < 2:
+        raise DitasError(f"--steps must be at least 2, got {args.steps}")
     if args.num is not None and args.num < 1:
         raise DitasError(f"--num must be at least 1, got {args.num}")
     classes = _parse_classes(args.classes)

@@ -210,8 +210,9 @@ def discretized_gaussian_log_likelihood(x, means, log_scales) -> torch.Tensor:
 def create_diffusion(num_steps: int | str, learn_sigma: bool = True, num_timesteps: int = 1000,
                      fixed_variance: str = "fixed_large") -> GaussianDiffusion:
     """The 1000-step linear-schedule diffusion respaced to ``num_steps`` (an int, or "ddimN")."""
-    if isinstance(num_steps, int) and num_steps < 1:
-        raise ValueError(f"the number of sampling steps must be at least 1, got {num_steps}")
+    if isinstance(num_steps, int) and num_steps < 2:
+        raise ValueError(f"the number of sampling steps must be at least 2 (one step keeps only t = 0, "
+                         f"where there is nothing to denoise), got {num_steps}")
     if isinstance(num_steps, int) and num_steps > num_timesteps:
         raise ValueError(f"cannot respace {num_timesteps} timesteps to {num_steps} steps")
     base = linear_beta_schedule(num_timesteps)

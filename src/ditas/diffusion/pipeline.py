@@ -47,8 +47,8 @@ def generate(model: nn.Module, labels: Sequence[int] | torch.Tensor, steps: int 
              z: torch.Tensor | None = None) -> torch.Tensor:
     """Samples one image (latent or pixel tensor, model space) per label; returns (N, C, H, W)."""
     labels = check_labels(model, labels)
-    if not isinstance(steps, int) or steps < 1:
-        raise DitasError(f"--steps must be at least 1, got {steps}")
+    if not isinstance(steps, int) or steps < 2:
+        raise DitasError(f"--steps must be at least 2, got {steps}")
     if sampler not in SAMPLERS:
         raise DitasError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if batch_size < 1:

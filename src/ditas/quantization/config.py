@@ -154,8 +154,8 @@ class QuantConfig:
             p.append(f"calibration labels must be a count or a list of non-negative labels, got {self.calib_labels!r}")
         if not is_int(self.seed):
             p.append(f"seed must be an integer, got {self.seed!r}")
-        if not (is_int(self.steps) and self.steps >= 1):
-            p.append(f"calibration steps must be a positive integer, got {self.steps!r}")
+        if not (is_int(self.steps) and self.steps >= 2):
+            p.append(f"calibration steps must be an integer of at least 2, got {self.steps!r}")
         if not isinstance(self.cfg_scale, (int, float)) or isinstance(self.cfg_scale, bool) or self.cfg_scale < 0:
             p.append(f"calibration cfg scale must be a non-negative number, got {self.cfg_scale!r}")
         if self.sampler not in SAMPLERS:
