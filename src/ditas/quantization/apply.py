@@ -189,8 +189,7 @@ def convert(model: nn.Module, calibration: Calibration, backend: str = "fake") -
             if r.bias is not None:
                 q.bias.copy_(r.bias)
             q.invalidate()
-            parent = model.get_submodule(spec.name.rsplit(".", 1)[0])
-            setattr(parent, spec.name.rsplit(".", 1)[1], q)
+            model.set_submodule(spec.name, q)
     if cfg.adaln == "int8":
         quantize_adaln_weight_only(model)
     return model

@@ -169,8 +169,7 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any], backend: str |
                                   lora_rank=meta["lora_rank"], has_smooth=meta["smooth"], backend=backend)
             except (KeyError, ValueError) as exc:
                 raise CheckpointError(f"{path}: bad layer entry for {name} ({exc})") from None
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, new)
+            model.set_submodule(name, new)
         for name, meta in q.get("weight_only_layers", {}).items():
             try:
                 old = model.get_submodule(name)
@@ -182,8 +181,7 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any], backend: str |
                 raise CheckpointError(f"{path}: bad weight-only layer entry for {name} ({exc})") from None
             if (old.in_features, old.out_features) != (new.in_features, new.out_features):
                 raise CheckpointError(f"{path}: weight-only layer {name} does not match the model config")
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, new)
+            model.set_submodule(name, new)
     model = model.to_empty(device="cpu")
     expected = model.state_dict()
     for name, meta in q["layers"].items():

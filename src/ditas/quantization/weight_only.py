@@ -120,13 +120,11 @@ def quantize_adaln_weight_only(model: nn.Module, compute: Compute = "bf16") -> l
         raise ValueError("the model has no adaLN modulation layers (expected a DiT with blocks and final_layer)")
     converted = []
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        layer = parent[int(child)]
+        layer = model.get_submodule(name)
         if isinstance(layer, WeightOnlyInt8Linear):
             continue
         if not isinstance(layer, nn.Linear):
             raise ValueError(f"{name} is a {type(layer).__name__}, expected nn.Linear")
-        parent[int(child)] = WeightOnlyInt8Linear.from_linear(layer, compute=compute)
+        model.set_submodule(name, WeightOnlyInt8Linear.from_linear(layer, compute=compute))
         converted.append(name)
     return converted
