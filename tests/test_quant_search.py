@@ -116,3 +116,36 @@ def test_shortlist_search_rescores_the_best_one_round_alphas_with_all_rounds():
                           recipe_config("ditas", search_weight="shortlist", search_shortlist=6, **common))
     assert full.alpha == exact.alpha and full.loss == pytest.approx(exact.loss, rel=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(full.codes, exact.codes))
+
+
+@pytest.mark.parametrize("search_weight", ["exact", "shortlist", "approx"])
+def test_parallel_alpha_search_equals_the_serial_one(search_weight):
+    """Alphas are scored on several threads; every result must be bit-identical to one thread
+    (each fit is seeded by its own round numbers, no global RNG) and torch's thread count restored."""
+    torch.manual_seed(6)
+    w = torch.randn(1100, 40) * 0.2  # > 1024 rows: the randomized SVD path
+    inputs = _inputs(width=40, seed=7)
+    common = dict(lora_rank=4, lora_rounds=4, alpha_grid=(0.0, 0.25, 0.5, 0.75, 1.0), search_weight=search_weight,
+                  lora_svd="randomized")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one worker then runs single-threaded ops too: the same float sums
+    try:
+        one = quantize_layer("l", "fc1", w, None, inputs, recipe_config("ditas", search_workers=1, **common))
+        three = quantize_layer("l", "fc1", w, None, inputs, recipe_config("ditas", search_workers=3, **common))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert one.alpha == three.alpha and one.losses == three.losses and one.loss == three.loss
+    assert all(torch.equal(a, b) for a, b in zip(one.codes, three.codes))
+    assert torch.equal(one.lora_up, three.lora_up) and torch.equal(one.lora_down, three.lora_down)
+
+
+def test_auto_search_is_the_exact_search():
+    torch.manual_seed(7)
+    w = torch.randn(40, 32) * 0.2
+    inputs = _inputs(seed=8)
+    common = dict(lora_rank=4, lora_rounds=3, alpha_grid=(0.0, 0.3, 0.6, 0.9))
+    auto = quantize_layer("l", "qkv", w, None, inputs, recipe_config("ditas", search_weight="auto", **common))
+    exact = quantize_layer("l", "qkv", w, None, inputs, recipe_config("ditas", search_weight="exact", **common))
+    assert auto.losses == exact.losses and auto.alpha == exact.alpha
+    assert all(torch.equal(a, b) for a, b in zip(auto.codes, exact.codes))

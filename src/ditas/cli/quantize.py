@@ -47,10 +47,12 @@ def add_quant_arguments(p: argparse.ArgumentParser, with_bits: bool = True) -> N
     p.add_argument("--lora-rounds", type=int, default=None, help="training-free LoRA rounds (default 10)")
     p.add_argument("--alpha", type=float, default=None, help="fixed smoothing alpha (recipes without search)")
     p.add_argument("--search-weight", choices=SEARCH_WEIGHTS, default=None,
-                   help="weight scored by the alpha search (default auto: exact with LoRA for layers whose "
-                        "smaller side is <= 1024, shortlist above; see docs/quantization.md)")
+                   help="weight scored by the alpha search (default auto = exact: every LoRA round at every "
+                        "alpha; see docs/quantization.md)")
     p.add_argument("--search-shortlist", type=int, default=None,
                    help="alphas rescored with every LoRA round by the shortlist search (default 3)")
+    p.add_argument("--search-workers", type=int, default=None,
+                   help="threads scoring alphas in parallel (default: torch's thread count; same result)")
     p.add_argument("--adaln", choices=ADALN_MODES, default=None,
                    help="adaLN modulation linears: int8 weight-only (default for all recipes but paper) "
                         "or float")
@@ -68,7 +70,7 @@ def config_from_args(args: argparse.Namespace, recipe: str, w_bits: int | None =
         calib_labels=parse_labels(args.calib_labels), steps=args.calib_steps, cfg_scale=args.calib_cfg,
         seed=args.calib_seed, sampler=args.calib_sampler, lora_rank=args.lora_rank, lora_rounds=args.lora_rounds,
         alpha=args.alpha, search_weight=args.search_weight, adaln=args.adaln,
-        search_shortlist=args.search_shortlist)
+        search_shortlist=args.search_shortlist, search_workers=args.search_workers)
     cfg = recipe_config(recipe, **overrides)
     if args.search_tokens is not None:
         if args.search_tokens < 0:

@@ -47,11 +47,11 @@ class QuantConfig:
     Search: loss ``sum_t mean((Y_q - Y_fp)^2)`` over the calibration steps (the first
     ``loss_steps`` only, if set) on at most ``search_tokens`` tokens per step (activation ranges
     always come from all tokens). ``search_weight`` says which weight the search scores:
-    ``plain`` (Q_W(W s), no LoRA), ``approx`` (one LoRA round with a randomized rank-r SVD) or
-    ``exact`` (all LoRA rounds per alpha, as the method's definition), ``shortlist`` (``approx``
-    over the grid, then the ``search_shortlist`` best alphas rescored with all LoRA rounds);
-    ``auto`` (default): ``exact`` where the layer's exact SVD is cheap (smaller side <= 1024),
-    ``shortlist`` above (DiT-XL/2).
+    ``exact`` (all LoRA rounds per alpha, as the method's definition; ``auto``, the default, is
+    ``exact``), ``plain`` (Q_W(W s), no LoRA), ``approx`` (one LoRA round with a randomized rank-r
+    SVD) or ``shortlist`` (``approx`` over the grid, then the ``search_shortlist`` best alphas
+    rescored with all LoRA rounds). ``search_workers`` threads score alphas in parallel (None:
+    torch's thread count); it changes the speed, not the result.
 
     LoRA: ``lora_rank`` (0: none) and ``lora_rounds`` of training-free alternating fits, keeping
     the ``best`` or the ``last`` round; ``lora_svd`` exact (LAPACK) or randomized (auto: exact
@@ -84,6 +84,7 @@ class QuantConfig:
     search_tokens: int | None = 512
     search_weight: str = "auto"
     search_shortlist: int = 3
+    search_workers: int | None = None
     lora_rank: int = 32
     lora_rounds: int = 10
     lora_keep: str = "best"
@@ -136,6 +137,8 @@ class QuantConfig:
             p.append(f"search weight must be one of {SEARCH_WEIGHTS}, got {self.search_weight!r}")
         if not (is_int(self.search_shortlist) and self.search_shortlist >= 1):
             p.append(f"search shortlist must be a positive integer, got {self.search_shortlist!r}")
+        if self.search_workers is not None and not (is_int(self.search_workers) and self.search_workers >= 1):
+            p.append(f"search workers must be a positive integer or None, got {self.search_workers!r}")
         if not (is_int(self.lora_rank) and self.lora_rank >= 0):
             p.append(f"LoRA rank must be a non-negative integer, got {self.lora_rank!r}")
         if not (is_int(self.lora_rounds) and self.lora_rounds >= 1):

@@ -36,14 +36,25 @@ class LoraFit:
         return self.err_per_round[self.kept_round] if self.err_per_round else float("nan")
 
 
-def low_rank(e: torch.Tensor, rank: int, method: str = "exact", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-``rank`` factors (L, R) of ``e``: L = U sqrt(S), R = sqrt(S) Vh.
+# randomized range finder: oversampling, power iterations of a cold start and of a warm start
+OVERSAMPLE = 16
+COLD_ITERS = 4
+WARM_ITERS = 1
 
-    ``exact``: LAPACK SVD. ``randomized``: ``torch.svd_lowrank`` with oversampling and 4 power
-    iterations (a near-optimal rank-r fit at a fraction of the cost for large layers).
+
+def low_rank(e: torch.Tensor, rank: int, method: str = "exact", seed: int = 0,
+             start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Best rank-``rank`` factors (L, R) of ``e``: L = U sqrt(S), R = sqrt(S) Vh; and a warm start.
+
+    ``exact``: LAPACK SVD (the third value is None). ``randomized``: a randomized range finder
+    (Halko et al.) with ``OVERSAMPLE`` extra columns: from a Gaussian start drawn from its own
+    generator seeded by ``seed`` (no global RNG: fits may run in parallel threads) and
+    ``COLD_ITERS`` power iterations, or, given ``start`` (the (in, rank + oversample) basis a
+    previous fit returned), ``WARM_ITERS`` iterations from it. The third value is this fit's basis,
+    the warm start for the next fit of a nearby matrix (the next LoRA round's residual).
     """
     with _lapack_threads():
-        return _low_rank(e, rank, method, seed)
+        return _low_rank(e, rank, method, seed, start)
 
 
 @contextlib.contextmanager
@@ -58,23 +69,34 @@ def _lapack_threads(n: int = 1):
         torch.set_num_threads(old)
 
 
-def _low_rank(e: torch.Tensor, rank: int, method: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _low_rank(e: torch.Tensor, rank: int, method: str, seed: int, start: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     rank = min(rank, *e.shape)
+    basis = None
     if method == "exact":
         u, s, vh = torch.linalg.svd(e, full_matrices=False)
-        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
     elif method == "randomized":
-        state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        try:
-            u, s, v = torch.svd_lowrank(e, q=min(rank + 16, *e.shape), niter=4)
-        finally:
-            torch.random.set_rng_state(state)
-        u, s, vh = u[:, :rank], s[:rank], v[:, :rank].T
+        u, s, vh = _randomized_svd(e, min(rank + OVERSAMPLE, *e.shape), seed, start)
+        basis = vh.T
     else:
         raise ValueError(f"unknown low-rank method {method!r}")
-    root = s.sqrt()
-    return u * root, root[:, None] * vh
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, root[:, None] * vh[:rank], basis
+
+
+def _randomized_svd(e: torch.Tensor, width: int, seed: int, start: torch.Tensor | None):
+    """SVD of ``e`` restricted to an approximate top-``width`` subspace (subspace iteration)."""
+    if start is not None and start.shape == (e.shape[1], width):
+        omega, iters = start, WARM_ITERS
+    else:
+        g = torch.Generator().manual_seed(seed)
+        omega, iters = torch.randn(e.shape[1], width, generator=g, dtype=e.dtype), COLD_ITERS
+    q = torch.linalg.qr(e @ omega).Q
+    for _ in range(iters):
+        q = torch.linalg.qr(e.T @ q).Q
+        q = torch.linalg.qr(e @ q).Q
+    ub, s, vh = torch.linalg.svd(q.T @ e, full_matrices=False)
+    return q @ ub, s, vh
 
 
 def resolve_svd(method: str, shape: tuple[int, int]) -> str:
@@ -97,12 +119,13 @@ def training_free_lora(w: torch.Tensor, quantizer: WeightQuantizer, rank: int, r
     lr = torch.zeros_like(w)
     best: LoraFit | None = None
     errs: list[float] = []
+    basis = None  # randomized SVD: each round's subspace warm-starts the next (residuals change little)
     for r in range(rounds):
         codes, deq = quantizer(w - lr)
         resid = w - deq
-        up, down = low_rank(resid, rank, method, seed=r)
+        up, down, basis = low_rank(resid, rank, method, seed=r, start=basis)
         lr = up @ down
-        err = float(torch.linalg.norm(resid - lr))
+        err = float(torch.linalg.norm(resid.sub_(lr)))  # resid is not needed after this
         errs.append(err)
         if keep == "last" or best is None or err < errs[best.kept_round]:
             best = LoraFit(codes, deq, up, down, errs, r)

@@ -10,10 +10,17 @@ is ``QuantConfig.search_weight``:
 - ``plain``: ``Q_W(W s)``; the LoRA rounds run once, at the chosen alpha (cheap: no SVD in the
   search, which is then matmul-bound);
 - ``approx``: one LoRA round with a randomized rank-r SVD per alpha;
-- ``exact``: every LoRA round per alpha (the definition; 21 x rounds SVDs per layer);
+- ``exact``: every LoRA round per alpha (the definition; 21 x rounds rank-r fits per layer),
+  the kept alpha's fit reused as the layer's LoRA;
 - ``shortlist``: ``approx`` over the grid, then the ``search_shortlist`` best alphas rescored
   with every LoRA round (the definition's loss); the best of those is kept, its fit reused;
-- ``auto``: ``exact`` when the weight's smaller side is <= 1024, else ``shortlist``.
+- ``auto`` (default): ``exact``.
+
+``exact`` is affordable at DiT-XL/2 size because (1) above 1024 the rank-r fits are a randomized
+SVD whose subspace is warm-started from the previous LoRA round (``lora.low_rank``: one power
+iteration instead of four, as accurate as LAPACK for these fits), (2) the alphas of one layer are
+scored in parallel threads (``search_workers``, default torch's thread count; results do not
+depend on it), and (3) the weight quantizer makes few passes over the weight.
 
 The search subsamples tokens per step (``LayerInputs.xs``) but takes per-tensor activation ranges
 from all tokens (``colmin``/``colmax``): for positive ``s``, ``min_j(colmin_j / s_j)`` is exactly
@@ -22,19 +29,17 @@ the minimum of ``X / s``, so the quantizer sees the same scale as at inference o
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
 from .config import QuantConfig
 from .lora import LoraFit, training_free_lora
-from .quantizers import dequantize_weight, fake_quant_activation, qparams_from_range, quantize_activation_with, \
-    quantize_weight
+from .quantizers import fake_quant_activation, qparams_from_range, quantize_activation_with, \
+    quantize_dequantize_weight
 from .smoothing import tas_factors
-
-# ``search_weight="auto"``: the exact (LoRA-aware) search where one layer's LAPACK SVD is cheap
-AUTO_EXACT_MAX = 1024
-
 
 @dataclass
 class LayerInputs:
@@ -81,8 +86,7 @@ def weight_quantizer(cfg: QuantConfig):
     """The config's weight quantizer: float (out, in) -> ((codes, scale, zero), dequantized)."""
 
     def q(w: torch.Tensor):
-        codes = quantize_weight(w, cfg.w_bits, cfg.weight_layout, cfg.group_size, cfg.range_mode)
-        return codes, dequantize_weight(*codes, cfg.weight_layout, cfg.group_size)
+        return quantize_dequantize_weight(w, cfg.w_bits, cfg.weight_layout, cfg.group_size, cfg.range_mode)
 
     return q
 
@@ -183,7 +187,7 @@ def quantize_layer(name: str, role: str, weight: torch.Tensor, bias: torch.Tenso
     else:
         mode = cfg.search_weight
         if mode == "auto":
-            mode = "exact" if min(w.shape) <= AUTO_EXACT_MAX else "shortlist"
+            mode = "exact"
         w_max = w.abs().amax(dim=0)
 
         def smoothed(a):
@@ -195,34 +199,37 @@ def quantize_layer(name: str, role: str, weight: torch.Tensor, bias: torch.Tenso
             f = training_free_lora(ws, quant, rank, cfg.lora_rounds, cfg.lora_keep, cfg.lora_svd)
             return s, f, (f.dequant if f.up is None else f.dequant + f.up @ f.down)
 
+        def scored_full(a):
+            full = full_fit(a)
+            return a, loss_fn(full[0], full[2]), full
+
+        def scored_screen(a):  # plain / approx / shortlist's first pass
+            s, ws = smoothed(a)
+            if rank and mode in ("approx", "shortlist"):
+                f = training_free_lora(ws, quant, rank, 1, "last", "randomized")
+                w_eff = f.dequant + f.up @ f.down
+            else:
+                w_eff = quant(ws)[1]
+            return a, loss_fn(s, w_eff), None
+
         losses: dict = {}
         kept = None  # (alpha, (s, fit, w_eff)) of the best full fit scored so far: reused at the end
 
-        def score_full(a):
+        def collect(results):  # in grid order, so ties keep the first alpha, as a serial loop would
             nonlocal kept
-            full = full_fit(a)
-            losses[a] = loss_fn(full[0], full[2])
-            if kept is None or losses[a] < losses[kept[0]]:
-                kept = (a, full)
+            for a, loss, full in results:
+                losses[a] = loss
+                if full is not None and (kept is None or loss < losses[kept[0]]):
+                    kept = (a, full)
 
         if len(alphas) > 1:
-            for a in alphas:
-                if rank and mode == "exact":
-                    score_full(a)
-                    continue
-                s, ws = smoothed(a)
-                if rank and mode in ("approx", "shortlist"):
-                    f = training_free_lora(ws, quant, rank, 1, "last", "randomized")
-                    w_eff = f.dequant + f.up @ f.down
-                else:
-                    w_eff = quant(ws)[1]
-                losses[a] = loss_fn(s, w_eff)
+            full_search = bool(rank) and mode == "exact"
+            collect(_parallel_map(scored_full if full_search else scored_screen, alphas, cfg.search_workers))
             candidates = alphas
             if rank and mode == "shortlist":
                 # rescore the most promising alphas of the one-round search with every LoRA round
                 candidates = sorted(sorted(alphas, key=lambda a: losses[a])[:cfg.search_shortlist])
-                for a in candidates:
-                    score_full(a)
+                collect(_parallel_map(scored_full, candidates, cfg.search_workers))
             best = min(candidates, key=lambda a: losses[a])
         else:
             best = alphas[0]
@@ -239,6 +246,28 @@ def quantize_layer(name: str, role: str, weight: torch.Tensor, bias: torch.Tenso
                       loss=final_loss, rel_out_err=final_loss / max(loss_fn.fp_energy, 1e-30), rel_weight_err=rel_w,
                       lora_err_per_round=final_fit.err_per_round if rank else [],
                       lora_kept_round=final_fit.kept_round if rank else -1)
+
+
+def _parallel_map(fn, items: list, workers: int | None) -> Iterator:
+    """``map(fn, items)`` in order, on ``workers`` threads (None: torch's intra-op thread count).
+
+    Each alpha's fit and loss is independent and seeded by its own round numbers (no global RNG),
+    so the results do not depend on the number of workers. With several workers, torch ops run
+    single-threaded inside each (one alpha per core beats two cores on one alpha's small
+    matmuls, QR and LAPACK calls); the thread count is restored afterwards.
+    """
+    n = torch.get_num_threads() if workers is None else workers
+    n = max(1, min(n, len(items)))
+    if n == 1:
+        yield from map(fn, items)
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            yield from pool.map(fn, items)  # lazily: finished fits are dropped unless they are the best
+    finally:
+        torch.set_num_threads(old)
 
 
 def _scale_columns(scale: torch.Tensor, s: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
