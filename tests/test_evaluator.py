@@ -224,3 +224,19 @@ def test_default_model_draws_the_requested_classes(classifier):
     images = decode_to_uint8(model, samples)
     assert images.shape == (20, 32, 32, 3) and images.dtype == np.uint8
     assert (predict(classifier, images) == labels).mean() >= 0.8
+
+
+def test_fid_vs_other_measures_distance_to_given_samples(classifier, real_samples):
+    """``other``: the Fréchet distance to another sample set in the same features (0 to itself,
+    growing with a corruption of the compared samples), while ``fid`` stays against real digits."""
+    images, labels = real_samples
+    same = evaluate_digit_samples(images, labels, classifier=classifier, other=images)
+    assert same["fid_vs_other"] == pytest.approx(0.0, abs=1e-6)
+    rng = np.random.default_rng(2)
+    noisy = np.clip(images.astype(np.int16) + rng.integers(-60, 61, images.shape), 0, 255).astype(np.uint8)
+    noisier = np.clip(images.astype(np.int16) + rng.integers(-120, 121, images.shape), 0, 255).astype(np.uint8)
+    a = evaluate_digit_samples(noisy, labels, classifier=classifier, other=images)
+    b = evaluate_digit_samples(noisier, labels, classifier=classifier, other=images)
+    assert 0 < a["fid_vs_other"] < b["fid_vs_other"]
+    assert a["fid"] == pytest.approx(evaluate_digit_samples(noisy, labels, classifier=classifier)["fid"])
+    assert "fid_vs_other" not in evaluate_digit_samples(images, labels, classifier=classifier)

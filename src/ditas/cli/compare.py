@@ -2,7 +2,8 @@
 
 Per recipe: PSNR of the final uint8 samples against the FP samples, the mean squared error of the
 guided epsilon prediction along the FP trajectory, and for the embedded digit model its class
-accuracy, domain FID, precision and recall. Writes ``compare.json`` and ``grid.png`` (one row per
+accuracy, domain FID (against real digits), domain FID against the FP samples (how far the sample
+distribution moved, in the same feature space), precision and recall. Writes ``compare.json`` and ``grid.png`` (one row per
 recipe) into ``--out`` atomically and prints a Markdown table.
 
 Recipes are names (``fp``, ``rtn``, ``smoothquant``, ``ditas``, ...), optionally with their own bit
@@ -134,7 +135,8 @@ def _fmt(v, nd=3):
 
 def markdown_table(rows: dict[str, dict]) -> str:
     cols = [("psnr_db", "PSNR vs FP (dB)"), ("eps_mse", "eps MSE vs FP"), ("class_accuracy", "class acc."),
-            ("fid", "domain FID"), ("precision", "precision"), ("recall", "recall")]
+            ("fid", "domain FID"), ("fid_vs_fp", "domain FID vs FP samples"), ("precision", "precision"),
+            ("recall", "recall")]
     present = [c for c in cols if any(r.get(c[0]) is not None for r in rows.values())]
     lines = ["| recipe | " + " | ".join(h for _, h in present) + " |",
              "| --- |" + " --- |" * len(present)]
@@ -216,8 +218,9 @@ def run(args: argparse.Namespace) -> int:
             row["eps_mse"] = eps_mse(qmodel, labels[:m_eps].tolist(), args.cfg_scale, fp_traj)
             del qmodel
         if domain is not None:
-            d = domain(imgs, labels.numpy())
-            row.update(class_accuracy=d["class_accuracy"], fid=d["fid"], precision=d["precision"], recall=d["recall"])
+            d = domain(imgs, labels.numpy(), other=None if recipe == "fp" else fp_images)
+            row.update(class_accuracy=d["class_accuracy"], fid=d["fid"], precision=d["precision"], recall=d["recall"],
+                       fid_vs_fp=0.0 if recipe == "fp" else d["fid_vs_other"])
         rows[label] = row
         images[label] = imgs
         print(f"{label}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items() if not isinstance(v, dict)),

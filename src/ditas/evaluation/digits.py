@@ -226,8 +226,13 @@ def reference_features(model: DigitClassifier, reference: str = "test") -> np.nd
 
 
 def evaluate_digit_samples(images: np.ndarray, labels, classifier: DigitClassifier | None = None,
-                           reference: str = "test", k: int = 3) -> dict[str, Any]:
-    """Class accuracy, domain Fréchet distance, precision and recall of labelled digit samples."""
+                           reference: str = "test", k: int = 3, other: np.ndarray | None = None) -> dict[str, Any]:
+    """Class accuracy, domain Fréchet distance, precision and recall of labelled digit samples.
+
+    With ``other`` (e.g. the FP model's samples), also ``fid_vs_other``: the Fréchet distance in
+    the same feature space between ``images`` and ``other``, i.e. how far a quantized model's
+    sample distribution moved from the FP model's, rather than how far it is from real digits.
+    """
     labels = np.asarray(labels)
     images = np.asarray(images)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
@@ -245,7 +250,11 @@ def evaluate_digit_samples(images: np.ndarray, labels, classifier: DigitClassifi
     correct = pred == labels
     per_class = {int(c): float(correct[labels == c].mean()) for c in np.unique(labels)}
     precision, recall = precision_recall(ref, feats, k=k)
+    out_other = {}
+    if other is not None:
+        out_other["fid_vs_other"] = frechet_distance(feats, _run(model, np.asarray(other))[0])
     return {
+        **out_other,
         "num_samples": int(len(labels)),
         "class_accuracy": float(correct.mean()),
         "per_class_accuracy": per_class,
