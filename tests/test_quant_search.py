@@ -149,3 +149,27 @@ def test_auto_search_is_the_exact_search():
     exact = quantize_layer("l", "qkv", w, None, inputs, recipe_config("ditas", search_weight="exact", **common))
     assert auto.losses == exact.losses and auto.alpha == exact.alpha
     assert all(torch.equal(a, b) for a, b in zip(auto.codes, exact.codes))
+
+
+def test_bias_correction_removes_the_mean_output_error_and_lowers_the_loss():
+    """With ``bias_correction`` the layer's bias absorbs its mean output error over the calibration
+    steps: the loss falls by exactly steps x the mean's energy per channel, and the corrected layer
+    has no mean error left."""
+    torch.manual_seed(8)
+    w, b = torch.randn(24, 32) * 0.2, torch.randn(24) * 0.1
+    inputs = _inputs(seed=9)
+    common = dict(search_tokens=None, lora_rank=4, lora_rounds=3, alpha_grid=(0.0, 0.5, 1.0))
+    plain = quantize_layer("l", "fc1", w, b, inputs, recipe_config("ditas", **common))
+    fixed = quantize_layer("l", "fc1", w, b, inputs, recipe_config("ditas", bias_correction=True, **common))
+    assert fixed.alpha == plain.alpha and all(torch.equal(x, y) for x, y in zip(fixed.codes, plain.codes))
+    s = fixed.smooth  # rebuild the layer's function from its parts
+    wq = (fixed.codes[0].float() - fixed.codes[2]) * fixed.codes[1] + fixed.lora_up @ fixed.lora_down
+
+    def errors(bias):
+        return [fake_quant_activation(x / s, 8) @ wq.T + bias - (x @ w.T + b) for x in inputs.xs]
+
+    mean = torch.stack([e.mean(0) for e in errors(b)]).mean(0)
+    assert torch.allclose(fixed.bias, b - mean, atol=1e-6)
+    assert torch.stack([e.mean(0) for e in errors(fixed.bias)]).mean(0).abs().max() < 1e-5
+    want = plain.loss - len(inputs.xs) * float(mean.pow(2).mean())
+    assert fixed.loss == pytest.approx(want, rel=1e-4) and fixed.loss < plain.loss

@@ -53,6 +53,9 @@ def add_quant_arguments(p: argparse.ArgumentParser, with_bits: bool = True) -> N
                    help="alphas rescored with every LoRA round by the shortlist search (default 3)")
     p.add_argument("--search-workers", type=int, default=None,
                    help="threads scoring alphas in parallel (default: torch's thread count; same result)")
+    p.add_argument("--bias-correction", action="store_true", default=None,
+                   help="fold each layer's mean output error on the calibration run into its bias "
+                        "(an extension beyond the method; see docs/quantization.md)")
     p.add_argument("--adaln", choices=ADALN_MODES, default=None,
                    help="adaLN modulation linears: int8 weight-only (default for all recipes but paper) "
                         "or float")
@@ -70,7 +73,8 @@ def config_from_args(args: argparse.Namespace, recipe: str, w_bits: int | None =
         calib_labels=parse_labels(args.calib_labels), steps=args.calib_steps, cfg_scale=args.calib_cfg,
         seed=args.calib_seed, sampler=args.calib_sampler, lora_rank=args.lora_rank, lora_rounds=args.lora_rounds,
         alpha=args.alpha, search_weight=args.search_weight, adaln=args.adaln,
-        search_shortlist=args.search_shortlist, search_workers=args.search_workers)
+        search_shortlist=args.search_shortlist, search_workers=args.search_workers,
+        bias_correction=args.bias_correction)
     cfg = recipe_config(recipe, **overrides)
     if args.search_tokens is not None:
         if args.search_tokens < 0:

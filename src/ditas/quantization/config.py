@@ -61,6 +61,11 @@ class QuantConfig:
     folds) weight-only in int8 per output channel (``weight_only.WeightOnlyInt8Linear``; they are a
     third of DiT-XL/2's weights), ``float`` keeps them as the method does.
 
+    Bias correction (``bias_correction``, off in every recipe; an extension beyond the method):
+    after the search and LoRA, each layer's bias absorbs the mean output error over the
+    calibration steps (per output channel), which lowers the loss by exactly that mean's energy.
+    Layers without a bias are left as they are.
+
     Calibration: ``calib_labels`` (a count or explicit labels), ``seed``, ``steps``, ``cfg_scale``,
     ``sampler`` of the one FP sampling run.
     """
@@ -90,6 +95,7 @@ class QuantConfig:
     lora_keep: str = "best"
     lora_svd: str = "auto"
     adaln: str = "int8"
+    bias_correction: bool = False
     calib_labels: int | tuple[int, ...] = 16
     seed: int = 0
     steps: int = 50
@@ -147,6 +153,8 @@ class QuantConfig:
             p.append(f"LoRA keep must be one of {LORA_KEEPS}, got {self.lora_keep!r}")
         if self.lora_svd not in LORA_SVDS:
             p.append(f"LoRA SVD must be one of {LORA_SVDS}, got {self.lora_svd!r}")
+        if not isinstance(self.bias_correction, bool):
+            p.append(f"bias correction must be true or false, got {self.bias_correction!r}")
         if self.adaln not in ADALN_MODES:
             p.append(f"adaLN storage must be one of {ADALN_MODES}, got {self.adaln!r}")
         if is_int(self.calib_labels):

@@ -14,7 +14,9 @@
   run, only the layers that follow a LayerNorm: ``qkv`` and ``fc1``), no LoRA;
 - ablations ``tas`` (TAS on all four layers, fixed alpha 0.5, no LoRA), ``tas_search`` (TAS with
   the search, no LoRA), ``lora`` (LoRA only, no smoothing), ``ditas_fp_adaln`` (``ditas`` with
-  the adaLN linears kept in float: measures what their int8 storage costs).
+  the adaLN linears kept in float: measures what their int8 storage costs);
+- ``ditas_bc``: ``ditas`` plus bias correction (each layer's bias absorbs its mean output error
+  on the calibration run), an extension beyond the method.
 
 Every recipe but ``paper`` stores the adaLN modulation linears weight-only in int8 after the
 folds (``adaln="int8"``); ``paper`` keeps them in float as the reference code does.
@@ -38,6 +40,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "tas_search": dict(smoothing="tas", search=True, lora_rank=0),
     "lora": dict(smoothing="none", search=False),
     "ditas_fp_adaln": dict(adaln="float"),
+    "ditas_bc": dict(bias_correction=True),
 }
 DEFAULT_RECIPE = "ditas"
 

@@ -124,12 +124,21 @@ class _Loss:
     def _sum_of_means(self, e: torch.Tensor) -> float:
         return float(sum(chunk.pow(2).mean() for chunk in torch.split(e, self.sizes)))
 
-    def __call__(self, s: torch.Tensor | None, w_eff: torch.Tensor) -> float:
+    def _error(self, s: torch.Tensor | None, w_eff: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         xq = _quant_inputs(self.inputs, self.steps, s, self.cfg)
-        err = torch.nn.functional.linear(xq, w_eff, self.bias) - self.y_fp
+        return torch.nn.functional.linear(xq, w_eff, bias) - self.y_fp
+
+    def __call__(self, s: torch.Tensor | None, w_eff: torch.Tensor, bias: torch.Tensor | None = None) -> float:
+        err = self._error(s, w_eff, self.bias if bias is None else bias)
         if self.out_scale is not None:
             err = err * self.out_scale
         return self._sum_of_means(err)
+
+    def mean_error(self, s: torch.Tensor | None, w_eff: torch.Tensor) -> torch.Tensor:
+        """Per output channel, the mean over steps of the per-step mean output error (the loss's
+        weighting of steps): the systematic part of the error, which a bias can absorb."""
+        err = self._error(s, w_eff, self.bias)
+        return torch.stack([chunk.mean(dim=0) for chunk in torch.split(err, self.sizes)]).mean(dim=0)
 
 
 def _check_finite(name: str, what: str, t: torch.Tensor) -> None:
@@ -235,7 +244,10 @@ def quantize_layer(name: str, role: str, weight: torch.Tensor, bias: torch.Tenso
             best = alphas[0]
         s, final_fit, w_eff = kept[1] if kept is not None and kept[0] == best else full_fit(best)
 
-    final_loss = loss_fn(s, w_eff)
+    if cfg.bias_correction and b is not None:
+        # a systematic output shift moves every sample the same way; the bias absorbs its mean
+        b = b - loss_fn.mean_error(s, w_eff)
+    final_loss = loss_fn(s, w_eff, b)
     if len(alphas) == 1:
         losses[best] = final_loss
     w_orig = w_eff if s is None else w_eff / s[None, :]
