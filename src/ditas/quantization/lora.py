@@ -53,14 +53,15 @@ def low_rank(e: torch.Tensor, rank: int, method: str = "exact", seed: int = 0,
     previous fit returned), ``WARM_ITERS`` iterations from it. The third value is this fit's basis,
     the warm start for the next fit of a nearby matrix (the next LoRA round's residual).
     """
-    with _lapack_threads():
+    # LAPACK's SVD with several OpenMP threads on a busy machine can be ~20-1000x slower than with
+    # one (threads spin-wait for each other); the fits here are small enough for one thread
+    with torch_threads(1):
         return _low_rank(e, rank, method, seed, start)
 
 
 @contextlib.contextmanager
-def _lapack_threads(n: int = 1):
-    """LAPACK's SVD with several OpenMP threads on a busy machine can be ~20-1000x slower than with
-    one (threads spin-wait for each other); the fits here are small enough for one thread."""
+def torch_threads(n: int):
+    """Runs the block with torch's intra-op thread count set to ``n``, then restores it."""
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

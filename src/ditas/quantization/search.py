@@ -36,7 +36,7 @@ from typing import Iterator
 import torch
 
 from .config import QuantConfig
-from .lora import LoraFit, training_free_lora
+from .lora import LoraFit, torch_threads, training_free_lora
 from .quantizers import fake_quant_activation, qparams_from_range, quantize_activation_with, \
     quantize_dequantize_weight
 from .smoothing import tas_factors
@@ -119,26 +119,28 @@ class _Loss:
         x = torch.cat(inputs.xs[: self.steps])
         self.y_fp = torch.nn.functional.linear(x, weight, bias)
         self.out_scale = out_scale
-        self.fp_energy = self._sum_of_means(self.y_fp if out_scale is None else self.y_fp * out_scale)
+        self.fp_energy = self._sum_of_means(self.y_fp)
 
     def _sum_of_means(self, e: torch.Tensor) -> float:
+        """sum over steps of mean(e^2), in the unfolded output space (``out_scale``)."""
+        e = e if self.out_scale is None else e * self.out_scale
         return float(sum(chunk.pow(2).mean() for chunk in torch.split(e, self.sizes)))
 
-    def _error(self, s: torch.Tensor | None, w_eff: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _error(self, s: torch.Tensor | None, w_eff: torch.Tensor) -> torch.Tensor:
         xq = _quant_inputs(self.inputs, self.steps, s, self.cfg)
-        return torch.nn.functional.linear(xq, w_eff, bias) - self.y_fp
+        return torch.nn.functional.linear(xq, w_eff, self.bias) - self.y_fp
 
-    def __call__(self, s: torch.Tensor | None, w_eff: torch.Tensor, bias: torch.Tensor | None = None) -> float:
-        err = self._error(s, w_eff, self.bias if bias is None else bias)
-        if self.out_scale is not None:
-            err = err * self.out_scale
-        return self._sum_of_means(err)
+    def __call__(self, s: torch.Tensor | None, w_eff: torch.Tensor) -> float:
+        return self._sum_of_means(self._error(s, w_eff))
 
-    def mean_error(self, s: torch.Tensor | None, w_eff: torch.Tensor) -> torch.Tensor:
-        """Per output channel, the mean over steps of the per-step mean output error (the loss's
-        weighting of steps): the systematic part of the error, which a bias can absorb."""
-        err = self._error(s, w_eff, self.bias)
-        return torch.stack([chunk.mean(dim=0) for chunk in torch.split(err, self.sizes)]).mean(dim=0)
+    def bias_corrected(self, s: torch.Tensor | None, w_eff: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The bias minus the mean output error per channel (mean over steps of the per-step means:
+        the loss's weighting of steps), i.e. the systematic part of the error, which a bias can
+        absorb; and the loss with that bias. One evaluation of the quantized layer."""
+        assert self.bias is not None, "bias correction needs a layer with a bias"
+        err = self._error(s, w_eff)
+        mean = torch.stack([chunk.mean(dim=0) for chunk in torch.split(err, self.sizes)]).mean(dim=0)
+        return self.bias - mean, self._sum_of_means(err.sub_(mean))
 
 
 def _check_finite(name: str, what: str, t: torch.Tensor) -> None:
@@ -246,8 +248,9 @@ def quantize_layer(name: str, role: str, weight: torch.Tensor, bias: torch.Tenso
 
     if cfg.bias_correction and b is not None:
         # a systematic output shift moves every sample the same way; the bias absorbs its mean
-        b = b - loss_fn.mean_error(s, w_eff)
-    final_loss = loss_fn(s, w_eff, b)
+        b, final_loss = loss_fn.bias_corrected(s, w_eff)
+    else:
+        final_loss = loss_fn(s, w_eff)
     if len(alphas) == 1:
         losses[best] = final_loss
     w_orig = w_eff if s is None else w_eff / s[None, :]
@@ -273,13 +276,8 @@ def _parallel_map(fn, items: list, workers: int | None) -> Iterator:
     if n == 1:
         yield from map(fn, items)
         return
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=n) as pool:
-            yield from pool.map(fn, items)  # lazily: finished fits are dropped unless they are the best
-    finally:
-        torch.set_num_threads(old)
+    with torch_threads(1), ThreadPoolExecutor(max_workers=n) as pool:
+        yield from pool.map(fn, items)  # lazily: finished fits are dropped unless they are the best
 
 
 def _scale_columns(scale: torch.Tensor, s: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
