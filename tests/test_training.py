@@ -137,6 +137,23 @@ def test_init_continues_from_an_earlier_run(digits, tmp_path):
         train_dit(_cfg(model=other, steps=1), *digits, tmp_path / "c", progress=False, init=tmp_path / "a")
 
 
+def test_init_from_one_model_folder_starts_model_and_ema(digits, tmp_path):
+    """``init`` = a model folder (``a/raw``): both the model and its EMA start from it, so with a
+    zero learning rate and EMA decay 0.5 both outputs equal it; a folder of neither kind is refused."""
+    train_dit(_cfg(steps=10, log_every=5), *digits, tmp_path / "a", progress=False)
+    train_dit(_cfg(steps=1, log_every=1, lr=1e-12, warmup_steps=0, ema_decay=0.5), *digits, tmp_path / "b",
+              progress=False, init=tmp_path / "a" / "raw")
+    start = load_dit(tmp_path / "a" / "raw").state_dict()
+    assert load_dit(tmp_path / "a" / "ema").state_dict().keys() == start.keys()
+    assert not all(torch.equal(start[k], v) for k, v in load_dit(tmp_path / "a" / "ema").state_dict().items())
+    for part in ("raw", "ema"):
+        got = load_dit(tmp_path / "b" / part).state_dict()
+        assert all(torch.allclose(start[k], got[k], atol=1e-6) for k in start), part
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="neither a model folder"):
+        train_dit(_cfg(steps=1), *digits, tmp_path / "c", progress=False, init=tmp_path / "empty")
+
+
 @pytest.mark.parametrize("std", [1.0, None])
 def test_label_embedding_init(digits, tmp_path, std):
     """``label_init_std`` re-draws the label table (None keeps DiT's 0.02); one step barely moves it."""

@@ -108,12 +108,19 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def _load_init(model: DiT, ema: DiT, folder: Path, mc: DiTConfig) -> None:
+    """Starts ``model`` and ``ema`` from an earlier run's ``raw/`` and ``ema/``, or both from one
+    model folder (e.g. ``r2/raw``, or a shipped model: a folder with its own ``config.json``)."""
     from .model.loading import load_dit
 
+    single = (folder / "config.json").is_file()
+    if not single and not ((folder / "raw").is_dir() and (folder / "ema").is_dir()):
+        raise ConfigError(f"--init {folder}: neither a model folder (config.json) nor a training run's "
+                          "output folder (raw/ and ema/)")
     for name, target in (("raw", model), ("ema", ema)):
-        src = load_dit(folder / name)
+        path = folder if single else folder / name
+        src = load_dit(path)
         if src.config.to_dict() != mc.to_dict():
-            raise ConfigError(f"{folder / name}: its model config {src.config.to_json()} differs from "
+            raise ConfigError(f"{path}: its model config {src.config.to_json()} differs from "
                               f"the one to train {mc.to_json()}")
         target.load_state_dict(src.state_dict())
 
@@ -129,7 +136,8 @@ def train_dit(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out:
     """Trains a DiT on ``images`` (N, C, H, W) in [-1, 1] with ``labels`` (N,); returns the summary.
 
     ``init``: the output folder of an earlier run to continue from (its ``raw/`` weights start the
-    model, its ``ema/`` weights the EMA; the optimizer state starts fresh, hence the warmup).
+    model, its ``ema/`` weights the EMA), or one model folder that starts both; the optimizer state
+    starts fresh, hence the warmup.
     """
     mc = cfg.model
     if images.ndim != 4 or tuple(images.shape[1:]) != (mc.in_channels, mc.input_size, mc.input_size):

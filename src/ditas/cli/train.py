@@ -45,7 +45,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (default 0: torch's default); 1 is more robust on a "
                         "machine shared with other jobs")
-    p.add_argument("--init", help="continue from the output folder of an earlier run (its raw/ and ema/)")
+    p.add_argument("--init", help="continue from the output folder of an earlier run (its raw/ and ema/), or from one "
+                        "model folder (e.g. r2/raw) that starts both the model and its EMA")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
