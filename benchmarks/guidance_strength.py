@@ -27,6 +27,7 @@ import torch
 
 import ditas
 from ditas.cli.compare import fp_eps_trajectory
+from ditas.diffusion.samplers import guided_model_fn
 from ditas.fileio import atomic_file
 from ditas.quantization.apply import quantize
 from ditas.quantization.recipes import recipe_config
@@ -59,8 +60,7 @@ def main() -> None:
     fp = ditas.load_dit(args.model)
     channels = fp.config.in_channels
     labels = (torch.arange(args.num) % fp.num_classes).tolist()
-    y = torch.as_tensor(labels, dtype=torch.long)
-    y_full = torch.cat([y, torch.full_like(y, fp.num_classes)])
+    _, y_full = guided_model_fn(fp, torch.as_tensor(labels, dtype=torch.long), args.cfg)  # [labels; null labels]
     trajectory = fp_eps_trajectory(fp, labels, args.steps, args.cfg, args.seed)
     ref = [guidance_parts(fp, x, t, y_full, channels) for x, t, _ in trajectory]
     thirds = np.array_split(np.arange(len(trajectory)), 3)
