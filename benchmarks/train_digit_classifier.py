@@ -18,7 +18,8 @@ from ditas.evaluation.digits import DEFAULT_CLASSIFIER_DIR, save_classifier, tra
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(DEFAULT_CLASSIFIER_DIR))
+    p.add_argument("--out", required=True,
+                   help=f"new output folder (the shipped classifier is {DEFAULT_CLASSIFIER_DIR}; copy over it by hand)")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .diffusion.gaussian import create_diffusion
 from .errors import ConfigError
-from .fileio import atomic_file
+from .fileio import atomic_file, check_writable, path_lock, read_marker
 from .model.dit import DiT, DiTConfig
 from .model.loading import save_dit
 
@@ -132,12 +132,13 @@ def _load_init(model: DiT, ema: DiT, folder: Path, mc: DiTConfig) -> None:
 
 def train_dit(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: str | Path,
               progress: bool = True, on_log: Callable[[dict], None] | None = None,
-              init: str | Path | None = None) -> dict[str, Any]:
+              init: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Trains a DiT on ``images`` (N, C, H, W) in [-1, 1] with ``labels`` (N,); returns the summary.
 
     ``init``: the output folder of an earlier run to continue from (its ``raw/`` weights start the
     model, its ``ema/`` weights the EMA), or one model folder that starts both; the optimizer state
-    starts fresh, hence the warmup.
+    starts fresh, hence the warmup. ``out`` must be new or empty; with ``overwrite`` it may hold
+    an earlier run's outputs (and nothing else), which this run replaces.
     """
     mc = cfg.model
     if images.ndim != 4 or tuple(images.shape[1:]) != (mc.in_channels, mc.input_size, mc.input_size):
@@ -146,7 +147,37 @@ def train_dit(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out:
     if labels.shape != (images.shape[0],) or int(labels.min()) < 0 or int(labels.max()) >= mc.num_classes:
         raise ConfigError(f"labels must be one integer in 0..{mc.num_classes - 1} per image")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_run_folder(out, overwrite)
+    with path_lock(out):  # one training run per output folder
+        check_run_folder(out, overwrite)
+        out.mkdir(parents=True, exist_ok=True)
+        return _train(cfg, images, labels, out, progress, on_log, init)
+
+
+RUN_FILES = ("ema", "raw", "train_log.jsonl", "summary.json")
+
+
+def check_run_folder(out: Path, overwrite: bool) -> None:
+    """Refuses an output folder holding anything but an earlier run's outputs (those only with ``overwrite``)."""
+    check_writable(out)
+    if not out.exists():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    entries = sorted(p.name for p in out.iterdir())
+    foreign = [e for e in entries if e not in RUN_FILES
+               or (e in ("ema", "raw") and read_marker(out / e) is None)]
+    if foreign:
+        raise ConfigError(f"--out {out} holds files a training run did not write ({', '.join(foreign[:4])}); "
+                          "choose a new or empty folder")
+    if entries and not overwrite:
+        raise ConfigError(f"--out {out} holds an earlier training run; give --overwrite to replace it, "
+                          "or choose a new folder")
+
+
+def _train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Path, progress: bool,
+           on_log: Callable[[dict], None] | None, init: str | Path | None) -> dict[str, Any]:
+    mc = cfg.model
 
     torch.manual_seed(cfg.seed)  # model init and label dropout draw from the global generator
     model = DiT(mc)
@@ -180,8 +211,8 @@ def train_dit(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out:
 
     def checkpoint(step: int) -> None:
         info = {"training": {"steps_done": step, "config": cfg.to_dict()}}
-        save_dit(ema, out / "ema", extra=info)
-        save_dit(model, out / "raw", extra=info)
+        save_dit(ema, out / "ema", extra=info, overwrite=True)  # ours: checked at the start
+        save_dit(model, out / "raw", extra=info, overwrite=True)
         write_log()
 
     bar = tqdm(range(cfg.steps), desc="training", unit="step", disable=not progress)

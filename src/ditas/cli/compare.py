@@ -13,7 +13,6 @@ widths: ``ditas@w4a6``. Recipes with the same calibration settings share one FP 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import time
 from pathlib import Path
@@ -74,7 +73,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "embedded default digit model")
     p.add_argument("--grid-count", type=int, default=10, help="images per row of grid.png")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--out", required=True, help="output folder (compare.json, grid.png)")
+    p.add_argument("--out", required=True, help="output folder (new; compare.json, grid.png)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a folder ditas wrote (never other folders, never the input model)")
     return p
 
 
@@ -146,20 +147,25 @@ def markdown_table(rows: dict[str, dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..diffusion.pipeline import decode_to_uint8, generate, make_grid
-    from ..fileio import atomic_dir, check_writable
-    from ..model.loading import load_dit
-    from ..quantization.apply import quantize, record
+    from ..fileio import output_dir
 
-    out = Path(args.out)
-    check_writable(out)
-    if out.exists() and not out.is_dir():
-        raise DitasError(f"--out {out} exists and is not a folder")
     for name in ("num", "steps", "batch_size", "eps_samples", "grid_count"):
         if getattr(args, name) < 1:
             raise DitasError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     specs = parse_recipes(args.recipes, args.w_bits, args.a_bits)
     configs = {label: config_from_args(args, recipe, w, a) for label, recipe, w, a in specs if recipe != "fp"}
+    with output_dir(args.out, "ditas-compare", overwrite=args.overwrite, inputs=[args.model]) as claim:
+        return _compare(args, specs, configs, claim)
+
+
+def _compare(args: argparse.Namespace, specs, configs, claim) -> int:
+    """The work of ``run`` once the output folder is claimed; publishes into ``claim``."""
+    from ..diffusion.pipeline import decode_to_uint8, generate, make_grid
+    from ..fileio import json_text
+    from ..model.loading import load_dit
+    from ..quantization.apply import quantize, record
+
+    out = claim.path
     progress = not args.no_progress
     model = load_dit(args.model)
     if getattr(model, "quant_config", None) is not None:
@@ -234,9 +240,9 @@ def run(args: argparse.Namespace) -> int:
               "wall_time_s": round(time.perf_counter() - t0, 1)}
     from PIL import Image
 
-    with atomic_dir(out) as tmp:
-        (tmp / "compare.json").write_text(json.dumps(result, indent=2))
-        Image.fromarray(grid).save(tmp / "grid.png", format="PNG")
+    (claim.tmp / "compare.json").write_text(json_text(result, "compare.json"))
+    Image.fromarray(grid).save(claim.tmp / "grid.png", format="PNG")
+    claim.publish()
     print(markdown_table(rows))
     print(f"wrote {out}/compare.json and {out}/grid.png")
     return 0

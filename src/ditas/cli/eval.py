@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import zipfile
 from pathlib import Path
 
@@ -20,7 +19,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "shipped digit classifier: accuracy of the requested class, Fréchet distance in the "
                     "classifier's feature space against real held-out digits, and k-NN precision/recall.")
     p.add_argument("samples", help="samples .npz file")
-    p.add_argument("--out", help="also write the metrics as JSON to this file")
+    p.add_argument("--out", help="also write the metrics as JSON to this (new) file")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--reference", choices=("test", "all"), default="test",
                    help="real digits to compare with: the 500 held-out digits (default) or all 5,000")
     p.add_argument("--classifier", help="a digit classifier folder (default: the shipped one)")
@@ -69,10 +69,10 @@ def format_table(metrics: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluation.digits import evaluate_digit_samples, load_classifier
-    from ..fileio import atomic_file, check_writable
+    from ..fileio import atomic_file, check_new_file, json_text
 
     if args.out:
-        check_writable(args.out)  # fail before the work
+        check_new_file(args.out, args.overwrite)  # fail before the work
     images, labels = read_samples(args.samples)
     classifier = load_classifier(args.classifier)
     metrics = evaluate_digit_samples(images, labels, classifier=classifier, reference=args.reference, k=args.k)
@@ -80,6 +80,6 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(metrics))
     if args.out:
         with atomic_file(args.out) as tmp:
-            tmp.write_text(json.dumps(metrics, indent=2))
+            tmp.write_text(json_text(metrics, str(args.out)))
         print(f"metrics written to {args.out}")
     return 0

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
-from pathlib import Path
 
 from ..errors import ConfigError, DitasError
 
@@ -93,21 +90,28 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULT_RECIPE, help="quantization preset")
     add_quant_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--out", required=True, help="output model folder (written atomically)")
+    p.add_argument("--out", required=True, help="output model folder (new; written atomically)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a folder ditas wrote (never other folders, never the input model)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..fileio import atomic_file, check_writable
+    from ..fileio import output_dir
+
+    cfg = config_from_args(args, args.recipe)
+    with output_dir(args.out, "ditas-quantized", overwrite=args.overwrite, inputs=[args.model]) as claim:
+        return _quantize(args, cfg, claim)
+
+
+def _quantize(args: argparse.Namespace, cfg, claim) -> int:
+    """The work of ``run`` once the output folder is claimed; publishes into ``claim``."""
+    from ..fileio import json_text
     from ..model.loading import load_dit
     from ..quantization.apply import quantize
-    from ..quantization.checkpoint import save_quantized
+    from ..quantization.checkpoint import write_quantized
 
-    out = Path(args.out)
-    check_writable(out)
-    if out.exists() and not out.is_dir():
-        raise DitasError(f"--out {out} exists and is not a folder")
-    cfg = config_from_args(args, args.recipe)
+    out = claim.path
     t0 = time.perf_counter()
     model = load_dit(args.model)
     if getattr(model, "quant_config", None) is not None:
@@ -117,11 +121,10 @@ def run(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     report["model"] = str(args.model) if args.model else "default"
     report["wall_time_s"]["load_s"] = round(t_load, 3)
-    save_quantized(qmodel, out, cfg, report)  # report.json is written inside the same atomic folder
+    write_quantized(qmodel, claim.tmp, cfg)
     report["wall_time_s"]["save_s"] = round(time.perf_counter() - t1, 3)
-    with atomic_file(out / "report.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2))
-        os.chmod(tmp, 0o644)
+    (claim.tmp / "report.json").write_text(json_text(report, "report.json"))
+    claim.publish()  # weights, config and report appear together, in one step
     w = report["wall_time_s"]
     fp = report["forward_passes"]
     print(f"quantized {report['num_layers']} layers with recipe {cfg.recipe} (W{cfg.w_bits}A{cfg.a_bits}) -> {out}")

@@ -43,20 +43,21 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "(inspection without a VAE)")
     p.add_argument("--backend", choices=("int", "fake"), default=None,
                    help="quantized models: integer kernels or simulated (default: int where supported)")
-    p.add_argument("--out", required=True, help="output .png (grid) or .npz (arr_0 uint8 NHWC + labels)")
+    p.add_argument("--out", required=True, help="output .png (grid) or .npz (arr_0 uint8 NHWC + labels); new file")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from ..diffusion.pipeline import decode_to_uint8, generate, make_grid, save_npz, save_png
-    from ..fileio import check_writable
+    from ..fileio import check_new_file
     from ..model.loading import load_dit
     from ..model.vae import load_vae
 
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".npz"):
         raise DitasError(f"--out must end in .png or .npz, got {out}")
-    check_writable(out)
+    check_new_file(out, args.overwrite)
     if args.steps < 2:
         raise DitasError(f"--steps must be at least 2, got {args.steps}")
     if args.num is not None and args.num < 1:

@@ -18,7 +18,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "trains (epsilon + learned sigma, hybrid loss, AdamW, EMA). Writes OUT/ema (the "
                     "model to use, loadable by every ditas command), OUT/raw, OUT/train_log.jsonl and "
                     "OUT/summary.json.")
-    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--out", required=True, help="output folder (new or empty; created if missing)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier training run's outputs in --out (never other files)")
     d = TrainConfig()  # the defaults of one training run live in TrainConfig, not here
     m = d.model
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
@@ -56,9 +58,10 @@ def run(args: argparse.Namespace) -> int:
     from ..model.dit import DiTConfig
     from ..training import TrainConfig, train_dit
 
+    from ..training import check_run_folder
+
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise DitasError(f"--out {out}: exists and is not a folder")
+    check_run_folder(out, args.overwrite)  # before loading data and training
     try:
         model_cfg = DiTConfig(input_size=32, patch_size=args.patch_size, in_channels=1,
                               hidden_size=args.hidden_size, depth=args.depth, num_heads=args.num_heads,
@@ -79,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     data = load_digits("train", args.test_per_class) if args.test_per_class else load_digits("all")
     images, labels = data.tensors()
-    summary = train_dit(cfg, images, labels, out, progress=not args.no_progress, init=args.init)
+    summary = train_dit(cfg, images, labels, out, progress=not args.no_progress, init=args.init,
+                        overwrite=args.overwrite)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
     print(f"model written to {out / 'ema'}")
     return 0

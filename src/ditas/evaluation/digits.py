@@ -141,12 +141,13 @@ def train_digit_classifier(epochs: int = 12, batch_size: int = 128, lr: float = 
 # ----------------------------------------------------------------------------------------------
 
 
-def save_classifier(model: DigitClassifier, path: str | Path, report: dict[str, Any] | None = None) -> Path:
+def save_classifier(model: DigitClassifier, path: str | Path, report: dict[str, Any] | None = None,
+                    overwrite: bool = False) -> Path:
     """A folder: ``config.json`` (architecture + training report) and ``model.safetensors``."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, "ditas-digit-classifier", overwrite=overwrite) as tmp:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         cfg = asdict(model.config)

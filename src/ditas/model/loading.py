@@ -198,16 +198,21 @@ def _load_folder(path: Path, config: DiTConfig | None, **kwargs: Any) -> torch.n
     return build_from_state(state, cfg, str(weights))
 
 
-def save_dit(model: DiT, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Writes a float DiT as a folder: ``config.json`` + ``model.safetensors`` (atomically)."""
+def save_dit(model: DiT, path: str | os.PathLike, extra: dict[str, Any] | None = None,
+             overwrite: bool = False) -> Path:
+    """Writes a float DiT as a folder: ``config.json`` + ``model.safetensors`` (atomically).
+
+    An existing ``path`` is replaced only with ``overwrite`` and only if ditas wrote it
+    (``ditas.fileio.output_dir``).
+    """
     from safetensors.torch import save_file
 
-    from ..fileio import atomic_dir
+    from ..fileio import publish_dir
 
-    path = Path(path)
-    with atomic_dir(path) as tmp:
+    def write(folder: Path) -> None:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"config": model.config.to_json()})
-        (tmp / "config.json").write_text(json.dumps({"format": "ditas-dit", "model": model.config.to_dict(),
-                                                     **(extra or {})}, indent=2))
-    return path
+        save_file(state, str(folder / "model.safetensors"), metadata={"config": model.config.to_json()})
+        (folder / "config.json").write_text(json.dumps({"format": "ditas-dit", "model": model.config.to_dict(),
+                                                        **(extra or {})}, indent=2, allow_nan=False))
+
+    return publish_dir(path, "ditas-dit", write, overwrite=overwrite)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..fileio import atomic_dir
+from ..fileio import publish_dir
 from .linear import BACKENDS, QuantLinear
 from .weight_only import WeightOnlyInt8Linear
 
@@ -53,8 +53,19 @@ def _layer_meta(m: QuantLinear) -> dict[str, Any]:
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike, quant_config: dict[str, Any] | None = None,
-                   report: dict[str, Any] | None = None) -> Path:
-    """Writes the quantized model folder atomically (an interrupted write leaves nothing)."""
+                   report: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Writes the quantized model folder atomically (an interrupted write leaves nothing).
+
+    An existing ``path`` is replaced only with ``overwrite`` and only if ditas wrote it
+    (``ditas.fileio.output_dir``).
+    """
+    return publish_dir(path, "ditas-quantized", lambda folder: write_quantized(model, folder, quant_config, report),
+                       overwrite=overwrite)
+
+
+def write_quantized(model: nn.Module, folder: Path, quant_config: dict[str, Any] | None = None,
+                    report: dict[str, Any] | None = None) -> None:
+    """Writes the files of a quantized model folder into the existing, empty ``folder``."""
     from safetensors.torch import save_file
 
     layers = quant_layers(model)
@@ -95,17 +106,11 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, quant_config: dict
                                       "bias": m.bias is not None, "compute": m.compute, "bits": 8}
                                for name, m in weight_only_layers(model).items()},
     }
-    path = Path(path)
-    with atomic_dir(path) as tmp:
-        os.chmod(tmp, 0o755)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "ditas-quantized"})
-        (tmp / "config.json").write_text(json.dumps({"format": "ditas-quantized", "quantization": qmeta,
-                                                     "model": model.config.to_dict()}, indent=2))
-        if report is not None:
-            (tmp / "report.json").write_text(json.dumps(report, indent=2))
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-    return path
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "ditas-quantized"})
+    (folder / "config.json").write_text(json.dumps({"format": "ditas-quantized", "quantization": qmeta,
+                                                    "model": model.config.to_dict()}, indent=2, allow_nan=False))
+    if report is not None:
+        (folder / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False))
 
 
 def _default_backend() -> str:
