@@ -9,6 +9,8 @@ if [ $# -gt 0 ]; then
     exec .venv/bin/ditas "$@"
 fi
 mkdir -p out
-.venv/bin/ditas quantize --calib-labels 4 --calib-steps 20 --out out/default-w4a8
-.venv/bin/ditas sample --model out/default-w4a8 --classes 0,1,2,3,4,5,6,7,8,9 --steps 50 --out out/default-w4a8/grid.png
-echo "quantized model: out/default-w4a8 (report.json inside); samples: out/default-w4a8/grid.png"
+# --overwrite: a second run replaces the first run's outputs (ditas replaces only folders it wrote)
+.venv/bin/ditas quantize --calib-labels 4 --calib-steps 20 --out out/default-w4a8 --overwrite
+.venv/bin/ditas sample --model out/default-w4a8 --classes 0,1,2,3,4,5,6,7,8,9 --steps 50 \
+    --out out/default-w4a8-grid.png --overwrite
+echo "quantized model: out/default-w4a8 (report.json inside); samples: out/default-w4a8-grid.png"
