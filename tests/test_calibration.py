@@ -12,8 +12,10 @@ from ditas.diffusion.samplers import guided_model_fn, sample_steps
 from ditas.errors import CalibrationError, ConfigError
 from ditas.quantization.apply import calibrate, prepare, quantize, record
 from ditas.quantization.recipes import recipe_config
-from ditas.quantization.search import LayerInputs, quantize_layer
-from ditas.quantization.smoothing import fold_weight_v_rows, v_rows
+from ditas.calibration.inputs import LayerInputs
+from ditas.quantization.search import quantize_layer
+from ditas.quantization.smoothing import fold_weight_rows
+from ditas.model.adapters.dit import v_rows
 from quant_helpers import random_dit
 
 
@@ -52,7 +54,7 @@ def naive_calibration(model, cfg):
             lin = model.get_submodule(name)
             w, b, scale = lin.weight, lin.bias, None
             if role == "qkv" and proj_s is not None:
-                w, b = fold_weight_v_rows(w, b, proj_s)
+                w, b = fold_weight_rows(w, b, proj_s, v_rows(lin.out_features))
                 scale = torch.ones(lin.out_features)
                 scale[v_rows(lin.out_features)] = proj_s
             r = quantize_layer(name, role, w, b, _observe_layer(model, name, cfg, labels), cfg, scale)

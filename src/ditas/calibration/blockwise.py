@@ -1,8 +1,9 @@
 """Block-by-block recomputation of the FP layer inputs from a recorded trajectory.
 
-For block ``i`` we hold the tokens entering it at every calibration step. One FP pass of that
-block per step, with forward pre-hooks on its quantizable linears, yields every layer's inputs
-(both CFG halves, all tokens) and the tokens entering block ``i + 1``. Layer inputs do not depend
+For block ``i`` we hold its call (``BlockCall``: args and kwargs) at every calibration step. One
+FP pass of that block per step, with forward pre-hooks on its quantizable linears, yields every
+layer's inputs (both CFG halves, all tokens) and the block's outputs, from which the model's
+adapter makes the calls of block ``i + 1`` (``ModelAdapter.next_call``). Layer inputs do not depend
 on which layers are quantized (the search compares against the FP model), so this gives each
 layer exactly the inputs a per-layer observation run of the FP model would give, at the cost of
 about one model pass. Memory: one block's inputs over the calibration set (plus a token
@@ -15,7 +16,8 @@ import torch
 from torch import nn
 
 from ..errors import CalibrationError
-from ..quantization.search import LayerInputs
+from ..model.adapters.base import BlockCall
+from .inputs import LayerInputs
 
 
 def subsample_index(n: int, k: int | None, seed: int, step: int) -> torch.Tensor | None:
@@ -52,20 +54,28 @@ class _Collector:
         return LayerInputs(self.xs, torch.stack(self.colmin), torch.stack(self.colmax), self.absmax)
 
 
+def _default_outputs(y):
+    return [y] if isinstance(y, torch.Tensor) else [t for t in y if isinstance(t, torch.Tensor)]
+
+
 @torch.no_grad()
-def block_layer_inputs(block: nn.Module, block_name: str, rel_names: list[str], tokens: list[torch.Tensor],
-                       cond: list[torch.Tensor], search_tokens: int | None = None, seed: int = 0
-                       ) -> tuple[dict[str, LayerInputs], list[torch.Tensor]]:
-    """Inputs of the block's layers ``rel_names`` at every step, and the block's outputs."""
+def block_layer_inputs(block: nn.Module, block_name: str, rel_names: list[str], calls: list[BlockCall],
+                       search_tokens: int | None = None, seed: int = 0, output_tensors=_default_outputs
+                       ) -> tuple[dict[str, LayerInputs], list]:
+    """Inputs of the block's layers ``rel_names`` at every step, and the block's outputs.
+
+    ``calls[t]`` is the block's call at step ``t``; ``output_tensors`` picks the tensors of an
+    output that must be finite (a block may return a tuple).
+    """
     collectors = {rel: _Collector(f"{block_name}.{rel}", search_tokens, seed) for rel in rel_names}
     handles = [block.get_submodule(rel).register_forward_pre_hook(collectors[rel]) for rel in rel_names]
     outs = []
     try:
-        for t, (x, c) in enumerate(zip(tokens, cond)):
+        for t, call in enumerate(calls):
             for col in collectors.values():
                 col.step = t
-            y = block(x, c)
-            if not torch.isfinite(y).all():
+            y = block(*call.args, **call.kwargs)
+            if not all(torch.isfinite(o).all() for o in output_tensors(y)):
                 raise CalibrationError(f"non-finite output (NaN or inf) of {block_name} at calibration step {t}")
             outs.append(y)
     finally:

@@ -1,8 +1,8 @@
 """One FP sampling run that records what the first block sees at every step.
 
 Data-free calibration (method.md section 3): the FP model samples N calibration labels (one noise
-each, classifier-free guidance, the inference step count). We record, per step, the tokens
-entering the first block and the conditioning vector ``c`` (both CFG halves). Every layer's FP
+each, classifier-free guidance, the inference step count). We record, per step, the first
+block's call (for DiT: the tokens entering it and the conditioning vector ``c``, both CFG halves). Every layer's FP
 inputs are then recomputed block by block from these (``blockwise.py``), so calibration costs one
 sampling run plus about one more model pass, instead of one sampling run per layer.
 """
@@ -20,25 +20,36 @@ from ..diffusion.gaussian import create_diffusion
 from ..diffusion.pipeline import start_noise
 from ..diffusion.samplers import guided_model_fn, sample_steps
 from ..errors import CalibrationError
+from ..model.adapters.base import BlockCall, CalibrationRecord
 
 
 @dataclass
-class Trajectory:
-    """Block-0 inputs per calibration step (first step, highest t, first)."""
+class Trajectory(CalibrationRecord):
+    """A class-conditional model's own calibration run: block-0 calls per step (first step,
+    highest t, first), with the settings it was sampled with."""
 
-    tokens: list[torch.Tensor]      # (B, T, D) per step; B = 2N with guidance
-    cond: list[torch.Tensor]        # (B, D) per step
-    labels: list[int]
-    steps: int
-    cfg_scale: float
-    sampler: str
-    seed: int
-    model_forward_calls: int = 0
-    wall_time_s: float = 0.0
+    labels: list[int] = field(default_factory=list)
+    cfg_scale: float = 0.0
+    sampler: str = "ddpm"
+    seed: int = 0
     final: torch.Tensor | None = field(default=None, repr=False)
 
-    def key(self) -> tuple:
-        return (tuple(self.labels), self.seed, self.steps, float(self.cfg_scale), self.sampler)
+    def __post_init__(self) -> None:
+        self.key = (tuple(self.labels), self.seed, len(self.calls), float(self.cfg_scale), self.sampler)
+
+    @property
+    def model_forward_calls(self) -> int:
+        return self.model_calls
+
+    @property
+    def tokens(self) -> list[torch.Tensor]:
+        """The tokens entering the first block, per step ((B, T, D); B = 2N with guidance)."""
+        return [c.args[0] for c in self.calls]
+
+    @property
+    def cond(self) -> list[torch.Tensor]:
+        """The conditioning vector per step ((B, D))."""
+        return [c.args[1] for c in self.calls]
 
 
 def _finite_guard(model: nn.Module, layer_names: list[str], step: list[int]) -> list:
@@ -58,14 +69,18 @@ def _finite_guard(model: nn.Module, layer_names: list[str], step: list[int]) -> 
 
 @torch.no_grad()
 def record_trajectory(model: nn.Module, labels: list[int], steps: int, cfg_scale: float, sampler: str = "ddpm",
-                      seed: int = 0, layer_names: list[str] | None = None, progress: bool = True) -> Trajectory:
-    """Samples ``labels`` with the FP model and records the block-0 inputs of every step.
+                      seed: int = 0, layer_names: list[str] | None = None, progress: bool = True,
+                      first_block: nn.Module | None = None) -> Trajectory:
+    """Samples ``labels`` with the FP model and records the call of ``first_block`` (default
+    ``model.blocks[0]``) at every step.
 
     Noise follows ``pipeline.generate``'s convention (start noise from ``seed``, step noise from
     ``seed + 1``), so the calibration samples are those ``ditas sample`` would draw.
     """
-    if not len(model.blocks):
-        raise CalibrationError("the model has no blocks to calibrate")
+    if first_block is None:
+        if not len(getattr(model, "blocks", ())):
+            raise CalibrationError("the model has no blocks to calibrate")
+        first_block = model.blocks[0]
     t0 = time.perf_counter()
     y = torch.as_tensor(labels, dtype=torch.long)
     diffusion = create_diffusion(steps, learn_sigma=model.config.learn_sigma)
@@ -73,20 +88,18 @@ def record_trajectory(model: nn.Module, labels: list[int], steps: int, cfg_scale
     model_fn, _ = guided_model_fn(model, y, cfg_scale)
     if cfg_scale is not None and cfg_scale > 1.0:
         z = torch.cat([z, z], dim=0)
-    tokens: list[torch.Tensor] = []
-    cond: list[torch.Tensor] = []
+    calls: list[BlockCall] = []
     step = [0]
 
-    def record(mod, args):
-        tokens.append(args[0].detach().clone())
-        cond.append(args[1].detach().clone())
+    def record(mod, args, kwargs):
+        calls.append(BlockCall(tuple(args), dict(kwargs)).detached())
 
-    handles = [model.blocks[0].register_forward_pre_hook(record)]
+    handles = [first_block.register_forward_pre_hook(record, with_kwargs=True)]
     handles += _finite_guard(model, layer_names or [], step)
-    calls = [0]
+    n_calls = [0]
 
     def fn(x, t):
-        calls[0] += 1
+        n_calls[0] += 1
         out = model_fn(x, t)
         if not torch.isfinite(out).all():
             raise CalibrationError(f"non-finite model output (NaN or inf) at calibration step {step[0]}")
@@ -103,5 +116,5 @@ def record_trajectory(model: nn.Module, labels: list[int], steps: int, cfg_scale
     finally:
         for h in handles:
             h.remove()
-    return Trajectory(tokens, cond, list(labels), steps, float(cfg_scale or 0.0), sampler, seed,
-                      model_forward_calls=calls[0], wall_time_s=time.perf_counter() - t0, final=x[: len(labels)])
+    return Trajectory(calls, model_calls=n_calls[0], wall_time_s=time.perf_counter() - t0, labels=list(labels),
+                      cfg_scale=float(cfg_scale or 0.0), sampler=sampler, seed=seed, final=x[: len(labels)])

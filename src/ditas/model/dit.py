@@ -414,11 +414,3 @@ def dit_config(name: str, **overrides: Any) -> DiTConfig:
     depth, hidden, heads = _SIZES[size]
     return DiTConfig(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(patch), **overrides)
 
-
-def quantizable_linear_names(model: nn.Module) -> list[str]:
-    """Qualified names of the linear layers DiTAS quantizes, read from the model's structure."""
-    names = []
-    for i, block in enumerate(model.blocks):
-        for sub in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
-            names.append(f"blocks.{i}.{sub}")
-    return names

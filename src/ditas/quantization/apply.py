@@ -3,6 +3,8 @@
 
     model, report = quantize(load_dit(), recipe_config("ditas"))
 
+Nothing here names a family's layers: the model's adapter (``model/adapters``) says which linears
+exist, how they group, where each smoothing factor folds and how a block is called.
 ``calibrate`` never changes the model (it only reads the FP model); ``convert`` changes it in
 place. A ``Trajectory`` can be shared between recipes with the same calibration settings.
 """
@@ -19,184 +21,254 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration.blockwise import block_layer_inputs
-from ..calibration.trajectory import Trajectory, record_trajectory
+from ..calibration.trajectory import Trajectory  # noqa: F401  (the DiT self-calibration's record)
 from ..errors import CalibrationError, ConfigError
-from ..model.dit import quantizable_linear_names
+from ..model.adapters.base import ON_THE_FLY, BlockSpec, CalibrationRecord, Fold, LinearSpec, SmoothGroup
+from ..model.adapters.registry import adapter_for
 from .config import QuantConfig
 from .linear import QuantLinear
 from .search import LayerQuant, quantize_layer
-from .smoothing import fold_into_adaln, fold_weight_v_rows, v_rows
-from .weight_only import quantize_adaln_weight_only
+from .smoothing import apply_fold, fold_weight_rows, row_slice
+from .weight_only import quantize_weight_only
 
-_ROLE_OF = {"attn.qkv": "qkv", "attn.proj": "proj", "mlp.fc1": "fc1", "mlp.fc2": "fc2"}
-
-
-@dataclass
-class LayerSpec:
-    name: str         # qualified, e.g. blocks.3.attn.qkv
-    block: int
-    rel: str          # within the block, e.g. attn.qkv
-    role: str         # qkv | proj | fc1 | fc2
+LayerSpec = LinearSpec  # the seam's description of one quantizable linear
 
 
 @dataclass
 class Calibration:
-    """The outcome of ``calibrate``: per-layer results plus what it cost."""
+    """The outcome of ``calibrate``: per-group results (keyed by the group's name, its first
+    member's qualified name) plus what it cost.
+
+    ``folds``: where each group's factor goes (the adapter's fold, or on the fly where it cannot
+    be folded here); ``prefolded``: groups whose factor is already in a later group's weight rows
+    (folded before that group was searched and quantized).
+    """
 
     config: QuantConfig
     layers: dict[str, LayerQuant]
-    specs: list[LayerSpec]
+    specs: list[LinearSpec]
     timings: dict[str, float] = field(default_factory=dict)
     forward_passes: dict[str, float] = field(default_factory=dict)
+    plan: list[BlockSpec] = field(default_factory=list)
+    folds: dict[str, Fold] = field(default_factory=dict)
+    prefolded: set[str] = field(default_factory=set)
 
 
-def prepare(model: nn.Module, config: QuantConfig) -> list[LayerSpec]:
-    """The layers to quantize, read from the model's structure (no fixed depth or layer list)."""
+def prepare(model: nn.Module, config: QuantConfig) -> list[BlockSpec]:
+    """The blocks and their groups of layers to quantize, from the model's adapter (only members
+    that are ``nn.Linear``; a block without any keeps its place for the replay)."""
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"expected a QuantConfig, got {type(config).__name__}")
-    blocks = getattr(model, "blocks", None)
-    if blocks is None or not len(blocks):
+    adapter = adapter_for(model)
+    blocks = adapter.blocks()
+    if not blocks:
         raise ConfigError("the model has no transformer blocks: nothing to quantize")
-    specs = []
-    for name in quantizable_linear_names(model):
-        parts = name.split(".")
-        block, rel = int(parts[1]), ".".join(parts[2:])
-        module = model.get_submodule(name)
-        if isinstance(module, QuantLinear):
-            raise ConfigError(f"{name} is quantized already: quantize a float model")
-        if not isinstance(module, nn.Linear):
-            continue
-        role = _ROLE_OF.get(rel)
-        if role is None:
-            raise ConfigError(f"{name}: unknown layer role {rel!r}")
-        specs.append(LayerSpec(name, block, rel, role))
+    plan = []
+    for b in blocks:
+        groups = []
+        for g in b.groups:
+            members = []
+            for spec in g.members:
+                module = model.get_submodule(spec.name)
+                if isinstance(module, QuantLinear):
+                    raise ConfigError(f"{spec.name} is quantized already: quantize a float model")
+                if isinstance(module, nn.Linear):
+                    members.append(spec)
+            if members:
+                groups.append(SmoothGroup(tuple(members), g.role, g.fold))
+        plan.append(BlockSpec(b.name, b.index, b.stack, tuple(groups)))
+    specs = [lin for b in plan for lin in b.linears]
     if not specs:
-        raise ConfigError("the model has no quantizable linear layers (qkv/proj/fc1/fc2 as nn.Linear)")
+        raise ConfigError("the model has no quantizable linear layers (as nn.Linear)")
+    lin_of = {s.name: model.get_submodule(s.name) for s in specs}
     if config.weight_layout == "reference32":
-        bad = [s.name for s in specs if model.get_submodule(s.name).out_features % 32]
+        bad = [n for n, m in lin_of.items() if m.out_features % 32]
         if bad:
             raise ConfigError(f"the reference32 weight layout needs out_features divisible by 32 ({bad[0]})")
     if config.weight_layout == "group":
-        bad = [s.name for s in specs if model.get_submodule(s.name).in_features % config.group_size]
+        bad = [n for n, m in lin_of.items() if m.in_features % config.group_size]
         if bad:
             raise ConfigError(f"group size {config.group_size} does not divide the input width of {bad[0]}")
-    return specs
+    for b in plan:
+        widths = {g.name: {model.get_submodule(m.name).in_features for m in g.members} for g in b.groups}
+        for name, w in widths.items():
+            if len(w) != 1:
+                raise ConfigError(f"{name}: the linears of one smoothing group read inputs of different widths {w}")
+    return plan
 
 
-def record(model: nn.Module, config: QuantConfig, progress: bool = True) -> Trajectory:
-    """The FP calibration run (shareable between configs with the same ``calibration_key``)."""
-    labels = config.labels_for(model.num_classes)
-    names = [s.name for s in prepare(model, config)]
-    return record_trajectory(model, labels, config.steps, config.cfg_scale, config.sampler, config.seed,
-                             layer_names=names, progress=progress)
+def record(model: nn.Module, config: QuantConfig, progress: bool = True) -> CalibrationRecord:
+    """The model's own FP calibration run (DiT: shareable between configs with the same
+    ``calibration_key``); families that cannot sample on their own raise ``CalibrationError``."""
+    prepare(model, config)
+    return adapter_for(model).self_calibration(config, progress)
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _member_rows(model: nn.Module, group: SmoothGroup) -> list[tuple[LinearSpec, slice]]:
+    """Each member's rows in the group's stacked weight."""
+    out, start = [], 0
+    for m in group.members:
+        n = model.get_submodule(m.name).out_features
+        out.append((m, slice(start, start + n)))
+        start += n
+    return out
+
+
+def _stacked(model: nn.Module, group: SmoothGroup, pending: dict[str, tuple[slice, torch.Tensor]]):
+    """The group's weight and bias stacked over its members, with any pending previous-rows folds
+    applied, and the output scale that maps errors back to the unfolded outputs (or None)."""
+    rows = _member_rows(model, group)
+    lins = [model.get_submodule(m.name) for m in group.members]
+    if len(lins) == 1:
+        weight, bias = lins[0].weight, lins[0].bias
+    else:
+        weight = torch.cat([lin.weight.detach().float() for lin in lins], dim=0)
+        has_bias = any(lin.bias is not None for lin in lins)
+        bias = torch.cat([lin.bias.detach().float() if lin.bias is not None else torch.zeros(lin.out_features)
+                          for lin in lins]) if has_bias else None
+    out_scale = None
+    for m, r in rows:
+        if m.name not in pending:
+            continue
+        sub, s = pending.pop(m.name)
+        sub = slice(r.start + sub.start, r.start + sub.stop)
+        weight, bias = fold_weight_rows(weight, bias, s, sub)
+        if out_scale is None:
+            out_scale = torch.ones(weight.shape[0])
+        out_scale[sub] = s
+    return weight, bias, out_scale
+
+
+def _first_batch(call) -> int:
+    for v in list(call.args) + list(call.kwargs.values()):
+        if isinstance(v, torch.Tensor) and v.ndim:
+            return int(v.shape[0])
+    return 0
+
+
 @torch.no_grad()
-def calibrate(model: nn.Module, config: QuantConfig, trajectory: Trajectory | None = None,
+def calibrate(model: nn.Module, config: QuantConfig, trajectory: CalibrationRecord | None = None,
               progress: bool = True) -> Calibration:
     """Block by block: FP layer inputs, TAS statistics, alpha searches, LoRA fits.
 
-    ``proj`` is handled before ``qkv``: with ``fold_proj_into_v`` its factor divides the V rows of
-    ``qkv`` before ``qkv`` is searched and quantized.
+    ``trajectory``: a ``CalibrationRecord`` (from ``ditas.record_calibration`` or ``record``);
+    None: the model samples its own (DiT). Within a block the groups are searched in the
+    adapter's order; a group whose factor folds into a later group's rows (``prev_rows``, e.g.
+    ``proj`` into qkv's V rows, with ``fold_proj_into_v``) divides those rows before the later
+    group is searched and quantized.
     """
-    specs = prepare(model, config)
+    adapter = adapter_for(model)
+    plan = prepare(model, config)
+    specs = [lin for b in plan for lin in b.linears]
     timings: dict[str, float] = {}
     if trajectory is None:
-        trajectory = record(model, config, progress)
+        trajectory = adapter.self_calibration(config, progress)
         timings["calibration_run_s"] = trajectory.wall_time_s
     else:
-        expected = (tuple(config.labels_for(model.num_classes)), config.seed, config.steps,
-                    float(config.cfg_scale or 0.0), config.sampler)
-        if trajectory.key() != expected:
-            raise CalibrationError("the given trajectory was recorded with other calibration settings")
+        if not isinstance(trajectory, CalibrationRecord):
+            raise CalibrationError(f"calib must be a calibration record (ditas.record_calibration), got "
+                                   f"{type(trajectory).__name__}")
+        adapter.check_record(trajectory, config)
         timings["calibration_run_s"] = 0.0
+    if not trajectory.calls:
+        raise CalibrationError("the calibration record holds no calls of the model: run the model inside "
+                               "ditas.record_calibration")
     t0 = time.perf_counter()
-    by_block: dict[int, list[LayerSpec]] = {}
-    for s in specs:
-        by_block.setdefault(s.block, []).append(s)
     results: dict[str, LayerQuant] = {}
-    tokens, cond = trajectory.tokens, trajectory.cond
-    order = {r: i for i, r in enumerate(("proj", "fc2", "qkv", "fc1"))}
-    n_blocks = len(model.blocks)
+    folds: dict[str, Fold] = {}
+    prefolded: set[str] = set()
+    calls = trajectory.calls
     bar = tqdm(total=len(specs), desc="calibration: block-wise search", unit="layer", disable=not progress,
                leave=False)
-    for bi in range(n_blocks):
-        block = model.blocks[bi]
-        layer_specs = sorted(by_block.get(bi, []), key=lambda s: order[s.role])
-        inputs, next_tokens = block_layer_inputs(block, f"blocks.{bi}", [s.rel for s in layer_specs], tokens, cond,
-                                                 config.search_tokens, config.seed)
-        proj_s = None
-        for s in layer_specs:
-            lin = model.get_submodule(s.name)
-            weight, bias, out_scale = lin.weight, lin.bias, None
-            if s.role == "qkv" and proj_s is not None:
-                weight, bias = fold_weight_v_rows(weight, bias, proj_s)
-                out_scale = torch.ones(lin.out_features)
-                out_scale[v_rows(lin.out_features)] = proj_s
-            r = quantize_layer(s.name, s.role, weight, bias, inputs.pop(s.rel), config, out_scale)
-            if s.role == "proj" and r.smooth is not None and config.fold_proj_into_v:
-                proj_s = r.smooth
-            results[s.name] = r
-            bar.update(1)
-        if bi + 1 < n_blocks:
-            tokens = next_tokens
-        del inputs, next_tokens
+    for bi, bspec in enumerate(plan):
+        block = model.get_submodule(bspec.name)
+        later = {m.name for g in bspec.groups for m in g.members}
+        inputs, outs = block_layer_inputs(block, bspec.name, [g.members[0].rel for g in bspec.groups], calls,
+                                          config.search_tokens, config.seed, adapter.block_output_tensors)
+        pending: dict[str, tuple[slice, torch.Tensor]] = {}
+        for g in bspec.groups:
+            later -= {m.name for m in g.members}
+            weight, bias, out_scale = _stacked(model, g, pending)
+            r = quantize_layer(g.name, g.role, weight, bias, inputs.pop(g.members[0].rel), config, out_scale)
+            fold = g.fold
+            if fold.kind == "prev_rows":
+                target = model.get_submodule(fold.target)
+                if not config.fold_proj_into_v or not isinstance(target, nn.Linear):
+                    fold = ON_THE_FLY
+                elif fold.target in later:
+                    if r.smooth is not None:
+                        pending[fold.target] = (row_slice(target.out_features, fold.rows), r.smooth)
+                        prefolded.add(g.name)
+                elif any(fold.target == m.name for m in specs):
+                    fold = ON_THE_FLY  # its target was quantized before: the adapter's order forbids a fold
+            folds[g.name] = fold
+            results[g.name] = r
+            bar.update(len(g.members))
+        if bi + 1 < len(plan):
+            calls = [adapter.next_call(bspec, c, y) for c, y in zip(calls, outs)]
+        del inputs, outs
     bar.close()
     timings["blockwise_search_s"] = time.perf_counter() - t0
     steps = trajectory.steps
     passes = {
         "calibration_sampling_runs": 1,
         "full_model_forward_passes": steps + steps,   # the sampling run + one block-wise pass per step
-        "naive_full_model_forward_passes": steps * len(specs),  # one FP observation run per layer
-        "batch_per_pass": int(tokens[0].shape[0]) if tokens else 0,
+        "naive_full_model_forward_passes": steps * len(results),  # one FP observation run per layer
+        "batch_per_pass": _first_batch(trajectory.calls[0]),
     }
-    return Calibration(config, results, specs, timings, passes)
+    return Calibration(config, results, specs, timings, passes, plan, folds, prefolded)
+
+
+def _split_codes(codes, rows: slice, layout: str):
+    q, sc, z = codes
+    if layout == "reference32":
+        srows = slice(rows.start // 32, rows.stop // 32)
+        return q[rows], sc[srows], z[srows]
+    return q[rows], sc[rows], z[rows]
 
 
 @torch.no_grad()
 def convert(model: nn.Module, calibration: Calibration, backend: str = "fake") -> nn.Module:
     """Replaces the layers by ``QuantLinear`` and folds the smoothing factors (in place).
 
-    With ``adaln="int8"`` the adaLN modulation linears, once every fold is in them, become
-    ``WeightOnlyInt8Linear``.
+    With ``adaln="int8"`` the adapter's weight-only layers (adaLN modulation linears), once every
+    fold is in them, become ``WeightOnlyInt8Linear``.
     """
     cfg = calibration.config
-    by_block: dict[int, dict[str, LayerSpec]] = {}
-    for s in calibration.specs:
-        by_block.setdefault(s.block, {})[s.role] = s
-    for bi, roles in by_block.items():
-        block = model.blocks[bi]
-        proj = roles.get("proj")
-        proj_folded = bool(proj and cfg.fold_proj_into_v and calibration.layers[proj.name].smooth is not None
-                           and "qkv" in roles)
-        for role, spec in roles.items():
-            r = calibration.layers[spec.name]
-            lin = model.get_submodule(spec.name)
+    for bspec in calibration.plan:
+        for g in bspec.groups:
+            r = calibration.layers[g.name]
+            fold = calibration.folds.get(g.name, g.fold)
             smooth = r.smooth
-            if smooth is not None and role in ("qkv", "fc1"):
-                fold_into_adaln(block, role, smooth)
+            if smooth is not None and g.name in calibration.prefolded:
+                smooth = None  # already in a later group's rows (folded before it was quantized)
+            elif smooth is not None and fold.kind != "on_the_fly":
+                apply_fold(model, fold, smooth)
                 smooth = None
-            elif smooth is not None and role == "proj" and proj_folded:
-                smooth = None  # already in qkv's V rows (folded before qkv was quantized)
-            q = QuantLinear.from_linear(lin, wbits=cfg.w_bits, abits=cfg.a_bits, layout=cfg.weight_layout,
-                                        group_size=cfg.group_size, act_granularity=cfg.act_granularity,
-                                        range_mode=cfg.range_mode, smooth=smooth, lora_down=r.lora_down,
-                                        lora_up=r.lora_up, codes=r.codes, backend=backend)
-            if r.bias is not None:
-                q.bias.copy_(r.bias)
-            q.invalidate()
-            model.set_submodule(spec.name, q)
+            for spec, rows in _member_rows(model, g):
+                lin = model.get_submodule(spec.name)
+                whole = rows.start == 0 and rows.stop == r.codes[0].shape[0]
+                codes = r.codes if whole else _split_codes(r.codes, rows, cfg.weight_layout)
+                up = None if r.lora_up is None else r.lora_up[rows]
+                q = QuantLinear.from_linear(lin, wbits=cfg.w_bits, abits=cfg.a_bits, layout=cfg.weight_layout,
+                                            group_size=cfg.group_size, act_granularity=cfg.act_granularity,
+                                            range_mode=cfg.range_mode, smooth=smooth, lora_down=r.lora_down,
+                                            lora_up=up, codes=codes, backend=backend)
+                if r.bias is not None and lin.bias is not None:
+                    q.bias.copy_(r.bias[rows])
+                q.invalidate()
+                model.set_submodule(spec.name, q)
     if cfg.adaln == "int8":
-        quantize_adaln_weight_only(model)
+        quantize_weight_only(model, adapter_for(model).weight_only_linears())
     return model
 
 
-def quantize(model: nn.Module, config: QuantConfig, trajectory: Trajectory | None = None, progress: bool = True,
-             backend: str = "fake", inplace: bool = False) -> tuple[nn.Module, dict]:
+def quantize(model: nn.Module, config: QuantConfig, trajectory: CalibrationRecord | None = None,
+             progress: bool = True, backend: str = "fake", inplace: bool = False) -> tuple[nn.Module, dict]:
     """prepare + calibrate + convert; returns the quantized model and a JSON-able report."""
     t0 = time.perf_counter()
     model.eval()
@@ -206,6 +278,8 @@ def quantize(model: nn.Module, config: QuantConfig, trajectory: Trajectory | Non
     t1 = time.perf_counter()
     convert(model, cal, backend)
     t2 = time.perf_counter()
+    model.quant_config = config
+    model.quant_family = adapter_for(model).family
     return model, make_report(cal, {"convert_s": t2 - t1, "total_s": t2 - t0})
 
 

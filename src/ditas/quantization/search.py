@@ -40,21 +40,7 @@ from .lora import LoraFit, torch_threads, training_free_lora
 from .quantizers import fake_quant_activation, qparams_from_range, quantize_activation_with, \
     quantize_dequantize_weight
 from .smoothing import tas_factors
-
-@dataclass
-class LayerInputs:
-    """What the search needs from a layer's FP inputs over the calibration run.
-
-    ``xs[t]``: (tokens_t, in) inputs at step t (possibly a token subsample); ``colmin``/``colmax``
-    (steps, in): per-step channel extremes over all tokens; ``absmax`` (in,): channel abs max over
-    all steps and tokens (TAS's a_j).
-    """
-
-    xs: list[torch.Tensor]
-    colmin: torch.Tensor
-    colmax: torch.Tensor
-    absmax: torch.Tensor
-
+from ..calibration.inputs import LayerInputs  # noqa: F401  (re-exported)
 
 @dataclass
 class LayerQuant:

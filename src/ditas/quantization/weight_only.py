@@ -1,7 +1,8 @@
 """Weight-only 8-bit storage for the adaLN modulation linears.
 
-The DiTAS method leaves the adaLN modulation layers (``blocks[i].adaLN_modulation[1]`` and
-``final_layer.adaLN_modulation[1]``, about a third of DiT-XL/2's weights) unquantized. They only
+The DiTAS method leaves the adaLN modulation layers (for DiT ``blocks[i].adaLN_modulation[1]`` and
+``final_layer.adaLN_modulation[1]``, about a third of DiT-XL/2's weights; the model's adapter
+names them) unquantized. They only
 see the conditioning vector (one row per sample), so their cost is reading the weight, not
 arithmetic: storing it as int8 cuts both the checkpoint and the memory traffic by 4x.
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["WeightOnlyInt8Linear", "quantize_adaln_weight_only", "adaln_linear_names"]
+__all__ = ["WeightOnlyInt8Linear", "quantize_weight_only", "quantize_adaln_weight_only", "adaln_linear_names"]
 
 Compute = Literal["bf16", "fp32"]
 _K_MULTIPLE = 16
@@ -100,24 +101,22 @@ class WeightOnlyInt8Linear(nn.Module):
 
 
 def adaln_linear_names(model: nn.Module) -> list[str]:
-    """Qualified names of the adaLN modulation linears of a DiT (blocks and final layer)."""
-    names = []
-    for i, _ in enumerate(getattr(model, "blocks", [])):
-        names.append(f"blocks.{i}.adaLN_modulation.1")
-    if hasattr(model, "final_layer"):
-        names.append("final_layer.adaLN_modulation.1")
-    return names
+    """Qualified names of the model's weight-only layers (its adapter's adaLN modulation linears)."""
+    from ..errors import ConfigError
+    from ..model.adapters.registry import adapter_for
+
+    try:
+        return adapter_for(model).weight_only_linears()
+    except ConfigError:  # not a model family ditas knows: no adaLN layers ditas knows of
+        return []
 
 
-def quantize_adaln_weight_only(model: nn.Module, compute: Compute = "bf16") -> list[str]:
-    """Replaces every adaLN modulation ``nn.Linear`` of a DiT by a ``WeightOnlyInt8Linear`` in place.
+def quantize_weight_only(model: nn.Module, names: list[str], compute: Compute = "bf16") -> list[str]:
+    """Replaces the ``nn.Linear``\ s ``names`` by ``WeightOnlyInt8Linear`` in place.
 
-    Layers already converted are left alone; returns the names converted. Raises ``ValueError``
-    if the model has no adaLN modulation layers or one is neither ``nn.Linear`` nor converted.
+    Layers already converted are left alone; returns the names converted. Raises ``ValueError`` if
+    one is neither ``nn.Linear`` nor converted.
     """
-    names = adaln_linear_names(model)
-    if not names:
-        raise ValueError("the model has no adaLN modulation layers (expected a DiT with blocks and final_layer)")
     converted = []
     for name in names:
         layer = model.get_submodule(name)
@@ -128,3 +127,12 @@ def quantize_adaln_weight_only(model: nn.Module, compute: Compute = "bf16") -> l
         model.set_submodule(name, WeightOnlyInt8Linear.from_linear(layer, compute=compute))
         converted.append(name)
     return converted
+
+
+def quantize_adaln_weight_only(model: nn.Module, compute: Compute = "bf16") -> list[str]:
+    """Stores every adaLN modulation ``nn.Linear`` of the model (as its adapter names them) as a
+    ``WeightOnlyInt8Linear``, in place. Raises ``ValueError`` if the model has none."""
+    names = adaln_linear_names(model)
+    if not names:
+        raise ValueError("the model has no adaLN modulation layers (expected a model family ditas knows)")
+    return quantize_weight_only(model, names, compute)

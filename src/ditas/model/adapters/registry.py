@@ -1,0 +1,65 @@
+"""Picks the adapter of a model, and the adapter of a family named in a checkpoint.
+
+A family registers its adapter class with ``register``; ``adapter_for(model)`` returns the first
+registered adapter whose ``matches`` accepts the model. Families whose adapters need optional
+packages (diffusers) are imported lazily so that ``import ditas`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+
+from ...errors import ConfigError
+from .base import ModelAdapter
+
+_ADAPTERS: dict[str, type[ModelAdapter]] = {}
+# family modules imported on first use (module path relative to this package)
+_LAZY = (".dit", ".diffusers_dit", ".pixart", ".sd3", ".flux")
+_loaded = False
+
+
+def register(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Registers an adapter class (usable as a decorator); its ``family`` must be unique."""
+    if not cls.family:
+        raise ValueError(f"{cls.__name__} has no family name")
+    _ADAPTERS[cls.family] = cls
+    return cls
+
+
+def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in _LAZY:
+        try:
+            importlib.import_module(mod, __package__)
+        except ImportError as exc:  # a family module not written yet, or its optional package missing
+            if getattr(exc, "name", None) not in (f"{__package__}{mod}", "diffusers"):
+                raise
+
+
+def families() -> list[str]:
+    _load_all()
+    return list(_ADAPTERS)
+
+
+def adapter_class(family: str) -> type[ModelAdapter]:
+    _load_all()
+    if family not in _ADAPTERS:
+        raise ConfigError(f"unknown model family {family!r}; known: {', '.join(_ADAPTERS)}")
+    return _ADAPTERS[family]
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter describing ``model``; a clear ``ConfigError`` for an unknown kind of model."""
+    if isinstance(model, ModelAdapter):
+        return model
+    _load_all()
+    for cls in _ADAPTERS.values():
+        if cls.matches(model):
+            return cls(model)
+    raise ConfigError(f"ditas does not know how to quantize a {type(model).__name__} (known families: "
+                      f"{', '.join(_ADAPTERS)})")
