@@ -71,16 +71,14 @@ def _finite_guard(model: nn.Module, layer_names: list[str], step: list[int]) -> 
 def record_trajectory(model: nn.Module, labels: list[int], steps: int, cfg_scale: float, sampler: str = "ddpm",
                       seed: int = 0, layer_names: list[str] | None = None, progress: bool = True,
                       first_block: nn.Module | None = None) -> Trajectory:
-    """Samples ``labels`` with the FP model and records the call of ``first_block`` (default
-    ``model.blocks[0]``) at every step.
+    """Samples ``labels`` with the FP model and records the call of ``first_block`` (the model's
+    first transformer block) at every step.
 
     Noise follows ``pipeline.generate``'s convention (start noise from ``seed``, step noise from
     ``seed + 1``), so the calibration samples are those ``ditas sample`` would draw.
     """
-    if first_block is None:
-        if not len(getattr(model, "blocks", ())):
-            raise CalibrationError("the model has no blocks to calibrate")
-        first_block = model.blocks[0]
+    if first_block is None:  # the model's adapter says which block is first
+        raise CalibrationError("the model has no blocks to calibrate")
     t0 = time.perf_counter()
     y = torch.as_tensor(labels, dtype=torch.long)
     diffusion = create_diffusion(steps, learn_sigma=model.config.learn_sigma)

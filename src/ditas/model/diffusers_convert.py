@@ -20,7 +20,7 @@ from .loading import build_from_state
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from .loading import _read_pt, _read_safetensors
+    from .state_files import read_pt as _read_pt, read_safetensors as _read_safetensors
 
     st = sorted(folder.glob("*.safetensors"))
     if st:

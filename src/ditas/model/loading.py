@@ -19,7 +19,9 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from ..quantization.checkpoint import load_quantized
 from .dit import DiT, DiTConfig
+from .state_files import read_pt as _read_pt, read_safetensors as _read_safetensors  # noqa: F401
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL_DIR = ASSETS / "default_dit"
@@ -40,36 +42,6 @@ def default_model_path() -> Path:
 # ----------------------------------------------------------------------------------------------
 #                                   Reading state dicts
 # ----------------------------------------------------------------------------------------------
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        tensors = {}
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            for k in f.keys():
-                tensors[k] = f.get_tensor(k)
-        return tensors, meta
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-
-
-def _read_pt(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, truncated zips, forbidden globals, ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint ({first})") from None
-    if isinstance(obj, dict):
-        for key in ("ema", "model", "state_dict"):
-            if key in obj and isinstance(obj[key], dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a state dict of tensors (or one under 'model'/'ema')")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,8 +154,6 @@ def _load_folder(path: Path, config: DiTConfig | None, **kwargs: Any) -> torch.n
 
         return load_diffusers_dit(path, data)
     if "quantization" in data:
-        from ..quantization.checkpoint import load_quantized
-
         return load_quantized(path, data, **kwargs)
     if "model" not in data:
         raise CheckpointError(f"{cfg_file}: not a ditas or diffusers DiT config (no 'model' or '_class_name')")

@@ -1,11 +1,13 @@
 """Quantized model folders: ``config.json`` + ``model.safetensors`` (+ ``report.json``).
 
-``config.json`` holds ``"model"`` (the DiTConfig) and ``"quantization"`` (format version, recipe,
+``config.json`` holds ``"family"`` (the model adapter's family, e.g. ``dit``; absent in folders
+written before families existed, which are all ``dit``), ``"model"`` (the adapter's description
+of the architecture, for DiT the DiTConfig) and ``"quantization"`` (format version, recipe,
 bits, layouts, the full QuantConfig and one entry per quantized layer). ``model.safetensors``
 holds, per ``QuantLinear``, ``<name>.qweight`` (codes packed to the weight bit width, 1-D uint8),
 ``wscale``, ``wzero``, ``bias``, ``smooth``, ``lora_down``, ``lora_up`` as present, and the float
 tensors of everything else. adaLN linears stored weight-only (``WeightOnlyInt8Linear``) are listed
-under ``"weight_only_layers"`` and keep their int8 ``qweight``, ``wscale`` and ``bias``. ``load_quantized`` builds the model on the meta device, puts
+under ``"weight_only_layers"`` and keep their int8 ``qweight``, ``wscale`` and ``bias``. ``load_quantized`` builds the model (by its family's adapter) on the meta device, puts
 ``QuantLinear`` modules in place of the quantized layers and only then allocates memory, so no
 float weight is ever created for a quantized layer. Save then load is bit-exact.
 """
@@ -20,8 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..fileio import publish_dir
+from ..model.adapters.registry import adapter_class, adapter_for
+from ..model.state_files import read_safetensors
 from .linear import BACKENDS, QuantLinear
 from .weight_only import WeightOnlyInt8Linear
 
@@ -106,9 +110,11 @@ def write_quantized(model: nn.Module, folder: Path, quant_config: dict[str, Any]
                                       "bias": m.bias is not None, "compute": m.compute, "bits": 8}
                                for name, m in weight_only_layers(model).items()},
     }
+    adapter = adapter_for(model)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "ditas-quantized"})
-    (folder / "config.json").write_text(json.dumps({"format": "ditas-quantized", "quantization": qmeta,
-                                                    "model": model.config.to_dict()}, indent=2, allow_nan=False))
+    (folder / "config.json").write_text(json.dumps({"format": "ditas-quantized", "family": adapter.family,
+                                                    "quantization": qmeta, "model": adapter.model_config()},
+                                                   indent=2, allow_nan=False))
     if report is not None:
         (folder / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False))
 
@@ -121,16 +127,31 @@ def _default_backend() -> str:
     return "int"
 
 
-def load_quantized(path: str | os.PathLike, data: dict[str, Any], backend: str | None = None,
-                   **kwargs: Any) -> nn.Module:
-    """Builds a quantized DiT from its folder; ``data`` is the parsed ``config.json``.
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``config.json`` of a quantized folder (``CheckpointError`` if it is not one)."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{path}: not a quantized model folder (no config.json)")
+    try:
+        data = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or "quantization" not in data:
+        raise CheckpointError(f"{path}: not a ditas quantized model folder (config.json has no 'quantization')")
+    return data
+
+
+def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, backend: str | None = None,
+                   device: str | torch.device | None = None, **kwargs: Any) -> nn.Module:
+    """Builds a quantized model from its folder, in its family's class (for diffusers families the
+    user's diffusers class); ``data`` is the parsed ``config.json`` (read if None).
 
     ``backend``: ``"int"`` (integer kernels where a layer supports them) or ``"fake"`` (simulated);
-    default ``int`` when the integer kernels are installed.
+    default ``int`` when the integer kernels are installed. ``device``: where the model goes
+    (default CPU).
     """
-    from ..model.dit import DiT, DiTConfig
-    from ..model.loading import _read_safetensors
-
+    if data is None:
+        data = read_config(path)
     if kwargs:
         raise CheckpointError(f"unexpected options for a quantized model: {sorted(kwargs)}")
     path = Path(path)
@@ -144,21 +165,27 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any], backend: str |
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: quantized format version {version!r} is not supported "
                               f"(this ditas reads version {FORMAT_VERSION})")
+    family = data.get("family", "dit")  # folders written before families were all DiT
     try:
-        cfg = DiTConfig.from_dict(data["model"])
-    except (KeyError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path}/config.json: bad model config ({exc})") from None
+        adapter_cls = adapter_class(family)
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    if not isinstance(data.get("model"), dict):
+        raise CheckpointError(f"{path}/config.json: bad model config (no 'model' table)")
     weights = path / "model.safetensors"
     if not weights.exists():
         raise CheckpointError(f"{path}: model.safetensors is missing")
-    state, _ = _read_safetensors(weights)
+    state, _ = read_safetensors(weights)
     packed = q.get("qweight_packing", "none") == "packed"
     packing = _packing() if packed else None
     if packed and packing is None:
         raise CheckpointError(f"{path}: the weights are bit-packed but this installation has no unpacker")
 
     with torch.device("meta"):
-        model = DiT(cfg)
+        try:
+            model = adapter_cls.build(data["model"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{path}/config.json: bad model config ({exc})") from None
         for name, meta in q["layers"].items():
             try:
                 old = model.get_submodule(name)
@@ -204,4 +231,7 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any], backend: str |
                                   f"{tuple(v.shape)} {v.dtype}")
     model.load_state_dict(state, strict=True)
     model.quant_config = q.get("config", {})
+    model.quant_family = family
+    if device is not None:
+        model = model.to(device)
     return model.eval()

@@ -112,7 +112,7 @@ def adaln_linear_names(model: nn.Module) -> list[str]:
 
 
 def quantize_weight_only(model: nn.Module, names: list[str], compute: Compute = "bf16") -> list[str]:
-    """Replaces the ``nn.Linear``\ s ``names`` by ``WeightOnlyInt8Linear`` in place.
+    """Replaces the linears ``names`` by ``WeightOnlyInt8Linear`` in place.
 
     Layers already converted are left alone; returns the names converted. Raises ``ValueError`` if
     one is neither ``nn.Linear`` nor converted.

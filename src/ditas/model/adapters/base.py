@@ -7,7 +7,7 @@ ask the family's ``ModelAdapter`` (one subclass per family, picked by ``registry
 - the ordered blocks (``blocks``), possibly several stacks (Flux: double, then single blocks),
   each a ``BlockSpec`` with a global index in call order;
 - the quantizable linears of a block (``LinearSpec``: qualified name, block index, name within
-  the block, role) grouped into ``SmoothGroup``\\ s: linears that read the SAME input share one
+  the block, role) grouped into ``SmoothGroup`` s: linears that read the SAME input share one
   smoothing factor (DiT's fused ``qkv`` is a group of one; diffusers' separate ``to_q/to_k/to_v``
   are a group of three; Flux's fused projections likewise);
 - where each group's smoothing factor goes (``Fold``): into adaLN modulation linear rows, into a
@@ -212,7 +212,7 @@ class ModelAdapter:
         return [lin for b in self.blocks() for lin in b.linears]
 
     def weight_only_linears(self) -> list[str]:
-        """Qualified names of the ``nn.Linear``\\ s stored weight-only in int8 (adaLN modulation),
+        """Qualified names of the ``nn.Linear`` layers stored weight-only in int8 (adaLN modulation),
         converted after every fold is in them."""
         return []
 

@@ -1,0 +1,118 @@
+"""The model seam: adapters describe the model; checkpoints record the family; old folders load."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ditas.errors import ConfigError
+from ditas.model.adapters.base import Fold
+from ditas.model.adapters.registry import adapter_for
+from ditas.model.loading import load_dit
+from ditas.quantization.checkpoint import load_quantized
+from quant_helpers import random_dit
+
+DATA = Path(__file__).resolve().parent / "data"
+SRC = Path(__file__).resolve().parents[1] / "src" / "ditas"
+
+
+def test_dit_adapter_describes_every_block_and_fold():
+    m = random_dit(0, depth=3)
+    a = adapter_for(m)
+    assert a.family == "dit"
+    blocks = a.blocks()
+    assert [b.name for b in blocks] == ["blocks.0", "blocks.1", "blocks.2"]
+    d = m.config.hidden_size
+    for b in blocks:
+        kinds = {g.role: g.fold.kind for g in b.groups}
+        assert kinds == {"qkv": "adaln_rows", "fc1": "adaln_rows", "proj": "prev_rows", "fc2": "on_the_fly"}
+        proj = next(g for g in b.groups if g.role == "proj")
+        assert proj.fold.target == f"{b.name}.attn.qkv" and proj.fold.rows == (2 * d, 3 * d)
+        # proj's factor folds into qkv: proj must be searched first
+        assert [g.role for g in b.groups].index("proj") < [g.role for g in b.groups].index("qkv")
+        for lin in b.linears:
+            assert isinstance(m.get_submodule(lin.name), torch.nn.Linear)
+    assert a.weight_only_linears()[-1] == "final_layer.adaLN_modulation.1"
+    assert len(a.weight_only_linears()) == 4
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(ConfigError, match="does not know how to quantize a Sequential"):
+        adapter_for(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_fold_spec_is_validated():
+    with pytest.raises(ValueError, match="fold kind"):
+        Fold("somewhere", "x")
+    with pytest.raises(ValueError, match="needs a target"):
+        Fold("adaln_rows", num_chunks=6, shift_chunk=0, scale_chunk=1)
+    with pytest.raises(ValueError, match="chunks"):
+        Fold("adaln_rows", "x", num_chunks=2, shift_chunk=0, scale_chunk=2)
+
+
+@pytest.mark.parametrize("backend", ["fake", "int"])
+def test_folder_written_before_families_still_loads_and_computes_the_same(backend):
+    """tests/data/legacy_quantized_v1 was saved by the code before the seam (see its script)."""
+    folder = DATA / "legacy_quantized_v1"
+    assert "family" not in (folder / "config.json").read_text()
+    ref = load_file(str(DATA / f"legacy_quantized_v1_{backend}.safetensors"))
+    q = load_dit(folder, backend=backend)
+    assert q.quant_family == "dit"
+    with torch.no_grad():
+        torch.manual_seed(0)
+        out = q(ref["x"], ref["t"], ref["y"])
+    assert torch.equal(out, ref["out"])
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
+
+
+def test_no_loader_cycle():
+    """model/loading.py picks the loader; quantization/checkpoint.py never imports it back."""
+    assert not any("loading" in n for n in _imports(SRC / "quantization" / "checkpoint.py"))
+    assert any(n.endswith("quantization.checkpoint") for n in _imports(SRC / "model" / "loading.py"))
+
+
+def test_algorithms_name_no_family_layer():
+    """The algorithms ask the adapter: no DiT layer name appears in their code."""
+    names = ("adaLN_modulation", "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "to_q", "to_out", "norm1",
+             "transformer_blocks", "final_layer")
+    for rel in ("quantization/apply.py", "quantization/smoothing.py", "quantization/weight_only.py",
+                "calibration/blockwise.py", "calibration/trajectory.py"):
+        code = "\n".join(line for line in (SRC / rel).read_text().splitlines()
+                         if not line.lstrip().startswith(("#", '"', "``", "-")))
+        tree = ast.parse((SRC / rel).read_text())
+        strings = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                   and not (n.value.count("\n") or len(n.value) > 200)]
+        for s in strings:
+            for name in names:
+                assert name not in s, f"{rel} names {name!r}"
+        assert ".blocks[" not in code and "model.blocks" not in code, rel
+
+
+def test_quantized_folder_records_its_family(tmp_path):
+    from ditas.quantization.apply import quantize
+    from ditas.quantization.checkpoint import read_config, save_quantized
+    from ditas.quantization.recipes import recipe_config
+
+    m = random_dit(1, hidden=32, depth=1, heads=2)
+    cfg = recipe_config("rtn", steps=2, calib_labels=1)
+    q, _ = quantize(m, cfg, progress=False)
+    save_quantized(q, tmp_path / "q", cfg)
+    data = read_config(tmp_path / "q")
+    assert data["family"] == "dit" and data["model"] == m.config.to_dict()
+    back = load_quantized(tmp_path / "q", device="cpu", backend="fake")
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 4]), torch.tensor([0, 1])
+    with torch.no_grad():
+        assert torch.equal(back(x, t, y), q(x, t, y))
