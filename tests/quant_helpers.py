@@ -25,3 +25,74 @@ def random_dit(seed: int = 0, in_channels: int = 1, hidden: int = 64, depth: int
             b.attn.qkv.weight[:, :3] *= 4
             b.mlp.fc2.weight[:, :5] *= 3
     return m.eval()
+
+
+def tiny_diffusers_dit(seed: int = 0, layers: int = 2, heads: int = 2, head_dim: int = 16, num_classes: int = 10,
+                       untie: bool = True, outliers: bool = True):
+    """A tiny diffusers ``DiTTransformer2DModel`` (4 latent channels, 8x8, learned sigma) with
+    non-zero adaLN, per-block embedders that differ between blocks (``untie``), and a few input
+    channels of every quantized linear scaled up (``outliers``), as trained transformers have."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4,
+                              out_channels=8, num_layers=layers, sample_size=8, patch_size=2,
+                              num_embeds_ada_norm=num_classes)
+    d = heads * head_dim
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm1.linear" in name or "proj_out" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            elif untie and "norm1.emb" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        if outliers:
+            for b in m.transformer_blocks:
+                for chunk in (0, 1, 3, 4):  # shift/scale of the attention and MLP inputs
+                    b.norm1.linear.bias[chunk * d: chunk * d + 3] += 6.0
+                b.attn1.to_v.weight[:4] *= 8       # attention output (to_out's input)
+                b.ff.net[0].proj.weight[:5] *= 6   # GELU(fc1) (fc2's input)
+    return m.eval()
+
+
+def class_loop_calls(model, steps: int = 3, n: int = 2, seed: int = 0, guided: bool = True):
+    """Drives a class-conditional diffusers DiT the way a pipeline would (a batch of noisy latents
+    per step, labels and their null labels stacked for guidance); returns the inputs per step."""
+    g = torch.Generator().manual_seed(seed)
+    null = model.config.num_embeds_ada_norm
+    y = torch.randint(0, null, (n,), generator=g)
+    inputs = []
+    for i in range(steps):
+        x = torch.randn(n, 4, 8, 8, generator=g)
+        t = torch.full((n,), 999 - i * (999 // max(steps - 1, 1)))
+        if guided:
+            x, t, yy = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)])
+        else:
+            yy = y
+        inputs.append((x, t, yy))
+        with torch.no_grad():
+            model(x, timestep=t, class_labels=yy)
+    return inputs
+
+
+def fold_smoothing_in_float(model, cal):
+    """The float model with every smoothing factor of ``cal`` applied the way ``convert`` folds it,
+    but weights kept float (``W * s``): the function must not change."""
+    from ditas.quantization.smoothing import OnTheFlySmooth, apply_fold
+
+    with torch.no_grad():
+        for b in cal.plan:
+            for grp in b.groups:
+                s = cal.layers[grp.name].smooth
+                if s is None:
+                    continue
+                fold = cal.folds[grp.name]
+                if fold.kind == "on_the_fly":
+                    for m in grp.members:
+                        parent, _, child = m.name.rpartition(".")
+                        setattr(model.get_submodule(parent), child, OnTheFlySmooth(model.get_submodule(m.name), s))
+                    continue
+                apply_fold(model, fold, s)
+                for m in grp.members:
+                    model.get_submodule(m.name).weight.mul_(s[None, :])
+    return model

@@ -39,7 +39,11 @@ def test_unknown_recipe_and_overrides():
         recipe_config("gptq")
     with pytest.raises(ConfigError, match="weight bits"):
         recipe_config("ditas", w_bits=12)
-    assert recipe_config("ditas", w_bits=3, lora_rank=None).w_bits == 3
+    assert recipe_config("ditas", w_bits=3).w_bits == 3
+    # an explicit None is kept, not replaced by the recipe's value
+    assert recipe_config("ditas").search_tokens == 512 and recipe_config("ditas", search_tokens=None).search_tokens is None
+    with pytest.raises(ConfigError, match="LoRA rank"):
+        recipe_config("ditas", lora_rank=None)
 
 
 def test_round_trip_and_labels():

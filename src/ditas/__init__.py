@@ -3,14 +3,18 @@
 The pipeline, one package each: ``model`` (DiT and loading), ``diffusion`` (schedules, samplers,
 image generation), ``calibration`` (the FP model's own trajectory), ``quantization`` (smoothing,
 alpha search, training-free LoRA, quantized linear, checkpoints), ``evaluation`` (metrics) and
-``cli`` (the ``ditas`` command).
+``cli`` (the ``ditas`` command). ``api`` is the Python API: ``record_calibration``,
+``quantize_``, ``save_quantized``, ``load_quantized``, ``recipe_config`` (see ``docs/api.md``).
 """
 
 from .errors import CheckpointError, ConfigError, DitasError
 from .model.dit import DiT, DiTConfig, DiT_models, dit_config
 from .model.loading import default_model_path, load_dit, save_dit
+from .quantization.config import QuantConfig
+from .api import load_quantized, quantize_, record_calibration, recipe_config, save_quantized
 
 __version__ = "0.1.0"
 
 __all__ = ["DiT", "DiTConfig", "DiT_models", "dit_config", "load_dit", "save_dit", "default_model_path",
+           "record_calibration", "quantize_", "save_quantized", "load_quantized", "recipe_config", "QuantConfig",
            "DitasError", "CheckpointError", "ConfigError", "__version__"]

@@ -26,9 +26,9 @@ from .quantize import add_quant_arguments, config_from_args
 _SPEC = re.compile(r"^([a-z_]+)(?:@w(\d+)a(\d+))?$")
 
 
-def parse_recipes(text: str, w_bits: int, a_bits: int) -> list[tuple[str, str, int | None, int | None]]:
+def parse_recipes(text: str, w_bits: int | None, a_bits: int | None) -> list[tuple[str, str, int | None, int | None]]:
     """``"fp,rtn,ditas@w4a6"`` -> [(label, recipe, w_bits, a_bits), ...]."""
-    from ..quantization.recipes import RECIPES
+    from ..quantization.recipes import RECIPES, recipe_config
 
     out = []
     for item in [v.strip() for v in text.split(",") if v.strip()]:
@@ -40,8 +40,9 @@ def parse_recipes(text: str, w_bits: int, a_bits: int) -> list[tuple[str, str, i
         if name == "fp":
             out.append(("fp", "fp", None, None))
             continue
-        w = int(m.group(2)) if m.group(2) else w_bits
-        a = int(m.group(3)) if m.group(3) else a_bits
+        recipe = recipe_config(name)  # bits not given anywhere: the recipe's
+        w = int(m.group(2)) if m.group(2) else w_bits if w_bits is not None else recipe.w_bits
+        a = int(m.group(3)) if m.group(3) else a_bits if a_bits is not None else recipe.a_bits
         out.append((f"{name}@w{w}a{a}", name, w, a))
     if not out:
         raise ConfigError("--recipes is empty")

@@ -21,33 +21,38 @@ def parse_labels(text: str | None) -> int | tuple[int, ...] | None:
 
 
 def add_quant_arguments(p: argparse.ArgumentParser, with_bits: bool = True) -> None:
-    """Options shared by ``quantize`` and ``compare`` (None: the recipe's value)."""
+    """Options shared by ``quantize`` and ``compare``. Every default is None, meaning the recipe's
+    value (the help shows the default recipe's)."""
     from ..quantization.config import (ACT_GRANULARITIES, ADALN_MODES, SAMPLERS, SEARCH_WEIGHTS,
                                        WEIGHT_LAYOUTS)
+    from ..quantization.recipes import DEFAULT_RECIPE, recipe_config
 
+    d = recipe_config(DEFAULT_RECIPE)
+    r = f"the recipe's; {DEFAULT_RECIPE}:"
     if with_bits:
-        p.add_argument("--w-bits", type=int, default=4, help="weight bits, 2..8 (default 4)")
-        p.add_argument("--a-bits", type=int, default=8, help="activation bits, 4..16; 16 = float (default 8)")
+        p.add_argument("--w-bits", type=int, default=None, help=f"weight bits, 2..8 ({r} {d.w_bits})")
+        p.add_argument("--a-bits", type=int, default=None,
+                       help=f"activation bits, 4..16; 16 = float ({r} {d.a_bits})")
     p.add_argument("--weight-layout", choices=WEIGHT_LAYOUTS, default=None,
-                   help="weight scale layout (default: the recipe's; ditas: channel)")
+                   help=f"weight scale layout ({r} {d.weight_layout})")
     p.add_argument("--group-size", type=int, default=None, help="group size for --weight-layout group")
     p.add_argument("--act-granularity", choices=ACT_GRANULARITIES, default=None,
-                   help="dynamic activation scales per tensor (reference) or per token")
+                   help=f"dynamic activation scales per tensor (reference) or per token ({r} {d.act_granularity})")
     p.add_argument("--calib-labels", default=None,
-                   help="number of calibration labels, or comma-separated labels (default 16)")
-    p.add_argument("--calib-steps", type=int, default=50, help="calibration sampling steps (default 50; use the "
-                   "inference step count)")
-    p.add_argument("--calib-cfg", type=float, default=1.5, help="calibration guidance scale (default 1.5)")
-    p.add_argument("--calib-seed", type=int, default=0)
-    p.add_argument("--calib-sampler", choices=SAMPLERS, default="ddpm")
-    p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default: the recipe's; ditas: 32)")
-    p.add_argument("--lora-rounds", type=int, default=None, help="training-free LoRA rounds (default 10)")
+                   help=f"number of calibration labels, or comma-separated labels ({r} {d.calib_labels})")
+    p.add_argument("--calib-steps", type=int, default=None,
+                   help=f"calibration sampling steps; use the inference step count ({r} {d.steps})")
+    p.add_argument("--calib-cfg", type=float, default=None, help=f"calibration guidance scale ({r} {d.cfg_scale})")
+    p.add_argument("--calib-seed", type=int, default=None, help=f"calibration seed ({r} {d.seed})")
+    p.add_argument("--calib-sampler", choices=SAMPLERS, default=None, help=f"({r} {d.sampler})")
+    p.add_argument("--lora-rank", type=int, default=None, help=f"LoRA rank ({r} {d.lora_rank})")
+    p.add_argument("--lora-rounds", type=int, default=None, help=f"training-free LoRA rounds ({r} {d.lora_rounds})")
     p.add_argument("--alpha", type=float, default=None, help="fixed smoothing alpha (recipes without search)")
     p.add_argument("--search-weight", choices=SEARCH_WEIGHTS, default=None,
                    help="weight scored by the alpha search (default auto = exact: every LoRA round at every "
                         "alpha; see docs/quantization.md)")
     p.add_argument("--search-shortlist", type=int, default=None,
-                   help="alphas rescored with every LoRA round by the shortlist search (default 3)")
+                   help=f"alphas rescored with every LoRA round by the shortlist search ({r} {d.search_shortlist})")
     p.add_argument("--search-workers", type=int, default=None,
                    help="threads scoring alphas in parallel (default: torch's thread count; same result)")
     p.add_argument("--bias-correction", action="store_true", default=None,
@@ -57,13 +62,14 @@ def add_quant_arguments(p: argparse.ArgumentParser, with_bits: bool = True) -> N
                    help="adaLN modulation linears: int8 weight-only (default for all recipes but paper) "
                         "or float")
     p.add_argument("--search-tokens", type=int, default=None,
-                   help="tokens per step in the search loss (default 512; 0: all)")
+                   help=f"tokens per step in the search loss; 0: all ({r} {d.search_tokens})")
 
 
 def config_from_args(args: argparse.Namespace, recipe: str, w_bits: int | None = None, a_bits: int | None = None):
+    """The recipe with the options the user gave (an option left out keeps the recipe's value)."""
     from ..quantization.recipes import recipe_config
 
-    overrides = dict(
+    given = dict(
         w_bits=w_bits if w_bits is not None else getattr(args, "w_bits", None),
         a_bits=a_bits if a_bits is not None else getattr(args, "a_bits", None),
         weight_layout=args.weight_layout, group_size=args.group_size, act_granularity=args.act_granularity,
@@ -72,12 +78,12 @@ def config_from_args(args: argparse.Namespace, recipe: str, w_bits: int | None =
         alpha=args.alpha, search_weight=args.search_weight, adaln=args.adaln,
         search_shortlist=args.search_shortlist, search_workers=args.search_workers,
         bias_correction=args.bias_correction)
-    cfg = recipe_config(recipe, **overrides)
+    overrides = {k: v for k, v in given.items() if v is not None}
     if args.search_tokens is not None:
         if args.search_tokens < 0:
             raise ConfigError(f"--search-tokens must be >= 0, got {args.search_tokens}")
-        cfg.search_tokens = args.search_tokens or None
-    return cfg
+        overrides["search_tokens"] = args.search_tokens or None
+    return recipe_config(recipe, **overrides)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

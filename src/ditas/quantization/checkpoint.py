@@ -25,6 +25,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from ..fileio import publish_dir
 from ..model.adapters.registry import adapter_class, adapter_for
+from ..model.empty import empty_parameters
 from ..model.state_files import read_safetensors
 from .linear import BACKENDS, QuantLinear
 from .weight_only import WeightOnlyInt8Linear
@@ -181,11 +182,12 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
     if packed and packing is None:
         raise CheckpointError(f"{path}: the weights are bit-packed but this installation has no unpacker")
 
-    with torch.device("meta"):
+    with empty_parameters():  # parameters take no memory; computed buffers stay real
         try:
             model = adapter_cls.build(data["model"])
         except (KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{path}/config.json: bad model config ({exc})") from None
+    with torch.device("meta"):
         for name, meta in q["layers"].items():
             try:
                 old = model.get_submodule(name)
@@ -214,7 +216,6 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
             if (old.in_features, old.out_features) != (new.in_features, new.out_features):
                 raise CheckpointError(f"{path}: weight-only layer {name} does not match the model config")
             model.set_submodule(name, new)
-    model = model.to_empty(device="cpu")
     expected = model.state_dict()
     for name, meta in q["layers"].items():
         key = f"{name}.qweight"
@@ -229,7 +230,12 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
         if tuple(state[k].shape) != tuple(v.shape) or state[k].dtype != v.dtype:
             raise CheckpointError(f"{weights}: {k} is {tuple(state[k].shape)} {state[k].dtype}, expected "
                                   f"{tuple(v.shape)} {v.dtype}")
-    model.load_state_dict(state, strict=True)
+    # fresh, aligned storage (the int8 kernels crash on tensors that view into the file's buffer)
+    model.load_state_dict({k: v.clone(memory_format=torch.contiguous_format) for k, v in state.items()},
+                          strict=True, assign=True)
+    empty = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if empty:
+        raise CheckpointError(f"{path}: {empty[0]} was not restored from the file")
     model.quant_config = q.get("config", {})
     model.quant_family = family
     if device is not None:
