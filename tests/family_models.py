@@ -1,0 +1,107 @@
+"""Tiny random diffusers transformers of the PixArt, SD3 and Flux families (not a test module).
+
+Each builder makes a 2-layer model with 2 heads of 8 dims, gives the zero-initialised layers
+(adaLN, output projections) random weights so that no block is the identity, and scales a few
+input channels of every linear up: trained transformers have such outlier channels, and they are
+what smoothing exists for. ``call_kwargs`` gives one forward call's inputs for a batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+HEADS, HEAD_DIM = 2, 8
+DIM = HEADS * HEAD_DIM
+TEXT_DIM, TEXT_TOKENS, POOLED_DIM = 24, 5, 12
+
+
+def add_outliers(model: nn.Module, seed: int = 0, channels: int = 2, factor: float = 6.0) -> nn.Module:
+    """Random non-zero weights everywhere, then, in every linear inside the blocks, ``channels``
+    output rows scaled by ``factor`` (activation outliers in what reads them: attention outputs
+    after ``to_v``, MLP hidden states, adaLN-modulated inputs) and ``channels`` input columns
+    scaled by ``factor`` (weight outliers); the channels differ per linear."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            if "scale_shift_table" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Linear) and "blocks" in name:
+                cols = torch.randperm(m.in_features, generator=g)[:channels]
+                m.weight[:, cols] *= factor
+                rows = torch.randperm(m.out_features, generator=g)[:channels]
+                m.weight[rows] *= factor
+                if m.bias is not None:
+                    m.bias[rows] *= factor
+    return model.eval()
+
+
+def tiny_pixart(seed: int = 0, layers: int = 2):
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = PixArtTransformer2DModel(num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=4,
+                                 out_channels=8, num_layers=layers, cross_attention_dim=DIM, sample_size=8,
+                                 patch_size=2, caption_channels=TEXT_DIM, norm_num_groups=1,
+                                 use_additional_conditions=False)
+    return add_outliers(m, seed)
+
+
+def tiny_sd3(seed: int = 0, layers: int = 2, dual_attention_layers: tuple[int, ...] = ()):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    m = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=layers,
+                              attention_head_dim=HEAD_DIM, num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM,
+                              caption_projection_dim=DIM, pooled_projection_dim=POOLED_DIM, out_channels=4,
+                              pos_embed_max_size=8, dual_attention_layers=dual_attention_layers,
+                              qk_norm="rms_norm" if dual_attention_layers else None)
+    return add_outliers(m, seed)
+
+
+def tiny_flux(seed: int = 0, layers: int = 1, single_layers: int = 2):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=layers, num_single_layers=single_layers,
+                               attention_head_dim=HEAD_DIM, num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM,
+                               pooled_projection_dim=POOLED_DIM, guidance_embeds=False, axes_dims_rope=(2, 2, 4))
+    return add_outliers(m, seed)
+
+
+def call_kwargs(model: nn.Module, batch: int = 2, seed: int = 0, step: int = 0) -> dict:
+    """One forward call's keyword arguments for ``model`` (text states and latents at random;
+    ``step`` picks the timestep, high first, as a sampler would)."""
+    g = torch.Generator().manual_seed(seed * 1000 + step)
+    kind = type(model).__name__
+    text = torch.randn(batch, TEXT_TOKENS, TEXT_DIM, generator=g)
+    t = 900.0 - 300.0 * step
+    if kind == "PixArtTransformer2DModel":
+        c = model.config
+        x = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=g)
+        return dict(hidden_states=x, encoder_hidden_states=text, timestep=torch.full((batch,), t),
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
+    if kind == "SD3Transformer2DModel":
+        c = model.config
+        x = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=g)
+        return dict(hidden_states=x, encoder_hidden_states=text, pooled_projections=torch.randn(batch, POOLED_DIM,
+                    generator=g), timestep=torch.full((batch,), t), return_dict=False)
+    if kind == "FluxTransformer2DModel":
+        c = model.config
+        side = 4
+        x = torch.randn(batch, side * side, c.in_channels, generator=g)
+        img_ids = torch.zeros(side, side, 3)
+        img_ids[..., 1] = torch.arange(side)[:, None]
+        img_ids[..., 2] = torch.arange(side)[None, :]
+        return dict(hidden_states=x, encoder_hidden_states=text, pooled_projections=torch.randn(batch, POOLED_DIM,
+                    generator=g), timestep=torch.full((batch,), t / 1000), img_ids=img_ids.reshape(-1, 3),
+                    txt_ids=torch.zeros(TEXT_TOKENS, 3), return_dict=False)
+    raise TypeError(f"no inputs for {kind}")
+
+
+FAMILIES = {"pixart": tiny_pixart, "sd3": tiny_sd3, "flux": tiny_flux}
