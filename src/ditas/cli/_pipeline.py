@@ -1,0 +1,130 @@
+"""``ditas quantize`` / ``ditas sample`` for diffusers pipeline folders (PixArt, SD3, Flux).
+
+quantize: load the pipeline, run it on calibration prompts inside ``record_calibration`` (data
+free: prompts only, latents are never decoded), quantize its transformer in place with the
+recipe, write the quantized folder and ``pipeline.json`` (where the pipeline came from).
+sample: rebuild the pipeline from the folder ``pipeline.json`` names (or ``--model``), put the
+quantized transformer in, and write the images of ``--prompt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from ..errors import DitasError
+
+
+def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("diffusers pipelines (--model PIPELINE_DIR: PixArt, SD3, Flux)")
+    g.add_argument("--prompts", help="calibration prompts, one a line (default: the 64 prompts shipped with ditas)")
+    g.add_argument("--calib-prompts", type=int, default=16,
+                   help="number of prompts of the list used for calibration (default 16; 0: all)")
+    g.add_argument("--calib-guidance", type=float, default=None,
+                   help="guidance scale of the calibration run (default: the pipeline's own)")
+    g.add_argument("--calib-batch", type=int, default=4, help="prompts per pipeline call (default 4)")
+    g.add_argument("--height", type=int, default=None, help="image height (default: the pipeline's)")
+    g.add_argument("--width", type=int, default=None, help="image width (default: the pipeline's)")
+
+
+def add_sample_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("diffusers pipelines (PixArt, SD3, Flux)")
+    g.add_argument("--quantized", help="quantized transformer folder written by 'ditas quantize --model PIPELINE_DIR'")
+    g.add_argument("--prompt", action="append", help="text prompt (repeat for several images)")
+    g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's own)")
+    g.add_argument("--height", type=int, default=None, help="image height (default: the pipeline's)")
+    g.add_argument("--width", type=int, default=None, help="image width (default: the pipeline's)")
+
+
+def wants_pipeline_sample(args: argparse.Namespace) -> bool:
+    from ..pipelines import is_pipeline_dir
+
+    return bool(getattr(args, "quantized", None) or getattr(args, "prompt", None) or is_pipeline_dir(args.model))
+
+
+def _check_sizes(args: argparse.Namespace) -> None:
+    for name in ("height", "width"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise DitasError(f"--{name} must be positive, got {v}")
+
+
+def quantize(args: argparse.Namespace, cfg) -> int:
+    """``ditas quantize --model PIPELINE_DIR``: ``cfg`` is the recipe's config with the CLI overrides."""
+    import ditas
+
+    from ..fileio import atomic_file, check_writable
+    from ..pipelines import load_pipeline, read_prompts, record_pipeline_calibration, write_pipeline_ref
+
+    out = Path(args.out)
+    check_writable(out)
+    if out.exists() and not out.is_dir():
+        raise DitasError(f"--out {out} exists and is not a folder")
+    _check_sizes(args)
+    if args.calib_prompts < 0 or args.calib_batch < 1:
+        raise DitasError("--calib-prompts must be >= 0 and --calib-batch >= 1")
+    prompts = read_prompts(args.prompts)
+    if args.calib_prompts:
+        prompts = prompts[: args.calib_prompts]
+    t0 = time.perf_counter()
+    pipe = load_pipeline(args.model)
+    t_load = time.perf_counter() - t0
+    calib = record_pipeline_calibration(pipe, prompts, cfg.steps, args.calib_guidance, cfg.seed, args.height,
+                                        args.width, args.calib_batch, progress=not args.no_progress)
+    report = ditas.quantize_(pipe.transformer, cfg, calib, progress=not args.no_progress)
+    report["model"] = str(args.model)
+    report.setdefault("wall_time_s", {})["load_s"] = round(t_load, 3)
+    report["calibration"] = {**calib.info, "transformer_calls": calib.model_calls,
+                             "recording_s": round(calib.wall_time_s, 3)}
+    ditas.save_quantized(pipe.transformer, out)
+    with atomic_file(out / "report.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2, default=str))
+        os.chmod(tmp, 0o644)
+    write_pipeline_ref(out, args.model, pipe)
+    print(f"quantized the {type(pipe.transformer).__name__} of {args.model} with recipe {cfg.recipe} "
+          f"(W{cfg.w_bits}A{cfg.a_bits}) from {len(prompts)} prompts x {cfg.steps} steps "
+          f"({calib.model_calls} transformer calls) -> {out}")
+    return 0
+
+
+def sample(args: argparse.Namespace) -> int:
+    """``ditas sample --quantized DIR [--model PIPELINE_DIR] --prompt ... --out x.png``."""
+    import ditas
+
+    from ..fileio import check_writable
+    from ..pipelines import generate_images, load_pipeline, read_pipeline_ref, save_image_grid
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise DitasError(f"--out must end in .png for a text-to-image pipeline, got {out}")
+    check_writable(out)
+    _check_sizes(args)
+    if not args.prompt:
+        raise DitasError("give --prompt TEXT (repeat it for several images)")
+    if args.steps < 2:
+        raise DitasError(f"--steps must be at least 2, got {args.steps}")
+    pipeline_dir = args.model
+    if args.quantized:
+        ref = read_pipeline_ref(args.quantized)
+        if pipeline_dir is None:
+            if ref is None:
+                raise DitasError(f"{args.quantized} does not record its pipeline: give --model PIPELINE_DIR")
+            pipeline_dir = ref["pipeline"]
+    if pipeline_dir is None:
+        raise DitasError("give --model PIPELINE_DIR and/or --quantized DIR")
+    transformer = None
+    if args.quantized:
+        kwargs = {"backend": args.backend} if getattr(args, "backend", None) else {}
+        transformer = ditas.load_quantized(args.quantized, **kwargs)
+    pipe = load_pipeline(pipeline_dir, transformer=transformer)
+    n = args.num or len(args.prompt)
+    if n < 1:
+        raise DitasError(f"--num must be at least 1, got {n}")
+    prompts = [args.prompt[i % len(args.prompt)] for i in range(n)]
+    images = generate_images(pipe, prompts, args.steps, args.guidance, args.seed, args.height, args.width)
+    save_image_grid(images, out)
+    print(f"wrote {len(images)} image(s) of {type(pipe.transformer).__name__} to {out}")
+    return 0

@@ -1,0 +1,168 @@
+"""diffusers text-to-image pipelines (PixArt, SD3, Flux): load a local pipeline folder, record a
+data-free calibration run from prompts, generate images, and remember where a quantized
+transformer came from.
+
+A quantized pipeline transformer is a folder written by ``ditas.save_quantized`` plus
+``pipeline.json`` (``PIPELINE_FILE``): the absolute path and class of the pipeline folder it was
+quantized from, so that ``ditas sample --quantized DIR`` rebuilds the whole pipeline (text
+encoders, VAE, scheduler) from there without being told again.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError, DitasError
+
+PIPELINE_FILE = "pipeline.json"
+PROMPTS_FILE = Path(__file__).resolve().parent / "assets" / "calibration_prompts.txt"
+SUPPORTED_TRANSFORMERS = ("PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
+
+
+def is_pipeline_dir(path: str | os.PathLike | None) -> bool:
+    """Whether ``path`` is a diffusers pipeline folder (has ``model_index.json``)."""
+    return path is not None and (Path(path) / "model_index.json").is_file()
+
+
+def read_prompts(path: str | os.PathLike | None = None) -> list[str]:
+    """Prompts of a text file, one a line (``#`` comments and blank lines skipped); default: the
+    calibration prompts shipped with ditas."""
+    p = Path(path) if path is not None else PROMPTS_FILE
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DitasError(f"cannot read prompts from {p}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise DitasError(f"{p} holds no prompts (one a line; '#' starts a comment)")
+    return prompts
+
+
+def load_pipeline(path: str | os.PathLike, transformer: torch.nn.Module | None = None):
+    """The diffusers pipeline in the local folder ``path`` (nothing is downloaded); with
+    ``transformer``, that module replaces the folder's transformer (which is then not loaded)."""
+    path = Path(path)
+    if not is_pipeline_dir(path):
+        raise DitasError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}/model_index.json is not readable JSON ({exc})") from None
+    entry = index.get("transformer")
+    cls_name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+    if cls_name not in SUPPORTED_TRANSFORMERS:
+        raise DitasError(f"{path}: the pipeline's transformer is {cls_name or 'missing'}; ditas quantizes pipelines "
+                         f"whose transformer is one of {', '.join(SUPPORTED_TRANSFORMERS)}")
+    from diffusers import DiffusionPipeline
+
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if transformer is not None:
+        kwargs["transformer"] = transformer
+    try:
+        return DiffusionPipeline.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: diffusers could not load this pipeline ({first})") from None
+
+
+def _call_kwargs(pipe, steps: int, guidance: float | None, seed: int, height: int | None, width: int | None,
+                 output_type: str) -> dict[str, Any]:
+    params = inspect.signature(pipe.__call__).parameters
+    kw: dict[str, Any] = {"num_inference_steps": steps, "output_type": output_type,
+                          "generator": torch.Generator().manual_seed(seed)}
+    if guidance is not None:
+        kw["guidance_scale"] = guidance
+    if height is not None:
+        kw["height"] = height
+    if width is not None:
+        kw["width"] = width
+    if "use_resolution_binning" in params:   # PixArt: use the size asked for, not the nearest bin
+        kw["use_resolution_binning"] = False
+    return kw
+
+
+def _quiet(pipe, progress: bool) -> None:
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=not progress, leave=False)
+
+
+@torch.no_grad()
+def record_pipeline_calibration(pipe, prompts: list[str], steps: int, guidance: float | None = None, seed: int = 0,
+                                height: int | None = None, width: int | None = None, batch_size: int = 4,
+                                progress: bool = True):
+    """Runs ``pipe`` on ``prompts`` (latents only, no decoding) inside ``record_calibration``:
+    the data-free calibration record of its transformer (one call per step and batch)."""
+    from .calibration.recorder import record_calibration
+
+    if steps < 2:
+        raise DitasError(f"calibration steps must be at least 2, got {steps}")
+    if not prompts:
+        raise DitasError("no calibration prompts")
+    _quiet(pipe, progress)
+    with record_calibration(pipe.transformer) as calib:
+        for i in range(0, len(prompts), batch_size):
+            pipe(prompt=prompts[i: i + batch_size],
+                 **_call_kwargs(pipe, steps, guidance, seed + i, height, width, "latent"))
+    calib.info.update({"prompts": len(prompts), "steps": steps, "guidance_scale": guidance, "seed": seed,
+                       "height": height, "width": width})
+    return calib
+
+
+@torch.no_grad()
+def generate_images(pipe, prompt: str | list[str], steps: int, guidance: float | None = None, seed: int = 0,
+                    height: int | None = None, width: int | None = None, progress: bool = True) -> list:
+    """PIL images for ``prompt`` (one per prompt)."""
+    _quiet(pipe, progress)
+    return pipe(prompt=prompt, **_call_kwargs(pipe, steps, guidance, seed, height, width, "pil")).images
+
+
+def save_image_grid(images: list, path: str | os.PathLike, columns: int = 8, pad: int = 2) -> Path:
+    """PIL images side by side (rows of ``columns``) in one PNG, written atomically."""
+    from PIL import Image
+
+    from .fileio import atomic_file
+
+    images = [im.convert("RGB") for im in images]
+    w, h = max(im.width for im in images), max(im.height for im in images)
+    cols = min(columns, len(images))
+    rows = -(-len(images) // cols)
+    grid = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + pad) + pad))
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        grid.paste(im, (pad + c * (w + pad), pad + r * (h + pad)))
+    with atomic_file(path) as tmp:
+        grid.save(tmp, format="PNG")
+    return Path(path)
+
+
+def write_pipeline_ref(folder: str | os.PathLike, pipeline_dir: str | os.PathLike, pipe) -> Path:
+    """Records in the quantized ``folder`` the pipeline folder it came from (written atomically)."""
+    from .fileio import atomic_file
+
+    ref = {"pipeline": str(Path(pipeline_dir).resolve()), "pipeline_class": type(pipe).__name__,
+           "transformer_class": type(pipe.transformer).__name__}
+    target = Path(folder) / PIPELINE_FILE
+    with atomic_file(target) as tmp:
+        tmp.write_text(json.dumps(ref, indent=2))
+        os.chmod(tmp, 0o644)
+    return target
+
+
+def read_pipeline_ref(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The pipeline a quantized folder came from (None if it records none)."""
+    p = Path(folder) / PIPELINE_FILE
+    if not p.is_file():
+        return None
+    try:
+        ref = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{p} is not readable JSON ({exc})") from None
+    if not isinstance(ref, dict) or not isinstance(ref.get("pipeline"), str):
+        raise CheckpointError(f"{p} does not name a pipeline folder")
+    return ref
