@@ -21,8 +21,10 @@ from typing import Any
 
 from .base import BlockCall, BlockSpec
 from ._diffusers import DiffusersAdapter, joint_next_call
+from .registry import register
 
 
+@register
 class FluxAdapter(DiffusersAdapter):
     family = "flux"
     class_name = "FluxTransformer2DModel"

@@ -22,8 +22,10 @@ from typing import Any
 
 from .base import BlockCall, BlockSpec, Fold
 from ._diffusers import DiffusersAdapter
+from .registry import register
 
 
+@register
 class PixArtAdapter(DiffusersAdapter):
     family = "pixart"
     class_name = "PixArtTransformer2DModel"

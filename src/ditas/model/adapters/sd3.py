@@ -21,8 +21,10 @@ from typing import Any
 
 from .base import BlockCall, BlockSpec, Fold
 from ._diffusers import DiffusersAdapter, joint_next_call
+from .registry import register
 
 
+@register
 class SD3Adapter(DiffusersAdapter):
     family = "sd3"
     class_name = "SD3Transformer2DModel"
