@@ -105,3 +105,30 @@ def call_kwargs(model: nn.Module, batch: int = 2, seed: int = 0, step: int = 0) 
 
 
 FAMILIES = {"pixart": tiny_pixart, "sd3": tiny_sd3, "flux": tiny_flux}
+
+
+def save_tiny_pixart_pipeline(path, seed: int = 0) -> None:
+    """A complete PixArt-alpha pipeline folder, all random and tiny: T5 text encoder (1 layer),
+    a T5 tokenizer built in code from a 40-piece vocabulary (no download), a 1-level VAE, the
+    tiny PixArt transformer and a DPM-Solver++ scheduler."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    words = ("a an the of in on with and photo painting portrait close-up city sky tree house river mountain "
+             "cat dog fox bird red blue green golden night morning light snow forest").split()
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(f"\u2581{w}", -1.0) for w in words]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                extra_ids=0)
+    torch.manual_seed(seed)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(pieces), d_model=TEXT_DIM, d_kv=8, d_ff=32, num_layers=1,
+                                           num_heads=2, decoder_start_token_id=0)).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"],
+                        up_block_types=["UpDecoderBlock2D"], block_out_channels=[8], layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=8)
+    pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                               transformer=tiny_pixart(seed), scheduler=DPMSolverMultistepScheduler())
+    pipe.save_pretrained(str(path))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ditas.calibration.blockwise import block_layer_inputs
-from ditas.calibration.recorder import record_calibration
+from ditas.calibration.recording import record_calibration
 from ditas.errors import CalibrationError
 from ditas.model.adapters.base import ROLES
 from ditas.model.adapters.registry import adapter_for
@@ -202,15 +202,18 @@ def test_int_kernel_agrees_with_the_simulated_path(tmp_path, quantized_family):
 def test_recorder_keeps_first_block_calls_and_leaves_the_model_alone():
     m = fm.tiny_flux()
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    with torch.no_grad(), record_calibration(m, max_calls=2) as calib:
+    with torch.no_grad(), record_calibration(m) as calib:
         for s in range(3):
             m(**fm.call_kwargs(m, step=s))
-    assert calib.model_calls == 3 and calib.steps == 2
+    assert calib.model_calls == 3 and calib.steps == 3
     assert set(calib.calls[0].kwargs) >= {"hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb"}
-    assert not m.transformer_blocks[0]._forward_pre_hooks
+    assert not m.transformer_blocks[0]._forward_pre_hooks and not m._forward_pre_hooks
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
-    with pytest.raises(CalibrationError, match="not called"):
-        with record_calibration(m):
-            pass
+    with record_calibration(m) as empty:
+        pass
+    with pytest.raises(CalibrationError, match="no calls"):
+        quantize(m, recipe_config("rtn"), empty, progress=False)
     with pytest.raises(CalibrationError, match="calibration record"):
         quantize(m, recipe_config("rtn"), [torch.zeros(1)], progress=False)
+    with pytest.raises(CalibrationError, match="record_calibration"):  # no self-calibration for pipelines
+        quantize(m, recipe_config("rtn"), None, progress=False)

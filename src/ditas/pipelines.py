@@ -84,6 +84,8 @@ def _call_kwargs(pipe, steps: int, guidance: float | None, seed: int, height: in
         kw["width"] = width
     if "use_resolution_binning" in params:   # PixArt: use the size asked for, not the nearest bin
         kw["use_resolution_binning"] = False
+    if "clean_caption" in params:            # PixArt: no caption cleaning (needs bs4/ftfy, changes prompts)
+        kw["clean_caption"] = False
     return kw
 
 
@@ -98,7 +100,7 @@ def record_pipeline_calibration(pipe, prompts: list[str], steps: int, guidance: 
                                 progress: bool = True):
     """Runs ``pipe`` on ``prompts`` (latents only, no decoding) inside ``record_calibration``:
     the data-free calibration record of its transformer (one call per step and batch)."""
-    from .calibration.recorder import record_calibration
+    from .calibration.recording import record_calibration
 
     if steps < 2:
         raise DitasError(f"calibration steps must be at least 2, got {steps}")
@@ -141,17 +143,10 @@ def save_image_grid(images: list, path: str | os.PathLike, columns: int = 8, pad
     return Path(path)
 
 
-def write_pipeline_ref(folder: str | os.PathLike, pipeline_dir: str | os.PathLike, pipe) -> Path:
-    """Records in the quantized ``folder`` the pipeline folder it came from (written atomically)."""
-    from .fileio import atomic_file
-
-    ref = {"pipeline": str(Path(pipeline_dir).resolve()), "pipeline_class": type(pipe).__name__,
-           "transformer_class": type(pipe.transformer).__name__}
-    target = Path(folder) / PIPELINE_FILE
-    with atomic_file(target) as tmp:
-        tmp.write_text(json.dumps(ref, indent=2))
-        os.chmod(tmp, 0o644)
-    return target
+def pipeline_ref(pipeline_dir: str | os.PathLike, pipe) -> dict[str, Any]:
+    """What ``pipeline.json`` records: the pipeline folder a quantized transformer came from."""
+    return {"pipeline": str(Path(pipeline_dir).resolve()), "pipeline_class": type(pipe).__name__,
+            "transformer_class": type(pipe.transformer).__name__}
 
 
 def read_pipeline_ref(folder: str | os.PathLike) -> dict[str, Any] | None:

@@ -10,8 +10,6 @@ quantized transformer in, and write the images of ``--prompt``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from pathlib import Path
 
@@ -52,20 +50,25 @@ def _check_sizes(args: argparse.Namespace) -> None:
             raise DitasError(f"--{name} must be positive, got {v}")
 
 
-def quantize(args: argparse.Namespace, cfg) -> int:
-    """``ditas quantize --model PIPELINE_DIR``: ``cfg`` is the recipe's config with the CLI overrides."""
-    import ditas
+def check_quantize_arguments(args: argparse.Namespace) -> None:
+    """Refuses bad pipeline options before the output is claimed and before any work."""
+    from ..pipelines import read_prompts
 
-    from ..fileio import atomic_file, check_writable
-    from ..pipelines import load_pipeline, read_prompts, record_pipeline_calibration, write_pipeline_ref
-
-    out = Path(args.out)
-    check_writable(out)
-    if out.exists() and not out.is_dir():
-        raise DitasError(f"--out {out} exists and is not a folder")
     _check_sizes(args)
     if args.calib_prompts < 0 or args.calib_batch < 1:
         raise DitasError("--calib-prompts must be >= 0 and --calib-batch >= 1")
+    read_prompts(args.prompts)
+
+
+def quantize(args: argparse.Namespace, cfg, claim) -> int:
+    """``ditas quantize --model PIPELINE_DIR``: ``cfg`` is the recipe's config with the CLI overrides;
+    ``claim`` the claimed output folder (``fileio.output_dir``): everything is written into
+    ``claim.tmp`` and appears at once on ``claim.publish()``."""
+    from ..fileio import json_text
+    from ..pipelines import PIPELINE_FILE, load_pipeline, pipeline_ref, read_prompts, record_pipeline_calibration
+    from ..quantization.apply import quantize as quantize_model
+    from ..quantization.checkpoint import write_quantized
+
     prompts = read_prompts(args.prompts)
     if args.calib_prompts:
         prompts = prompts[: args.calib_prompts]
@@ -74,33 +77,31 @@ def quantize(args: argparse.Namespace, cfg) -> int:
     t_load = time.perf_counter() - t0
     calib = record_pipeline_calibration(pipe, prompts, cfg.steps, args.calib_guidance, cfg.seed, args.height,
                                         args.width, args.calib_batch, progress=not args.no_progress)
-    report = ditas.quantize_(pipe.transformer, cfg, calib, progress=not args.no_progress)
+    _, report = quantize_model(pipe.transformer, cfg, calib, progress=not args.no_progress, inplace=True)
     report["model"] = str(args.model)
     report.setdefault("wall_time_s", {})["load_s"] = round(t_load, 3)
     report["calibration"] = {**calib.info, "transformer_calls": calib.model_calls,
-                             "recording_s": round(calib.wall_time_s, 3)}
-    ditas.save_quantized(pipe.transformer, out)
-    with atomic_file(out / "report.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2, default=str))
-        os.chmod(tmp, 0o644)
-    write_pipeline_ref(out, args.model, pipe)
+                             "recorded_calls": calib.steps, "recording_s": round(calib.wall_time_s, 3)}
+    write_quantized(pipe.transformer, claim.tmp, cfg)
+    (claim.tmp / "report.json").write_text(json_text(report, "report.json"))
+    (claim.tmp / PIPELINE_FILE).write_text(json_text(pipeline_ref(args.model, pipe), PIPELINE_FILE))
+    out = claim.publish()  # weights, config, report and pipeline.json appear together
     print(f"quantized the {type(pipe.transformer).__name__} of {args.model} with recipe {cfg.recipe} "
           f"(W{cfg.w_bits}A{cfg.a_bits}) from {len(prompts)} prompts x {cfg.steps} steps "
-          f"({calib.model_calls} transformer calls) -> {out}")
+          f"({calib.model_calls} transformer calls) -> {out}; mean relative layer output error "
+          f"{report['mean_rel_output_error']:.4g}")
     return 0
 
 
 def sample(args: argparse.Namespace) -> int:
     """``ditas sample --quantized DIR [--model PIPELINE_DIR] --prompt ... --out x.png``."""
-    import ditas
-
-    from ..fileio import check_writable
+    from ..fileio import check_new_file
     from ..pipelines import generate_images, load_pipeline, read_pipeline_ref, save_image_grid
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise DitasError(f"--out must end in .png for a text-to-image pipeline, got {out}")
-    check_writable(out)
+    check_new_file(out, args.overwrite)
     _check_sizes(args)
     if not args.prompt:
         raise DitasError("give --prompt TEXT (repeat it for several images)")
@@ -118,7 +119,9 @@ def sample(args: argparse.Namespace) -> int:
     transformer = None
     if args.quantized:
         kwargs = {"backend": args.backend} if getattr(args, "backend", None) else {}
-        transformer = ditas.load_quantized(args.quantized, **kwargs)
+        from ..quantization.checkpoint import load_quantized
+
+        transformer = load_quantized(args.quantized, **kwargs)
     pipe = load_pipeline(pipeline_dir, transformer=transformer)
     n = args.num or len(args.prompt)
     if n < 1:

@@ -6,6 +6,8 @@ import argparse
 import time
 
 from ..errors import ConfigError, DitasError
+from ..pipelines import is_pipeline_dir
+from . import _pipeline
 
 
 def parse_labels(text: str | None) -> int | tuple[int, ...] | None:
@@ -95,6 +97,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--model", help="DiT checkpoint or folder (default: the embedded default model)")
     p.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULT_RECIPE, help="quantization preset")
     add_quant_arguments(p)
+    _pipeline.add_quantize_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help="output model folder (new; written atomically)")
     p.add_argument("--overwrite", action="store_true",
@@ -106,8 +109,11 @@ def run(args: argparse.Namespace) -> int:
     from ..fileio import output_dir
 
     cfg = config_from_args(args, args.recipe)
+    pipeline = is_pipeline_dir(args.model)  # a diffusers text-to-image pipeline (PixArt, SD3, Flux)
+    if pipeline:
+        _pipeline.check_quantize_arguments(args)
     with output_dir(args.out, "ditas-quantized", overwrite=args.overwrite, inputs=[args.model]) as claim:
-        return _quantize(args, cfg, claim)
+        return _pipeline.quantize(args, cfg, claim) if pipeline else _quantize(args, cfg, claim)
 
 
 def _quantize(args: argparse.Namespace, cfg, claim) -> int:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DitasError
+from . import _pipeline
 
 
 def _parse_classes(text: str | None) -> list[int] | None:
@@ -45,6 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="quantized models: integer kernels or simulated (default: int where supported)")
     p.add_argument("--out", required=True, help="output .png (grid) or .npz (arr_0 uint8 NHWC + labels); new file")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _pipeline.add_sample_arguments(p)
     return p
 
 
@@ -54,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
     from ..model.loading import load_dit
     from ..model.vae import load_vae
 
+    if _pipeline.wants_pipeline_sample(args):  # a diffusers text-to-image pipeline (PixArt, SD3, Flux)
+        return _pipeline.sample(args)
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".npz"):
         raise DitasError(f"--out must end in .png or .npz, got {out}")
