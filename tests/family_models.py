@@ -16,16 +16,29 @@ DIM = HEADS * HEAD_DIM
 TEXT_DIM, TEXT_TOKENS, POOLED_DIM = 24, 5, 12
 
 
+_SOFTMAX_INPUTS = ("to_q", "to_k", "add_q_proj", "add_k_proj")
+_FEEDS_A_LINEAR = ("to_v", "add_v_proj", "ff.net.0.proj", "ff_context.net.0.proj", "proj_mlp")
+
+
+def _is_modulation(name: str) -> bool:
+    """adaLN modulation and timestep embedding linears (module or parameter name)."""
+    parts = name.removesuffix(".weight").removesuffix(".bias").split(".")
+    return parts[0] in ("adaln_single", "time_text_embed") or (len(parts) > 1 and parts[-2].startswith("norm"))
+
+
 def add_outliers(model: nn.Module, seed: int = 0, channels: int = 2, factor: float = 6.0) -> nn.Module:
-    """Random non-zero weights everywhere, then, in every linear inside the blocks, ``channels``
-    output rows scaled by ``factor`` (activation outliers in what reads them: attention outputs
-    after ``to_v``, MLP hidden states, adaLN-modulated inputs) and ``channels`` input columns
-    scaled by ``factor`` (weight outliers); the channels differ per linear."""
+    """Random non-zero weights everywhere (adaLN and q/k projections with a smaller gain), then
+    ``channels`` input columns of every linear inside the blocks scaled by ``factor`` (weight
+    outliers) and ``channels`` output rows of the linears whose output another linear reads
+    (``to_v``, the MLPs' first linears) scaled by ``factor``: activation outliers in the attention
+    outputs and MLP hidden states. The channels differ per linear."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+                # adaLN: modest shift/scale/gate; q/k: soft attention (both as in trained models)
+                gain = 0.3 if _is_modulation(name) or name.split(".")[-2:][0] in _SOFTMAX_INPUTS else 1.0
+                p.copy_(torch.randn(p.shape, generator=g) * gain / p.shape[-1] ** 0.5)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
             if "scale_shift_table" in name:
@@ -34,6 +47,8 @@ def add_outliers(model: nn.Module, seed: int = 0, channels: int = 2, factor: flo
             if isinstance(m, nn.Linear) and "blocks" in name:
                 cols = torch.randperm(m.in_features, generator=g)[:channels]
                 m.weight[:, cols] *= factor
+                if not name.endswith(_FEEDS_A_LINEAR):
+                    continue  # only where a linear reads the output (not softmax inputs, not the residual stream)
                 rows = torch.randperm(m.out_features, generator=g)[:channels]
                 m.weight[rows] *= factor
                 if m.bias is not None:

@@ -37,7 +37,7 @@ FOLD_KINDS = {
     "flux": {"adaln_rows", "on_the_fly"},
 }
 ADAPTER_FAMILY = {"pixart": "pixart", "sd3": "sd3", "sd35": "sd3", "flux": "flux"}
-SMALL = dict(lora_rank=4, lora_rounds=2, search_tokens=None)
+SMALL = dict(lora_rank=4, lora_rounds=2)  # a small LoRA for 16-wide layers
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -141,12 +141,12 @@ def test_w4a8_ditas_beats_rtn_and_smoothquant(family):
     calib = _record(m, steps=4)
     refs = _outputs(m)
     err = {}
-    for recipe in ("rtn", "smoothquant", "ditas"):
-        q, report = quantize(m, recipe_config(recipe, w_bits=4, a_bits=8, **SMALL), calib, progress=False)
+    for recipe, small in (("rtn", {}), ("smoothquant", {}), ("ditas", SMALL)):  # the baselines as published
+        q, report = quantize(m, recipe_config(recipe, w_bits=4, a_bits=8, **small), calib,
+                             progress=False)
         err[recipe] = sum(rel(o, r) for o, r in zip(_outputs(q), refs)) / len(refs)
         assert report["num_layers"] == len({grp.name for b in adapter_for(m).blocks() for grp in b.groups})
-    assert err["ditas"] < err["smoothquant"] < err["rtn"], err
-    assert err["ditas"] < 0.85 * err["rtn"], err
+    assert err["ditas"] < 0.7 * min(err["rtn"], err["smoothquant"]), err
 
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
