@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import family_models as fm  # noqa: E402
 
-from ditas.calibration.recorder import record_calibration  # noqa: E402
+from ditas.calibration.recording import record_calibration  # noqa: E402
 from ditas.quantization.apply import quantize  # noqa: E402
 from ditas.quantization.recipes import recipe_config  # noqa: E402
 
