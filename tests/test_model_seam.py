@@ -62,6 +62,9 @@ def test_folder_written_before_families_still_loads_and_computes_the_same(backen
     ref = load_file(str(DATA / f"legacy_quantized_v1_{backend}.safetensors"))
     q = load_dit(folder, backend=backend)
     assert q.quant_family == "dit"
+    from ditas.quantization.recipes import recipe_config  # the flat config it was saved with reads back
+    assert q.quant_config == recipe_config("ditas", steps=2, calib_labels=2, lora_rank=4, lora_rounds=2,
+                                           alpha_grid=(0.3, 0.7))
     with torch.no_grad():
         torch.manual_seed(0)
         out = q(ref["x"], ref["t"], ref["y"])

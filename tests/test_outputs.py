@@ -100,7 +100,7 @@ def test_overwrite_replaces_only_a_ditas_output_and_refuses_an_edited_one(tmp_pa
                  "--overwrite"]) == 0
     second = _tree(out)
     assert second.keys() == first.keys() and second["report.json"] != first["report.json"]
-    assert json.loads(second["config.json"])["quantization"]["config"]["seed"] == 1
+    assert json.loads(second["config.json"])["quantization"]["config"]["calibration"]["seed"] == 1
     (out / "notes.txt").write_text("mine")  # the user adds a file to the output: it is theirs now
     assert main(["quantize", "--model", str(model_dir), *QUICK, "--out", str(out), "--overwrite"]) == 2
     assert "did not write (notes.txt)" in _one_line_error(capsys)
@@ -321,7 +321,7 @@ def test_quantize_killed_during_the_save_loses_nothing(tmp_path, model_dir):
     assert left == [".q.ditas-lock", f".q.ditas-partial-{proc.pid}"]
     assert main(["quantize", "--model", str(model_dir), *QUICK, "--calib-seed", "3", "--out", str(out),
                  "--overwrite"]) == 0
-    assert json.loads((out / "config.json").read_text())["quantization"]["config"]["seed"] == 3
+    assert json.loads((out / "config.json").read_text())["quantization"]["config"]["calibration"]["seed"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "ready"]
     ditas.load_dit(out, backend="fake")
 

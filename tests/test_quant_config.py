@@ -57,3 +57,36 @@ def test_round_trip_and_labels():
     assert QuantConfig(calib_labels=12).labels_for(10)[-2:] == [0, 1]
     with pytest.raises(ConfigError, match="out of range"):
         QuantConfig(calib_labels=(3, 11)).labels_for(10)
+
+
+def test_nested_specs_and_flat_names_are_one_config():
+    from ditas.quantization.config import CalibrationSpec, LoRASpec, WeightFormat
+
+    cfg = QuantConfig(weights=WeightFormat(bits=3, layout="group", group_size=16), lora=LoRASpec(rank=8),
+                      calibration=CalibrationSpec(steps=20), search_tokens=None)
+    assert (cfg.w_bits, cfg.weight_layout, cfg.group_size, cfg.lora_rank, cfg.steps) == (3, "group", 16, 8, 20)
+    assert cfg.smooth.search_tokens is None and cfg.search_tokens is None
+    assert cfg == QuantConfig(w_bits=3, weight_layout="group", group_size=16, lora_rank=8, steps=20, search_tokens=None)
+    nested = cfg.to_dict()
+    assert set(nested) == {"recipe", "weights", "activations", "smooth", "lora", "calibration", "adaln"}
+    assert nested["weights"] == {"bits": 3, "layout": "group", "group_size": 16, "range_mode": "levels"}
+    assert QuantConfig.from_dict(nested) == cfg == QuantConfig.from_dict(cfg.to_flat_dict())
+    with pytest.raises(ConfigError, match="weight bits"):
+        WeightFormat(bits=9)
+    with pytest.raises(ConfigError, match="unknown keys in quantization config 'lora'"):
+        QuantConfig.from_dict({"lora": {"rank": 4, "alpha": 1}})
+    with pytest.raises(ConfigError, match="one range mode"):
+        QuantConfig(weights=WeightFormat(range_mode="reference"))
+    assert recipe_config("paper").activations.range_mode == "reference"  # the flat range_mode sets both
+
+
+def test_quantlinear_carries_its_formats():
+    import torch
+
+    from ditas.quantization.config import ActivationFormat, WeightFormat
+    from ditas.quantization.linear import QuantLinear
+
+    q = QuantLinear.from_linear(torch.nn.Linear(32, 8), wbits=3, abits=6, layout="group", group_size=16,
+                                act_granularity="token")
+    assert q.weight_format == WeightFormat(3, "group", 16, "levels")
+    assert q.activation_format == ActivationFormat(6, "token", "levels")

@@ -142,6 +142,17 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def _config_of(data: Any):
+    """The stored config as a ``QuantConfig`` (nested, or the flat form of older folders); the raw
+    table if it is not one (a folder written by hand)."""
+    from .config import QuantConfig
+
+    try:
+        return QuantConfig.from_dict(data)
+    except ConfigError:
+        return data
+
+
 def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, backend: str | None = None,
                    device: str | torch.device | None = None, **kwargs: Any) -> nn.Module:
     """Builds a quantized model from its folder, in its family's class (for diffusers families the
@@ -236,7 +247,7 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
     empty = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if empty:
         raise CheckpointError(f"{path}: {empty[0]} was not restored from the file")
-    model.quant_config = q.get("config", {})
+    model.quant_config = _config_of(q.get("config", {}))
     model.quant_family = family
     if device is not None:
         model = model.to(device)

@@ -1,8 +1,17 @@
 """``QuantConfig``: every choice of a quantization run, validated when it is built.
 
-A config holds numbers and names only (no model, no tensors), so it round-trips through JSON
-(``to_dict``/``from_dict``) and is stored in the quantized model's ``config.json``. Named presets
-live in ``recipes.py``; ``recipe_config("ditas", w_bits=3)`` is the usual way to get one.
+The choices come in small nested specs, each validated in its ``__post_init__``:
+``weights`` (``WeightFormat``: bits, layout, group size, range mode), ``activations``
+(``ActivationFormat``: bits, granularity, range mode), ``smooth`` (``SmoothingSpec``: TAS
+smoothing, the alpha search and its loss), ``lora`` (``LoRASpec``) and ``calibration``
+(``CalibrationSpec``: the DiT self-calibration run), plus the recipe name and the adaLN storage.
+``QuantLinear`` exposes its ``weight_format``/``activation_format``; checkpoints store the nested
+``to_dict()``. The flat names of earlier versions (``w_bits``, ``search_tokens``, ``lora_rank``,
+``steps``, ...) remain as keyword arguments and attributes, and ``from_dict`` reads the flat
+dicts that older quantized folders hold.
+
+A config holds numbers and names only (no model, no tensors), so it round-trips through JSON.
+Named presets live in ``recipes.py``; ``recipe_config("ditas", w_bits=3)`` is the usual way to get one.
 """
 
 from __future__ import annotations
@@ -29,7 +38,189 @@ def default_alpha_grid() -> tuple[float, ...]:
     return tuple(round(0.05 * i, 2) for i in range(21))
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError("invalid quantization config: " + "; ".join(problems))
+
+
 @dataclass
+class WeightFormat:
+    """Integer weights: ``bits`` (2..8); ``layout`` ``channel`` (a scale per output row), ``group``
+    (``group_size`` consecutive inputs) or ``reference32`` (the published grouping); range mode
+    ``levels`` ((max-min)/(2^b-1)) or ``reference`` (/2^b)."""
+
+    bits: int = 4
+    layout: str = "channel"
+    group_size: int = 0
+    range_mode: str = "levels"
+
+    def __post_init__(self) -> None:
+        p = []
+        if not (_is_int(self.bits) and 2 <= self.bits <= 8):
+            p.append(f"weight bits must be an integer in 2..8, got {self.bits!r}")
+        if self.layout not in WEIGHT_LAYOUTS:
+            p.append(f"weight layout must be one of {WEIGHT_LAYOUTS}, got {self.layout!r}")
+        if self.layout == "group" and not (_is_int(self.group_size) and self.group_size >= 1):
+            p.append(f"group layout needs a positive group size, got {self.group_size!r}")
+        if self.range_mode not in RANGE_MODES:
+            p.append(f"range mode must be one of {RANGE_MODES}, got {self.range_mode!r}")
+        _check(p)
+
+
+@dataclass
+class ActivationFormat:
+    """Dynamic activation quantization: ``bits`` (4..16; 16 = activations stay float),
+    ``granularity`` ``tensor`` (as the reference) or ``token``, range mode as for weights."""
+
+    bits: int = 8
+    granularity: str = "tensor"
+    range_mode: str = "levels"
+
+    def __post_init__(self) -> None:
+        p = []
+        if not (_is_int(self.bits) and 4 <= self.bits <= 16):
+            p.append(f"activation bits must be an integer in 4..16 (16 = not quantized), got {self.bits!r}")
+        if self.granularity not in ACT_GRANULARITIES:
+            p.append(f"activation granularity must be one of {ACT_GRANULARITIES}, got {self.granularity!r}")
+        if self.range_mode not in RANGE_MODES:
+            p.append(f"range mode must be one of {RANGE_MODES}, got {self.range_mode!r}")
+        _check(p)
+
+
+@dataclass
+class SmoothingSpec:
+    """TAS smoothing and the per-layer alpha search (see ``QuantConfig``)."""
+
+    method: str = "tas"
+    roles: tuple[str, ...] = LAYER_ROLES
+    alpha: float = 0.5
+    search: bool = True
+    alpha_grid: tuple[float, ...] = field(default_factory=default_alpha_grid)
+    quantize_before_smooth: bool = False
+    w_max_from_quantized: bool = False
+    fold_proj_into_v: bool = True
+    loss_steps: int | None = None
+    search_tokens: int | None = 512
+    search_weight: str = "auto"
+    search_shortlist: int = 3
+    search_workers: int | None = None
+    bias_correction: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.roles, (list, str)):
+            self.roles = (self.roles,) if isinstance(self.roles, str) else tuple(self.roles)
+        if isinstance(self.alpha_grid, list):
+            self.alpha_grid = tuple(self.alpha_grid)
+        p = []
+        if self.method not in SMOOTHINGS:
+            p.append(f"smoothing must be one of {SMOOTHINGS}, got {self.method!r}")
+        bad_roles = [r for r in self.roles if r not in LAYER_ROLES]
+        if bad_roles:
+            p.append(f"smooth roles must be among {LAYER_ROLES}, got {bad_roles}")
+        if not _is_num(self.alpha) or not 0 <= self.alpha <= 1:
+            p.append(f"alpha must be in [0, 1], got {self.alpha!r}")
+        if not self.alpha_grid or any(not _is_num(a) or not 0 <= a <= 1 for a in self.alpha_grid):
+            p.append(f"alpha grid must be a non-empty list of values in [0, 1], got {self.alpha_grid!r}")
+        if self.loss_steps is not None and not (_is_int(self.loss_steps) and self.loss_steps >= 1):
+            p.append(f"loss steps must be a positive integer or None, got {self.loss_steps!r}")
+        if self.search_tokens is not None and not (_is_int(self.search_tokens) and self.search_tokens >= 1):
+            p.append(f"search tokens must be a positive integer or None, got {self.search_tokens!r}")
+        if self.search_weight not in SEARCH_WEIGHTS:
+            p.append(f"search weight must be one of {SEARCH_WEIGHTS}, got {self.search_weight!r}")
+        if not (_is_int(self.search_shortlist) and self.search_shortlist >= 1):
+            p.append(f"search shortlist must be a positive integer, got {self.search_shortlist!r}")
+        if self.search_workers is not None and not (_is_int(self.search_workers) and self.search_workers >= 1):
+            p.append(f"search workers must be a positive integer or None, got {self.search_workers!r}")
+        for name in ("search", "quantize_before_smooth", "w_max_from_quantized", "fold_proj_into_v"):
+            if not isinstance(getattr(self, name), bool):
+                p.append(f"{name.replace('_', ' ')} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.bias_correction, bool):
+            p.append(f"bias correction must be true or false, got {self.bias_correction!r}")
+        _check(p)
+
+
+@dataclass
+class LoRASpec:
+    """Training-free LoRA: ``rank`` (0: none), ``rounds`` of alternating fits, keep the ``best``
+    or the ``last`` round, SVD ``exact``/``randomized`` (``auto``: exact up to 1024)."""
+
+    rank: int = 32
+    rounds: int = 10
+    keep: str = "best"
+    svd: str = "auto"
+
+    def __post_init__(self) -> None:
+        p = []
+        if not (_is_int(self.rank) and self.rank >= 0):
+            p.append(f"LoRA rank must be a non-negative integer, got {self.rank!r}")
+        if not (_is_int(self.rounds) and self.rounds >= 1):
+            p.append(f"LoRA rounds must be a positive integer, got {self.rounds!r}")
+        if self.keep not in LORA_KEEPS:
+            p.append(f"LoRA keep must be one of {LORA_KEEPS}, got {self.keep!r}")
+        if self.svd not in LORA_SVDS:
+            p.append(f"LoRA SVD must be one of {LORA_SVDS}, got {self.svd!r}")
+        _check(p)
+
+
+@dataclass
+class CalibrationSpec:
+    """The self-calibration run of class-conditional models: ``labels`` (a count or explicit
+    labels), ``seed``, ``steps``, guidance ``cfg_scale``, ``sampler``. (Families calibrated from a
+    ``record_calibration`` record ignore it.)"""
+
+    labels: int | tuple[int, ...] = 16
+    seed: int = 0
+    steps: int = 50
+    cfg_scale: float = 1.5
+    sampler: str = "ddpm"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.labels, list):
+            self.labels = tuple(self.labels)
+        p = []
+        if _is_int(self.labels):
+            if self.labels < 1:
+                p.append(f"the number of calibration labels must be at least 1, got {self.labels}")
+        elif not (isinstance(self.labels, tuple) and self.labels and all(_is_int(v) and v >= 0 for v in self.labels)):
+            p.append(f"calibration labels must be a count or a list of non-negative labels, got {self.labels!r}")
+        if not _is_int(self.seed):
+            p.append(f"seed must be an integer, got {self.seed!r}")
+        if not (_is_int(self.steps) and self.steps >= 2):
+            p.append(f"calibration steps must be an integer of at least 2, got {self.steps!r}")
+        if not _is_num(self.cfg_scale) or self.cfg_scale < 0:
+            p.append(f"calibration cfg scale must be a non-negative number, got {self.cfg_scale!r}")
+        if self.sampler not in SAMPLERS:
+            p.append(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        _check(p)
+
+
+_SPECS = {"weights": WeightFormat, "activations": ActivationFormat, "smooth": SmoothingSpec, "lora": LoRASpec,
+          "calibration": CalibrationSpec}
+# the flat names of earlier versions -> (spec, field); range_mode sets both formats
+FLAT_NAMES: dict[str, tuple[str, str]] = {
+    "w_bits": ("weights", "bits"), "weight_layout": ("weights", "layout"), "group_size": ("weights", "group_size"),
+    "range_mode": ("weights", "range_mode"),
+    "a_bits": ("activations", "bits"), "act_granularity": ("activations", "granularity"),
+    "smoothing": ("smooth", "method"), "smooth_roles": ("smooth", "roles"),
+    **{n: ("smooth", n) for n in ("alpha", "search", "alpha_grid", "quantize_before_smooth", "w_max_from_quantized",
+                                  "fold_proj_into_v", "loss_steps", "search_tokens", "search_weight",
+                                  "search_shortlist", "search_workers", "bias_correction")},
+    "lora_rank": ("lora", "rank"), "lora_rounds": ("lora", "rounds"), "lora_keep": ("lora", "keep"),
+    "lora_svd": ("lora", "svd"),
+    "calib_labels": ("calibration", "labels"), "seed": ("calibration", "seed"), "steps": ("calibration", "steps"),
+    "cfg_scale": ("calibration", "cfg_scale"), "sampler": ("calibration", "sampler"),
+}
+
+
+@dataclass(init=False)
 class QuantConfig:
     """How to quantize the four linear layers of every DiT block.
 
@@ -70,109 +261,50 @@ class QuantConfig:
     ``sampler`` of the one FP sampling run.
     """
 
-    recipe: str = "custom"
-    w_bits: int = 4
-    a_bits: int = 8
-    weight_layout: str = "channel"
-    group_size: int = 0
-    act_granularity: str = "tensor"
-    range_mode: str = "levels"
-    smoothing: str = "tas"
-    smooth_roles: tuple[str, ...] = LAYER_ROLES
-    alpha: float = 0.5
-    search: bool = True
-    alpha_grid: tuple[float, ...] = field(default_factory=default_alpha_grid)
-    quantize_before_smooth: bool = False
-    w_max_from_quantized: bool = False
-    fold_proj_into_v: bool = True
-    loss_steps: int | None = None
-    search_tokens: int | None = 512
-    search_weight: str = "auto"
-    search_shortlist: int = 3
-    search_workers: int | None = None
-    lora_rank: int = 32
-    lora_rounds: int = 10
-    lora_keep: str = "best"
-    lora_svd: str = "auto"
-    adaln: str = "int8"
-    bias_correction: bool = False
-    calib_labels: int | tuple[int, ...] = 16
-    seed: int = 0
-    steps: int = 50
-    cfg_scale: float = 1.5
-    sampler: str = "ddpm"
+    recipe: str
+    weights: WeightFormat
+    activations: ActivationFormat
+    smooth: SmoothingSpec
+    lora: LoRASpec
+    calibration: CalibrationSpec
+    adaln: str
+
+    def __init__(self, recipe: str = "custom", weights: WeightFormat | None = None,
+                 activations: ActivationFormat | None = None, smooth: SmoothingSpec | None = None,
+                 lora: LoRASpec | None = None, calibration: CalibrationSpec | None = None, adaln: str = "int8",
+                 **flat: Any):
+        unknown = sorted(set(flat) - set(FLAT_NAMES))
+        if unknown:
+            raise ConfigError(f"unknown quantization config keys: {unknown}")
+        given = {"weights": weights, "activations": activations, "smooth": smooth, "lora": lora,
+                 "calibration": calibration}
+        per_spec: dict[str, dict[str, Any]] = {k: {} for k in _SPECS}
+        for name, value in flat.items():
+            spec, fname = FLAT_NAMES[name]
+            per_spec[spec][fname] = value
+            if name == "range_mode":
+                per_spec["activations"]["range_mode"] = value
+        self.recipe = recipe
+        for spec, cls in _SPECS.items():
+            base = given[spec]
+            if base is not None and not isinstance(base, cls):
+                raise ConfigError(f"{spec} must be a {cls.__name__}, got {type(base).__name__}")
+            values = asdict(base) if base is not None else {}
+            values.update(per_spec[spec])
+            setattr(self, spec, cls(**values))
+        self.adaln = adaln
+        self.__post_init__()
 
     def __post_init__(self) -> None:
-        if isinstance(self.smooth_roles, (list, str)):
-            self.smooth_roles = (self.smooth_roles,) if isinstance(self.smooth_roles, str) else tuple(self.smooth_roles)
-        if isinstance(self.alpha_grid, list):
-            self.alpha_grid = tuple(self.alpha_grid)
-        if isinstance(self.calib_labels, list):
-            self.calib_labels = tuple(self.calib_labels)
-        p: list[str] = []
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        if not (is_int(self.w_bits) and 2 <= self.w_bits <= 8):
-            p.append(f"weight bits must be an integer in 2..8, got {self.w_bits!r}")
-        if not (is_int(self.a_bits) and 4 <= self.a_bits <= 16):
-            p.append(f"activation bits must be an integer in 4..16 (16 = not quantized), got {self.a_bits!r}")
-        if self.weight_layout not in WEIGHT_LAYOUTS:
-            p.append(f"weight layout must be one of {WEIGHT_LAYOUTS}, got {self.weight_layout!r}")
-        if self.weight_layout == "group" and not (is_int(self.group_size) and self.group_size >= 1):
-            p.append(f"group layout needs a positive group size, got {self.group_size!r}")
-        if self.act_granularity not in ACT_GRANULARITIES:
-            p.append(f"activation granularity must be one of {ACT_GRANULARITIES}, got {self.act_granularity!r}")
-        if self.range_mode not in RANGE_MODES:
-            p.append(f"range mode must be one of {RANGE_MODES}, got {self.range_mode!r}")
-        if self.smoothing not in SMOOTHINGS:
-            p.append(f"smoothing must be one of {SMOOTHINGS}, got {self.smoothing!r}")
-        bad_roles = [r for r in self.smooth_roles if r not in LAYER_ROLES]
-        if bad_roles:
-            p.append(f"smooth roles must be among {LAYER_ROLES}, got {bad_roles}")
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not 0 <= self.alpha <= 1:
-            p.append(f"alpha must be in [0, 1], got {self.alpha!r}")
-        if not self.alpha_grid or any(not isinstance(a, (int, float)) or not 0 <= a <= 1 for a in self.alpha_grid):
-            p.append(f"alpha grid must be a non-empty list of values in [0, 1], got {self.alpha_grid!r}")
-        if self.loss_steps is not None and not (is_int(self.loss_steps) and self.loss_steps >= 1):
-            p.append(f"loss steps must be a positive integer or None, got {self.loss_steps!r}")
-        if self.search_tokens is not None and not (is_int(self.search_tokens) and self.search_tokens >= 1):
-            p.append(f"search tokens must be a positive integer or None, got {self.search_tokens!r}")
-        if self.search_weight not in SEARCH_WEIGHTS:
-            p.append(f"search weight must be one of {SEARCH_WEIGHTS}, got {self.search_weight!r}")
-        if not (is_int(self.search_shortlist) and self.search_shortlist >= 1):
-            p.append(f"search shortlist must be a positive integer, got {self.search_shortlist!r}")
-        if self.search_workers is not None and not (is_int(self.search_workers) and self.search_workers >= 1):
-            p.append(f"search workers must be a positive integer or None, got {self.search_workers!r}")
-        if not (is_int(self.lora_rank) and self.lora_rank >= 0):
-            p.append(f"LoRA rank must be a non-negative integer, got {self.lora_rank!r}")
-        if not (is_int(self.lora_rounds) and self.lora_rounds >= 1):
-            p.append(f"LoRA rounds must be a positive integer, got {self.lora_rounds!r}")
-        if self.lora_keep not in LORA_KEEPS:
-            p.append(f"LoRA keep must be one of {LORA_KEEPS}, got {self.lora_keep!r}")
-        if self.lora_svd not in LORA_SVDS:
-            p.append(f"LoRA SVD must be one of {LORA_SVDS}, got {self.lora_svd!r}")
-        if not isinstance(self.bias_correction, bool):
-            p.append(f"bias correction must be true or false, got {self.bias_correction!r}")
+        p = []
+        if not isinstance(self.recipe, str):
+            p.append(f"recipe must be a name, got {self.recipe!r}")
         if self.adaln not in ADALN_MODES:
             p.append(f"adaLN storage must be one of {ADALN_MODES}, got {self.adaln!r}")
-        if is_int(self.calib_labels):
-            if self.calib_labels < 1:
-                p.append(f"the number of calibration labels must be at least 1, got {self.calib_labels}")
-        elif not (isinstance(self.calib_labels, tuple) and self.calib_labels
-                  and all(is_int(v) and v >= 0 for v in self.calib_labels)):
-            p.append(f"calibration labels must be a count or a list of non-negative labels, got {self.calib_labels!r}")
-        if not is_int(self.seed):
-            p.append(f"seed must be an integer, got {self.seed!r}")
-        if not (is_int(self.steps) and self.steps >= 2):
-            p.append(f"calibration steps must be an integer of at least 2, got {self.steps!r}")
-        if not isinstance(self.cfg_scale, (int, float)) or isinstance(self.cfg_scale, bool) or self.cfg_scale < 0:
-            p.append(f"calibration cfg scale must be a non-negative number, got {self.cfg_scale!r}")
-        if self.sampler not in SAMPLERS:
-            p.append(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if p:
-            raise ConfigError("invalid quantization config: " + "; ".join(p))
+        if self.weights.range_mode != self.activations.range_mode:
+            p.append("weights and activations must use one range mode (QuantLinear applies one to both), got "
+                     f"{self.weights.range_mode!r} and {self.activations.range_mode!r}")
+        _check(p)
 
     # -- derived ----------------------------------------------------------------------------------
     def smooths(self, role: str) -> bool:
@@ -203,16 +335,53 @@ class QuantConfig:
 
     # -- serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for k, v in d.items():
-            if isinstance(v, tuple):
-                d[k] = list(v)
-        return d
+        """The nested form (what checkpoints store)."""
+        def plain(d: dict[str, Any]) -> dict[str, Any]:
+            return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+        return {"recipe": self.recipe, **{spec: plain(asdict(getattr(self, spec))) for spec in _SPECS},
+                "adaln": self.adaln}
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """The flat form of earlier versions (one key per choice)."""
+        d = {name: getattr(self, name) for name in FLAT_NAMES}
+        return {"recipe": self.recipe, **{k: list(v) if isinstance(v, tuple) else v for k, v in d.items()},
+                "adaln": self.adaln}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
-        known = {f.name for f in fields(cls)}
+        """Reads the nested form, or the flat form older quantized folders hold."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a quantization config must be a table, got {type(data).__name__}")
+        known = {"recipe", "adaln", *_SPECS, *FLAT_NAMES}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown quantization config keys: {unknown}")
-        return cls(**data)
+        kwargs = dict(data)
+        for spec, spec_cls in _SPECS.items():
+            if spec in kwargs:
+                value = kwargs[spec]
+                if not isinstance(value, dict):
+                    raise ConfigError(f"quantization config '{spec}' must be a table, got {value!r}")
+                names = {f.name for f in fields(spec_cls)}
+                bad = sorted(set(value) - names)
+                if bad:
+                    raise ConfigError(f"unknown keys in quantization config '{spec}': {bad}")
+                kwargs[spec] = spec_cls(**value)
+        return cls(**kwargs)
+
+
+def _flat_property(name: str, spec: str, fname: str) -> property:
+    def get(self: QuantConfig) -> Any:
+        return getattr(getattr(self, spec), fname)
+
+    def set_(self: QuantConfig, value: Any) -> None:
+        setattr(getattr(self, spec), fname, value)
+        if name == "range_mode":
+            self.activations.range_mode = value
+
+    return property(get, set_, doc=f"``{spec}.{fname}`` (flat name of earlier versions)")
+
+
+for _name, (_spec, _field) in FLAT_NAMES.items():
+    setattr(QuantConfig, _name, _flat_property(_name, _spec, _field))

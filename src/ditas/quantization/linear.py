@@ -112,6 +112,20 @@ class QuantLinear(nn.Module):
         return m.to(linear.weight.device)
 
     # -- views ------------------------------------------------------------------------------------
+    @property
+    def weight_format(self):
+        """The layer's weight format as the config's spec (``config.WeightFormat``)."""
+        from .config import WeightFormat
+
+        return WeightFormat(self.wbits, self.layout, self.group_size, self.range_mode)
+
+    @property
+    def activation_format(self):
+        """The layer's activation format as the config's spec (``config.ActivationFormat``)."""
+        from .config import ActivationFormat
+
+        return ActivationFormat(self.abits, self.act_granularity, self.range_mode)
+
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight the codes stand for (without the low-rank branch)."""
         return dequantize_weight(self.qweight, self.wscale, self.wzero, self.layout, self.group_size)
