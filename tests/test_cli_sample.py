@@ -63,8 +63,8 @@ def test_latent_model_decodes_with_vae(tmp_path, tiny_weights_path):
 @pytest.mark.parametrize("args,message", [
     (["--classes", "3,10"], "class label 10 is out of range"),
     (["--classes", "a,b"], "comma-separated integers"),
-    (["--steps", "0"], "--steps must be at least 2"),
-    (["--steps", "1"], "--steps must be at least 2"),
+    (["--steps", "0"], "--steps must be an integer in 2..1000"),
+    (["--steps", "1"], "--steps must be an integer in 2..1000"),
     (["--num", "0"], "--num must be at least 1"),
 ])
 def test_bad_arguments(tmp_path, tiny_weights_path, capsys, args, message):

@@ -14,7 +14,7 @@ from ditas.quantization.recipes import RECIPES, recipe_config
     (dict(a_bits=17), "activation bits"), (dict(weight_layout="row"), "weight layout"),
     (dict(act_granularity="channel"), "activation granularity"), (dict(alpha=1.5), "alpha"),
     (dict(alpha_grid=()), "alpha grid"), (dict(lora_rank=-1), "LoRA rank"), (dict(lora_rounds=0), "LoRA rounds"),
-    (dict(calib_labels=0), "calibration labels"), (dict(steps=0), "calibration steps"), (dict(steps=1), "at least 2"),
+    (dict(calib_labels=0), "calibration labels"), (dict(steps=0), "calibration steps"), (dict(steps=1), "in 2..1000"),
     (dict(sampler="euler"), "sampler"), (dict(weight_layout="group", group_size=0), "group size"),
     (dict(smooth_roles=("qkv", "head")), "smooth roles"), (dict(w_bits=4.0), "weight bits"),
 ])

@@ -149,10 +149,12 @@ def markdown_table(rows: dict[str, dict]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..fileio import output_dir
+    from ..validate import check_sampling_options
 
     for name in ("num", "steps", "batch_size", "eps_samples", "grid_count"):
         if getattr(args, name) < 1:
             raise DitasError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    check_sampling_options(steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed)
     specs = parse_recipes(args.recipes, args.w_bits, args.a_bits)
     configs = {label: config_from_args(args, recipe, w, a) for label, recipe, w, a in specs if recipe != "fp"}
     with output_dir(args.out, "ditas-compare", overwrite=args.overwrite, inputs=[args.model]) as claim:

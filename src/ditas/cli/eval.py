@@ -73,7 +73,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out:
         check_new_file(args.out, args.overwrite)  # fail before the work
+    if args.k < 1:
+        raise DitasError(f"-k must be at least 1, got {args.k}")
     images, labels = read_samples(args.samples)
+    if len(images) <= args.k:
+        raise DitasError(f"{args.samples}: {len(images)} samples; precision/recall with -k {args.k} need more than "
+                         f"{args.k}")
     classifier = load_classifier(args.classifier)
     metrics = evaluate_digit_samples(images, labels, classifier=classifier, reference=args.reference, k=args.k)
     metrics["samples_file"] = str(args.samples)

@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ditas",
         description="Data-free W4A8 quantization of Diffusion Transformers (DiTAS).")
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"ditas {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         try:

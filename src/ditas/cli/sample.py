@@ -44,15 +44,36 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "(inspection without a VAE)")
     p.add_argument("--backend", choices=("int", "fake"), default=None,
                    help="quantized models: integer kernels or simulated (default: int where supported)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="output .png (grid) or .npz (arr_0 uint8 NHWC + labels); new file")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _pipeline.add_sample_arguments(p)
     return p
 
 
+MAX_GRID_IMAGES = 1024  # a PNG grid is for looking at; more images go to an .npz
+
+
+def check_output_size(out: Path, n: int, config) -> None:
+    """Refuses a PNG grid of more than MAX_GRID_IMAGES images, and an .npz larger than the free disk."""
+    import shutil
+
+    if out.suffix.lower() == ".png":
+        if n > MAX_GRID_IMAGES:
+            raise DitasError(f"--num {n}: a PNG grid holds at most {MAX_GRID_IMAGES} images; write an .npz for more")
+        return
+    side = config.input_size * (8 if config.space == "latent" else 1)  # the SD VAE upsamples 8x
+    need = n * side * side * 3 + n * 8 + (1 << 20)  # uint8 RGB images, int64 labels, zip headers
+    free = shutil.disk_usage(out.parent if str(out.parent) else ".").free
+    if need > free:
+        raise DitasError(f"--num {n}: the .npz would take {need / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB "
+                         f"are free in {out.parent}")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..diffusion.pipeline import decode_to_uint8, generate, make_grid, save_npz, save_png
     from ..fileio import check_new_file
+    from ..validate import check_sampling_options
     from ..model.loading import load_dit
     from ..model.vae import load_vae
 
@@ -62,8 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix.lower() not in (".png", ".npz"):
         raise DitasError(f"--out must end in .png or .npz, got {out}")
     check_new_file(out, args.overwrite)
-    if args.steps < 2:
-        raise DitasError(f"--steps must be at least 2, got {args.steps}")
+    check_sampling_options(steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta, seed=args.seed)
     if args.num is not None and args.num < 1:
         raise DitasError(f"--num must be at least 1, got {args.num}")
     classes = _parse_classes(args.classes)
@@ -81,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
                              "(a local diffusers AutoencoderKL folder)")
         vae = load_vae(vae_path)
     n = args.num or (len(classes) if classes else 16)
+    check_output_size(out, n, model.config)  # before sampling: a grid too large, or a disk too small
     if classes:
         labels = torch.tensor([classes[i % len(classes)] for i in range(n)])
     else:
@@ -88,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         labels = torch.randint(0, model.num_classes, (n,), generator=g)
     samples = generate(model, labels, steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler,
                        eta=args.eta, seed=args.seed, batch_size=args.batch_size,
-                       guide_channels=None if args.guide_all_channels else 3)
+                       guide_channels=None if args.guide_all_channels else 3, progress=not args.no_progress)
     images = decode_to_uint8(model, samples, vae)
     if out.suffix.lower() == ".png":
         nrow = len(classes) if classes and len(classes) <= 16 else None

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DitasError
 from ..fileio import atomic_file
+from ..validate import FiniteGuard, check_sampling_options
 from .gaussian import create_diffusion
 from .samplers import SAMPLERS, guided_model_fn, sample_steps
 
@@ -47,8 +48,7 @@ def generate(model: nn.Module, labels: Sequence[int] | torch.Tensor, steps: int 
              z: torch.Tensor | None = None) -> torch.Tensor:
     """Samples one image (latent or pixel tensor, model space) per label; returns (N, C, H, W)."""
     labels = check_labels(model, labels)
-    if not isinstance(steps, int) or steps < 2:
-        raise DitasError(f"--steps must be at least 2, got {steps}")
+    check_sampling_options(steps=steps, cfg_scale=cfg_scale, eta=eta, seed=seed)
     if sampler not in SAMPLERS:
         raise DitasError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if batch_size < 1:
@@ -63,6 +63,7 @@ def generate(model: nn.Module, labels: Sequence[int] | torch.Tensor, steps: int 
         y = labels[b * batch_size:(b + 1) * batch_size]
         zb = z_all[b * batch_size:(b + 1) * batch_size]
         model_fn, _ = guided_model_fn(model, y, cfg_scale, guide_channels)
+        model_fn = FiniteGuard(model, model_fn, steps)  # a NaN stops the run, naming step and layer
         if cfg_scale is not None and cfg_scale > 1.0:
             zb = torch.cat([zb, zb], dim=0)
         g = torch.Generator().manual_seed(seed + 1 + b)

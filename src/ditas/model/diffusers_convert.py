@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from ..validate import is_int
 from .dit import DiTConfig, get_2d_sincos_pos_embed
 from .loading import build_from_state
 
@@ -51,17 +52,26 @@ def diffusers_config_to_dit(cfg: dict[str, Any], source: str) -> DiTConfig:
         unsupported.append("no class conditioning (num_embeds_ada_norm is null)")
     if unsupported:
         raise CheckpointError(f"{source}: unsupported diffusers DiT variant: {', '.join(unsupported)}")
-    heads = int(cfg.get("num_attention_heads", 16))
-    hidden = heads * int(cfg.get("attention_head_dim", 72))
-    in_ch = int(cfg.get("in_channels", 4))
-    out_ch = int(cfg.get("out_channels") or in_ch)
-    if out_ch not in (in_ch, 2 * in_ch):
-        raise CheckpointError(f"{source}: out_channels {out_ch} is neither in_channels nor twice it")
-    return DiTConfig(input_size=int(cfg.get("sample_size", 32)), patch_size=int(cfg.get("patch_size", 2)),
-                     in_channels=in_ch, hidden_size=hidden, depth=int(cfg.get("num_layers", 28)),
-                     num_heads=heads, num_classes=int(cfg["num_embeds_ada_norm"]),
-                     learn_sigma=out_ch == 2 * in_ch, norm_eps=float(cfg.get("norm_eps", 1e-5)),
-                     timestep_freq_shift=1)
+    def integer(key: str, default: int | None) -> int:
+        value = cfg.get(key, default)
+        if not is_int(value):
+            raise CheckpointError(f"{source}: {key} must be an integer, got {value!r}")
+        return value
+
+    heads = integer("num_attention_heads", 16)
+    hidden = heads * integer("attention_head_dim", 72)
+    in_ch = integer("in_channels", 4)
+    out_ch = cfg.get("out_channels") or in_ch
+    if not is_int(out_ch) or out_ch not in (in_ch, 2 * in_ch):
+        raise CheckpointError(f"{source}: out_channels {out_ch!r} is neither in_channels nor twice it")
+    eps = cfg.get("norm_eps", 1e-5)
+    try:
+        return DiTConfig(input_size=integer("sample_size", 32), patch_size=integer("patch_size", 2),
+                         in_channels=in_ch, hidden_size=hidden, depth=integer("num_layers", 28),
+                         num_heads=heads, num_classes=integer("num_embeds_ada_norm", None),
+                         learn_sigma=out_ch == 2 * in_ch, norm_eps=eps, timestep_freq_shift=1)
+    except ValueError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
 
 
 def convert_diffusers_state(d: dict[str, torch.Tensor], config: DiTConfig, source: str) -> dict[str, torch.Tensor]:

@@ -52,11 +52,22 @@ class DiTConfig:
         if not self.space:
             self.space = "latent" if self.in_channels == 4 else "pixel"
         problems = []
-        for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth",
-                     "num_heads", "num_classes"):
+        for name, most in (("input_size", 1 << 14), ("patch_size", 1 << 10), ("in_channels", 1 << 12),
+                           ("hidden_size", 1 << 16), ("depth", 1 << 10), ("num_heads", 1 << 12),
+                           ("num_classes", 1 << 24)):  # upper bounds: far above any DiT, below a hang
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                problems.append(f"{name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+                problems.append(f"{name} must be an integer in 1..{most}, got {value!r}")
+        for name, lo, hi in (("mlp_ratio", 0.0, 64.0), ("norm_eps", 0.0, 1.0), ("class_dropout_prob", 0.0, 1.0)):
+            value = getattr(self, name)  # a zero eps or a zero MLP breaks the model; dropout may be 0
+            ok_lo = (lambda v: v >= lo) if name == "class_dropout_prob" else (lambda v: v > lo)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (ok_lo(value) and value < hi):
+                problems.append(f"{name} must be a number {'>=' if name == 'class_dropout_prob' else '>'} {lo:g} "
+                                f"and < {hi:g}, got {value!r}")
+        if not isinstance(self.learn_sigma, bool):
+            problems.append(f"learn_sigma must be true or false, got {self.learn_sigma!r}")
+        if self.timestep_freq_shift not in (0, 1) or isinstance(self.timestep_freq_shift, bool):
+            problems.append(f"timestep_freq_shift must be 0 or 1, got {self.timestep_freq_shift!r}")
         if problems:
             raise ValueError("invalid DiT config: " + "; ".join(problems))
         if self.input_size % self.patch_size:

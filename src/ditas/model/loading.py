@@ -20,6 +20,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..quantization.checkpoint import load_quantized
+from ..validate import check_finite_state, state_config_problem
 from .dit import DiT, DiTConfig
 from .state_files import read_pt as _read_pt, read_safetensors as _read_safetensors  # noqa: F401
 
@@ -81,6 +82,9 @@ def infer_config(state: dict[str, torch.Tensor], source: str = "state dict") -> 
 
 def build_from_state(state: dict[str, torch.Tensor], config: DiTConfig | None, source: str) -> DiT:
     config = config or infer_config(state, source)
+    problem = state_config_problem(config, state)
+    if problem:
+        raise CheckpointError(f"{source}: {problem}")
     with torch.device("meta"):
         model = DiT(config)
     own = model.state_dict()
@@ -99,6 +103,7 @@ def build_from_state(state: dict[str, torch.Tensor], config: DiTConfig | None, s
                                   f"the config implies {tuple(v.shape)}")
         if not state[k].is_floating_point():
             raise CheckpointError(f"{source}: {k} holds {state[k].dtype}, expected floating point")
+    check_finite_state(state, source)
     model = model.to_empty(device="cpu")
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return model.eval()
@@ -149,6 +154,8 @@ def _load_folder(path: Path, config: DiTConfig | None, **kwargs: Any) -> torch.n
         data = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{cfg_file}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{cfg_file}: holds a JSON {type(data).__name__}, expected an object")
     if data.get("_class_name") == "DiTTransformer2DModel":
         from .diffusers_convert import load_diffusers_dit
 
@@ -159,7 +166,7 @@ def _load_folder(path: Path, config: DiTConfig | None, **kwargs: Any) -> torch.n
         raise CheckpointError(f"{cfg_file}: not a ditas or diffusers DiT config (no 'model' or '_class_name')")
     try:
         cfg = config or DiTConfig.from_dict(data["model"])
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{cfg_file}: bad model config ({exc})") from None
     weights = path / "model.safetensors"
     if not weights.exists():
@@ -177,12 +184,12 @@ def save_dit(model: DiT, path: str | os.PathLike, extra: dict[str, Any] | None =
     """
     from safetensors.torch import save_file
 
-    from ..fileio import publish_dir
+    from ..fileio import json_text, publish_dir
 
     def write(folder: Path) -> None:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(folder / "model.safetensors"), metadata={"config": model.config.to_json()})
-        (folder / "config.json").write_text(json.dumps({"format": "ditas-dit", "model": model.config.to_dict(),
-                                                        **(extra or {})}, indent=2, allow_nan=False))
+        (folder / "config.json").write_text(json_text({"format": "ditas-dit", "model": model.config.to_dict(),
+                                                      **(extra or {})}, "config.json"))
 
     return publish_dir(path, "ditas-dit", write, overwrite=overwrite)

@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..fileio import publish_dir
+from ..fileio import json_text, publish_dir
 from ..model.adapters.registry import adapter_class, adapter_for
 from ..model.empty import empty_parameters
 from ..model.state_files import read_safetensors
+from ..validate import check_finite_state, check_layer_table, check_scales, state_config_problem
 from .linear import BACKENDS, QuantLinear
 from .weight_only import WeightOnlyInt8Linear
 
@@ -113,11 +114,11 @@ def write_quantized(model: nn.Module, folder: Path, quant_config: dict[str, Any]
     }
     adapter = adapter_for(model)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "ditas-quantized"})
-    (folder / "config.json").write_text(json.dumps({"format": "ditas-quantized", "family": adapter.family,
-                                                    "quantization": qmeta, "model": adapter.model_config()},
-                                                   indent=2, allow_nan=False))
+    (folder / "config.json").write_text(json_text({"format": "ditas-quantized", "family": adapter.family,
+                                                  "quantization": qmeta, "model": adapter.model_config()},
+                                                  "config.json"))
     if report is not None:
-        (folder / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False))
+        (folder / "report.json").write_text(json_text(report, "report.json"))
 
 
 def _default_backend() -> str:
@@ -171,8 +172,7 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
     if backend not in BACKENDS:
         raise CheckpointError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     q = data.get("quantization")
-    if not isinstance(q, dict) or "layers" not in q:
-        raise CheckpointError(f"{path}/config.json: 'quantization' lacks its layer table")
+    check_layer_table(q, f"{path}/config.json")
     version = q.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: quantized format version {version!r} is not supported "
@@ -188,6 +188,8 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
     if not weights.exists():
         raise CheckpointError(f"{path}: model.safetensors is missing")
     state, _ = read_safetensors(weights)
+    check_finite_state(state, str(weights))
+    check_scales(state, str(weights))
     packed = q.get("qweight_packing", "none") == "packed"
     packing = _packing() if packed else None
     if packed and packing is None:
@@ -198,6 +200,9 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
             model = adapter_cls.build(data["model"])
         except (KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{path}/config.json: bad model config ({exc})") from None
+    problem = state_config_problem(getattr(model, "config", None), state)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     with torch.device("meta"):
         for name, meta in q["layers"].items():
             try:
@@ -212,8 +217,8 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
                                   bias=meta["bias"], layout=meta["layout"], group_size=meta["group_size"],
                                   act_granularity=meta["act_granularity"], range_mode=meta["range_mode"],
                                   lora_rank=meta["lora_rank"], has_smooth=meta["smooth"], backend=backend)
-            except (KeyError, ValueError) as exc:
-                raise CheckpointError(f"{path}: bad layer entry for {name} ({exc})") from None
+            except (KeyError, ValueError, RuntimeError) as exc:
+                raise CheckpointError(f"{path}: bad layer entry for {name} ({str(exc).splitlines()[0]})") from None
             model.set_submodule(name, new)
         for name, meta in q.get("weight_only_layers", {}).items():
             try:
@@ -231,7 +236,11 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
     for name, meta in q["layers"].items():
         key = f"{name}.qweight"
         if key in state and packing is not None:
-            state[key] = packing.unpack_codes(state[key], meta["wbits"], (meta["out_features"], meta["in_features"]))
+            try:
+                state[key] = packing.unpack_codes(state[key], meta["wbits"], (meta["out_features"], meta["in_features"]))
+            except ValueError as exc:
+                raise CheckpointError(f"{weights}: {key} does not hold the {meta['wbits']}-bit codes of a "
+                                      f"{meta['in_features']}->{meta['out_features']} layer ({exc})") from None
     missing = sorted(set(expected) - set(state))
     unknown = sorted(set(state) - set(expected))
     if missing or unknown:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..errors import ConfigError
+from ..validate import cfg_scale_problem, seed_problem, steps_problem
 from .quantizers import ACT_GRANULARITIES, RANGE_MODES, WEIGHT_LAYOUTS
 
 LAYER_ROLES = ("qkv", "proj", "fc1", "fc2")
@@ -191,12 +192,8 @@ class CalibrationSpec:
                 p.append(f"the number of calibration labels must be at least 1, got {self.labels}")
         elif not (isinstance(self.labels, tuple) and self.labels and all(_is_int(v) and v >= 0 for v in self.labels)):
             p.append(f"calibration labels must be a count or a list of non-negative labels, got {self.labels!r}")
-        if not _is_int(self.seed):
-            p.append(f"seed must be an integer, got {self.seed!r}")
-        if not (_is_int(self.steps) and self.steps >= 2):
-            p.append(f"calibration steps must be an integer of at least 2, got {self.steps!r}")
-        if not _is_num(self.cfg_scale) or self.cfg_scale < 0:
-            p.append(f"calibration cfg scale must be a non-negative number, got {self.cfg_scale!r}")
+        p += [m for m in (seed_problem(self.seed, "calibration seed"), steps_problem(self.steps, "calibration steps"),
+                          cfg_scale_problem(self.cfg_scale, "calibration cfg scale")) if m]
         if self.sampler not in SAMPLERS:
             p.append(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         _check(p)

@@ -1,0 +1,202 @@
+"""Checks that turn silent garbage into one-line errors: options, weights, and predictions.
+
+Small functions with one job each, called from one line in the CLI, the loaders and the sampler,
+so that they stay put when those modules move: ``sampling_problems`` (steps, guidance scale, eta,
+seed), ``check_finite_state`` (a state dict with a NaN or inf, named), and ``FiniteGuard`` (a
+model function that stops a sampling run at the first non-finite prediction, naming the step and
+the first layer that produced it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, ConfigError, DitasError
+
+NUM_TIMESTEPS = 1000  # the training schedule every DiT is respaced from
+MAX_SEED = 2 ** 63 - 2 ** 32  # generators take 64-bit seeds; samplers seed batches with seed + 1 + b
+
+
+def is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def seed_problem(seed: Any, name: str = "--seed") -> str | None:
+    if not is_int(seed) or not 0 <= seed <= MAX_SEED:
+        return f"{name} must be an integer in 0..{MAX_SEED}, got {seed!r}"
+    return None
+
+
+def steps_problem(steps: Any, name: str = "--steps", num_timesteps: int = NUM_TIMESTEPS) -> str | None:
+    if not is_int(steps) or not 2 <= steps <= num_timesteps:
+        return (f"{name} must be an integer in 2..{num_timesteps} (sampling respaces the "
+                f"{num_timesteps} training timesteps), got {steps!r}")
+    return None
+
+
+def cfg_scale_problem(cfg_scale: Any, name: str = "--cfg-scale") -> str | None:
+    if cfg_scale is None:
+        return None
+    if not is_number(cfg_scale) or not math.isfinite(cfg_scale) or not 0 <= cfg_scale <= 100:
+        return f"{name} must be a number in 0..100 (<= 1: no guidance), got {cfg_scale!r}"
+    return None
+
+
+def eta_problem(eta: Any, name: str = "--eta") -> str | None:
+    if not is_number(eta) or not math.isfinite(eta) or not 0 <= eta <= 1:
+        return f"{name} must be a number in 0..1 (0: deterministic DDIM, 1: DDPM-like noise), got {eta!r}"
+    return None
+
+
+def sampling_problems(steps: Any = 2, cfg_scale: Any = None, eta: Any = 0.0, seed: Any = 0) -> list[str]:
+    """What is wrong with the options of one sampling run (empty: nothing)."""
+    found = [steps_problem(steps), cfg_scale_problem(cfg_scale), eta_problem(eta), seed_problem(seed)]
+    return [p for p in found if p]
+
+
+def check_sampling_options(**options: Any) -> None:
+    """``ConfigError`` naming every bad option among ``steps``, ``cfg_scale``, ``eta``, ``seed``."""
+    problems = sampling_problems(**options)
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def check_finite_state(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuses a checkpoint with a NaN or inf in any floating-point tensor, naming the first."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = t[~torch.isfinite(t)].flatten()[0].item()
+            count = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{source}: tensor {name} holds {count} non-finite value(s) (first: {bad}); "
+                                  "the checkpoint is corrupt")
+
+
+class FiniteGuard:
+    """Wraps the model function of one sampling run; stops at the first non-finite prediction.
+
+    On a bad prediction it re-runs that one call with forward hooks to find the first module (in
+    execution order) whose output is not finite, then raises a ``DitasError`` naming the step,
+    the timestep and that module. The check costs one ``isfinite`` per step; the search only runs
+    on failure.
+    """
+
+    def __init__(self, model: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 num_steps: int, what: str = "sampling"):
+        self.model, self.fn, self.num_steps, self.what = model, fn, num_steps, what
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = self.fn(x, t)
+        self.calls += 1
+        if not bool(torch.isfinite(out).all()):
+            where = "the input" if not bool(torch.isfinite(x).all()) else first_non_finite_module(self.model, self.fn, x, t)
+            raise DitasError(f"{self.what} step {self.calls} of {self.num_steps} (model timestep {int(t.flatten()[0])}): "
+                             f"the model's prediction is not finite (first non-finite output: {where}); "
+                             "no output written")
+        return out
+
+
+def first_non_finite_module(model: nn.Module, fn: Callable, x: torch.Tensor, t: torch.Tensor) -> str:
+    """The name of the first module whose output is not finite when ``fn(x, t)`` runs."""
+    found: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(module, _inputs, output):
+        if not found and isinstance(output, torch.Tensor) and output.is_floating_point() \
+                and not bool(torch.isfinite(output).all()):
+            found.append(names.get(module) or type(module).__name__)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            fn(x, t)
+    finally:
+        for h in handles:
+            h.remove()
+    return f"layer {found[0]}" if found else "the guidance combination (every layer's output is finite)"
+
+
+def state_config_problem(config: Any, state: Mapping[str, torch.Tensor]) -> str | None:
+    """How a DiT config disagrees with the tensor shapes of its weights (None: it does not).
+
+    Checked before the model is built, so a config edited to ``depth: 100000`` fails at once and
+    names the number in the file and the number in the weights."""
+    import re
+
+    if not all(hasattr(config, k) for k in ("depth", "hidden_size", "in_channels", "patch_size")):
+        return None  # not a DiT config (another model family): its loader checks the keys
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if blocks and max(blocks) + 1 != config.depth:
+        return f"the config says depth {config.depth}, the weights hold {max(blocks) + 1} blocks"
+    pe = state.get("x_embedder.proj.weight")
+    if pe is not None and pe.ndim == 4:
+        for name, have in (("hidden_size", pe.shape[0]), ("in_channels", pe.shape[1]), ("patch_size", pe.shape[2])):
+            if getattr(config, name) != have:
+                return f"the config says {name} {getattr(config, name)}, the weights have {have}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+#                                  Quantized model folders
+# ----------------------------------------------------------------------------------------------
+
+_LAYER_FIELDS = {"in_features": is_int, "out_features": is_int, "wbits": is_int, "abits": is_int,
+                 "layout": lambda v: isinstance(v, str), "group_size": is_int,
+                 "act_granularity": lambda v: isinstance(v, str), "range_mode": lambda v: isinstance(v, str),
+                 "lora_rank": is_int, "bias": lambda v: isinstance(v, bool), "smooth": lambda v: isinstance(v, bool)}
+_WEIGHT_ONLY_FIELDS = {"in_features": is_int, "out_features": is_int, "bias": lambda v: isinstance(v, bool),
+                       "compute": lambda v: isinstance(v, str)}
+
+
+def _check_entry(fields: dict, name: str, meta: Any, source: str, what: str) -> None:
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{source}: the entry of {what} {name} is {type(meta).__name__}, expected an object")
+    for key, ok in fields.items():
+        if key not in meta:
+            raise CheckpointError(f"{source}: {what} {name} lacks '{key}'")
+        if not ok(meta[key]):
+            raise CheckpointError(f"{source}: {what} {name} has {key} = {meta[key]!r} ({type(meta[key]).__name__})")
+    for key in ("in_features", "out_features"):
+        if meta[key] < 1:
+            raise CheckpointError(f"{source}: {what} {name} has {key} = {meta[key]}, expected at least 1")
+
+
+def check_layer_table(q: Any, source: str) -> None:
+    """The ``quantization`` object of a quantized folder's ``config.json``: types and ranges of
+    every layer entry, so a hand-edited or corrupted file fails with the field it got wrong."""
+    if not isinstance(q, dict):
+        raise CheckpointError(f"{source}: 'quantization' is {type(q).__name__}, expected an object")
+    layers = q.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise CheckpointError(f"{source}: 'quantization.layers' must be a non-empty object (layer name -> entry), "
+                              f"got {type(layers).__name__}")
+    for name, meta in layers.items():
+        _check_entry(_LAYER_FIELDS, name, meta, source, "quantized layer")
+        if not 2 <= meta["wbits"] <= 8:
+            raise CheckpointError(f"{source}: quantized layer {name} has wbits = {meta['wbits']}, expected 2..8")
+        if not 4 <= meta["abits"] <= 16:
+            raise CheckpointError(f"{source}: quantized layer {name} has abits = {meta['abits']}, expected 4..16")
+        if meta["lora_rank"] < 0 or meta["group_size"] < 0:
+            key = "lora_rank" if meta["lora_rank"] < 0 else "group_size"
+            raise CheckpointError(f"{source}: quantized layer {name} has {key} = {meta[key]}, expected >= 0")
+    wo = q.get("weight_only_layers", {})
+    if not isinstance(wo, dict):
+        raise CheckpointError(f"{source}: 'quantization.weight_only_layers' is {type(wo).__name__}, expected an object")
+    for name, meta in wo.items():
+        _check_entry(_WEIGHT_ONLY_FIELDS, name, meta, source, "weight-only layer")
+
+
+def check_scales(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Weight scales of quantized layers must be positive (zero maps every weight to zero or NaN)."""
+    for name, t in state.items():
+        if name.endswith(".wscale") and t.is_floating_point() and bool((t <= 0).any()):
+            raise CheckpointError(f"{source}: tensor {name} holds {int((t <= 0).sum())} scale(s) <= 0 "
+                                  f"(smallest {float(t.min()):g}); weight scales must be positive")
