@@ -178,6 +178,8 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
         raise CheckpointError(f"{path}: quantized format version {version!r} is not supported "
                               f"(this ditas reads version {FORMAT_VERSION})")
     family = data.get("family", "dit")  # folders written before families were all DiT
+    if not isinstance(family, str):
+        raise CheckpointError(f"{path}/config.json: 'family' is {family!r}, expected a model family name")
     try:
         adapter_cls = adapter_class(family)
     except ConfigError as exc:
