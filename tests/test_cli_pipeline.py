@@ -93,3 +93,23 @@ def test_shipped_calibration_prompts():
     prompts = read_prompts()
     assert len(prompts) >= 64 and len(set(prompts)) == len(prompts)
     assert all(len(p.split()) >= 4 for p in prompts)
+
+
+def test_public_api_with_the_users_pipeline(tmp_path, pipeline_dir):
+    """The issue's example: record during any pipeline run, quantize in place, save, load, swap in."""
+    import ditas
+    from ditas.pipelines import generate_images, load_pipeline
+
+    pipe = load_pipeline(pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    with ditas.record_calibration(pipe.transformer) as calib:
+        pipe(["a red fox", "a blue house"], num_inference_steps=3, output_type="latent", use_resolution_binning=False,
+             clean_caption=False, generator=torch.Generator().manual_seed(0))
+    assert calib.steps == 3 and calib.model_calls == 3  # one batched call per step (both guidance halves)
+    report = ditas.quantize_(pipe.transformer, ditas.recipe_config("ditas", lora_rank=4, lora_rounds=2), calib)
+    assert report["num_layers"] == 14 and isinstance(pipe.transformer.transformer_blocks[1].ff.net[2], QuantLinear)
+    in_place = generate_images(pipe, "a cat", steps=2, seed=3, progress=False)[0]
+    ditas.save_quantized(pipe.transformer, tmp_path / "q")
+    pipe.transformer = ditas.load_quantized(tmp_path / "q", backend="fake")
+    loaded = generate_images(pipe, "a cat", steps=2, seed=3, progress=False)[0]
+    assert np.array_equal(np.asarray(in_place), np.asarray(loaded))
