@@ -11,10 +11,11 @@ from .errors import CheckpointError, ConfigError, DitasError
 from .model.dit import DiT, DiTConfig, DiT_models, dit_config
 from .model.loading import default_model_path, load_dit, save_dit
 from .quantization.config import QuantConfig
+from .model.adapters.base import CalibrationRecord
 from .api import load_quantized, quantize_, record_calibration, recipe_config, save_quantized
 
 __version__ = "0.1.0"
 
 __all__ = ["DiT", "DiTConfig", "DiT_models", "dit_config", "load_dit", "save_dit", "default_model_path",
-           "record_calibration", "quantize_", "save_quantized", "load_quantized", "recipe_config", "QuantConfig",
+           "record_calibration", "quantize_", "save_quantized", "load_quantized", "recipe_config", "QuantConfig", "CalibrationRecord",
            "DitasError", "CheckpointError", "ConfigError", "__version__"]

@@ -23,14 +23,9 @@ import torch
 from torch import nn
 
 from ...errors import CalibrationError
-from .base import ON_THE_FLY, BlockCall, BlockSpec, CalibrationRecord, Fold, LinearSpec, ModelAdapter, SmoothGroup
+from ._diffusers import DiffusersAdapter
+from .base import ON_THE_FLY, BlockCall, BlockSpec, CalibrationRecord, Fold, LinearSpec, SmoothGroup
 from .registry import register
-
-
-def _diffusers_dit_class():
-    from diffusers import DiTTransformer2DModel
-
-    return DiTTransformer2DModel
 
 
 def replace_hidden_states(call: BlockCall, hidden: Any) -> BlockCall:
@@ -41,15 +36,9 @@ def replace_hidden_states(call: BlockCall, hidden: Any) -> BlockCall:
 
 
 @register
-class DiffusersDiTAdapter(ModelAdapter):
+class DiffusersDiTAdapter(DiffusersAdapter):
     family = "diffusers-dit"
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        try:
-            return isinstance(model, _diffusers_dit_class())
-        except ImportError:
-            return False
+    class_name = "DiTTransformer2DModel"
 
     def blocks(self) -> list[BlockSpec]:
         out = []
@@ -95,15 +84,6 @@ class DiffusersDiTAdapter(ModelAdapter):
                     config.steps, float(config.cfg_scale or 0.0), config.sampler)
         if record.key != expected:
             raise CalibrationError("the given trajectory was recorded with other calibration settings")
-
-    def model_config(self) -> dict[str, Any]:
-        cfg = {k: v for k, v in dict(self.model.config).items() if not k.startswith("_")}
-        return {"_class_name": type(self.model).__name__, **cfg}
-
-    @classmethod
-    def build(cls, config: dict[str, Any]) -> nn.Module:
-        klass = _diffusers_dit_class()
-        return klass.from_config({k: v for k, v in config.items() if k != "_class_name"})
 
 
 class ClassConditionalView(nn.Module):
