@@ -147,3 +147,68 @@ def save_tiny_pixart_pipeline(path, seed: int = 0) -> None:
     pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                                transformer=tiny_pixart(seed), scheduler=DPMSolverMultistepScheduler())
     pipe.save_pretrained(str(path))
+
+
+_WORDS = "a photo of the cat dog fox red blue tree house in snow city night painting".split()
+
+
+def _clip(hidden: int, projection: int | None = None):
+    """A 1-layer CLIP text encoder (with projection if ``projection``) and its BPE tokenizer
+    built from a word-and-letter vocabulary (no download)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for w in _WORDS:
+        vocab[w + "</w>"] = len(vocab)
+    for ch in sorted(set("".join(_WORDS))):
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+    cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, projection_dim=projection or hidden,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return tokenizer, (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+
+
+def _t5():
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in _WORDS]
+    tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=16)
+    model = T5EncoderModel(T5Config(vocab_size=len(pieces), d_model=TEXT_DIM, d_kv=8, d_ff=32, num_layers=1,
+                                    num_heads=2, decoder_start_token_id=0)).eval()
+    return tokenizer, model
+
+
+def _vae(latent_channels: int):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"],
+                         up_block_types=["UpDecoderBlock2D"], block_out_channels=[8], layers_per_block=1,
+                         latent_channels=latent_channels, norm_num_groups=4, sample_size=8, shift_factor=0.0)
+
+
+def save_tiny_sd3_pipeline(path, seed: int = 0) -> None:
+    """A Stable Diffusion 3 pipeline folder, all random and tiny: two CLIP text encoders with
+    projection (12 wide each: their states fill the 24-wide joint attention input, their pooled
+    outputs the 12-wide pooled projection), no T5 (``text_encoder_3=None``, as SD3 allows)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    (tok1, enc1), (tok2, enc2) = _clip(TEXT_DIM // 2, POOLED_DIM // 2), _clip(TEXT_DIM // 2, POOLED_DIM // 2)
+    pipe = StableDiffusion3Pipeline(transformer=tiny_sd3(seed), scheduler=FlowMatchEulerDiscreteScheduler(),
+                                    vae=_vae(4), text_encoder=enc1, tokenizer=tok1, text_encoder_2=enc2,
+                                    tokenizer_2=tok2, text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(str(path))
+
+
+def save_tiny_flux_pipeline(path, seed: int = 0) -> None:
+    """A Flux.1 pipeline folder, all random and tiny: CLIP (pooled, 12 wide) and T5 (24 wide)
+    text encoders, a VAE with 2 latent channels (packed 2x2 into the transformer's 8)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    torch.manual_seed(seed)
+    (tok1, enc1), (tok2, enc2) = _clip(POOLED_DIM), _t5()
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(2), text_encoder=enc1, tokenizer=tok1,
+                        text_encoder_2=enc2, tokenizer_2=tok2, transformer=tiny_flux(seed))
+    pipe.save_pretrained(str(path))

@@ -113,3 +113,19 @@ def test_public_api_with_the_users_pipeline(tmp_path, pipeline_dir):
     pipe.transformer = ditas.load_quantized(tmp_path / "q", backend="fake")
     loaded = generate_images(pipe, "a cat", steps=2, seed=3, progress=False)[0]
     assert np.array_equal(np.asarray(in_place), np.asarray(loaded))
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_quantize_and_sample_sd3_and_flux_pipelines_on_the_cli(tmp_path, family, capsys):
+    pipe_dir = tmp_path / f"tiny-{family}"
+    {"sd3": fm.save_tiny_sd3_pipeline, "flux": fm.save_tiny_flux_pipeline}[family](pipe_dir)
+    size = ["--height", "8", "--width", "8"]  # the pipelines' defaults would be 128 px here
+    q = tmp_path / "q"
+    assert main(["quantize", "--model", str(pipe_dir), "--out", str(q), *QUANT_ARGS, *size]) == 0
+    assert json.loads((q / "config.json").read_text())["family"] == family
+    assert json.loads((q / "report.json").read_text())["calibration"]["transformer_calls"] == 4
+    png = tmp_path / "x.png"
+    assert main(["sample", "--quantized", str(q), "--prompt", "a red fox", "--steps", "2", *size,
+                 "--out", str(png)]) == 0
+    assert _png(png).shape == (12, 12, 3)  # one 8x8 image with a 2-pixel border
+    assert "quantized the" in capsys.readouterr().out

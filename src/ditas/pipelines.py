@@ -62,6 +62,8 @@ def load_pipeline(path: str | os.PathLike, transformer: torch.nn.Module | None =
     from diffusers import DiffusionPipeline
 
     kwargs: dict[str, Any] = {"local_files_only": True}
+    # components saved as absent (e.g. SD3 without its T5 encoder) must be passed as None again
+    kwargs.update({k: None for k, v in index.items() if not k.startswith("_") and v == [None, None]})
     if transformer is not None:
         kwargs["transformer"] = transformer
     try:
