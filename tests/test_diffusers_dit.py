@@ -119,3 +119,20 @@ def test_save_load_forward_is_bit_exact(tmp_path, backend):
     assert torch.equal(_out(back, inputs), _out(m, inputs))
     a, b = m.transformer_blocks[1].norm1.emb, back.transformer_blocks[1].norm1.emb
     assert torch.equal(a.timestep_embedder.linear_1.weight, b.timestep_embedder.linear_1.weight)
+
+
+def test_int_kernel_agrees_with_the_simulated_path(tmp_path):
+    pytest.importorskip("ditas.quantization.int_kernels")
+    m = tiny_diffusers_dit(5)
+    fp = copy.deepcopy(m)
+    with ditas.record_calibration(m) as calib:
+        class_loop_calls(m, steps=3, seed=5)
+    ditas.quantize_(m, ditas.recipe_config("ditas", lora_rank=4, lora_rounds=2, alpha_grid=(0.3, 0.6)), calib)
+    ditas.save_quantized(m, tmp_path / "q")
+    fake = ditas.load_quantized(tmp_path / "q", backend="fake")
+    real = ditas.load_quantized(tmp_path / "q", backend="int")
+    assert any(isinstance(mod, QuantLinear) and mod.backend == "int" and mod.int_supported() for mod in real.modules())
+    inputs = _held_out(11)
+    a, b, ref = _out(real, inputs), _out(fake, inputs), _out(fp, inputs)
+    # much closer to each other than either is to FP (the quantization error)
+    assert _rel(a, b) < 1e-3 and _rel(a, b) < 0.05 * _rel(b, ref)
