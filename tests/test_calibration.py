@@ -6,9 +6,7 @@ import pytest
 import torch
 
 from ditas.calibration.blockwise import subsample_index
-from ditas.diffusion.gaussian import create_diffusion
-from ditas.diffusion.pipeline import start_noise
-from ditas.diffusion.samplers import guided_model_fn, sample_steps
+from ditas.diffusion.run import SamplingSettings, sampling_run
 from ditas.errors import CalibrationError, ConfigError
 from ditas.quantization.apply import calibrate, prepare, quantize, record
 from ditas.quantization.recipes import recipe_config
@@ -33,11 +31,9 @@ def _observe_layer(model, name, cfg, labels):
         step[0] += 1
 
     h = model.get_submodule(name).register_forward_pre_hook(hook)
-    diffusion = create_diffusion(cfg.steps, learn_sigma=model.config.learn_sigma)
-    z = start_noise(model, len(labels), cfg.seed)
-    fn, _ = guided_model_fn(model, torch.tensor(labels), cfg.cfg_scale)
+    settings = SamplingSettings(steps=cfg.steps, cfg_scale=cfg.cfg_scale, sampler=cfg.sampler, seed=cfg.seed)
     with torch.no_grad():
-        for _ in sample_steps(fn, diffusion, torch.cat([z, z]), generator=torch.Generator().manual_seed(cfg.seed + 1)):
+        for _ in sampling_run(model, torch.tensor(labels), settings):
             pass
     h.remove()
     lo, hi = torch.stack(lo), torch.stack(hi)

@@ -16,9 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..diffusion.gaussian import create_diffusion
-from ..diffusion.pipeline import start_noise
-from ..diffusion.samplers import guided_model_fn, sample_steps
+from ..diffusion.run import SamplingSettings, sampling_run
 from ..errors import CalibrationError
 from ..model.adapters.base import BlockCall, CalibrationRecord
 
@@ -74,18 +72,14 @@ def record_trajectory(model: nn.Module, labels: list[int], steps: int, cfg_scale
     """Samples ``labels`` with the FP model and records the call of ``first_block`` (the model's
     first transformer block) at every step.
 
-    Noise follows ``pipeline.generate``'s convention (start noise from ``seed``, step noise from
-    ``seed + 1``), so the calibration samples are those ``ditas sample`` would draw.
+    The run is ``diffusion.run.sampling_run`` (noise of sample i from (seed, i)), so the
+    calibration samples are those ``ditas sample`` would draw for the same labels and seed.
     """
     if first_block is None:  # the model's adapter says which block is first
         raise CalibrationError("the model has no blocks to calibrate")
     t0 = time.perf_counter()
     y = torch.as_tensor(labels, dtype=torch.long)
-    diffusion = create_diffusion(steps, learn_sigma=model.config.learn_sigma)
-    z = start_noise(model, len(labels), seed)
-    model_fn, _ = guided_model_fn(model, y, cfg_scale)
-    if cfg_scale is not None and cfg_scale > 1.0:
-        z = torch.cat([z, z], dim=0)
+    settings = SamplingSettings(steps=steps, cfg_scale=cfg_scale, sampler=sampler, seed=seed)
     calls: list[BlockCall] = []
     step = [0]
 
@@ -96,19 +90,20 @@ def record_trajectory(model: nn.Module, labels: list[int], steps: int, cfg_scale
     handles += _finite_guard(model, layer_names or [], step)
     n_calls = [0]
 
-    def fn(x, t):
-        n_calls[0] += 1
-        out = model_fn(x, t)
-        if not torch.isfinite(out).all():
-            raise CalibrationError(f"non-finite model output (NaN or inf) at calibration step {step[0]}")
-        return out
+    def wrap(model_fn):
+        def fn(x, t):
+            n_calls[0] += 1
+            out = model_fn(x, t)
+            if not torch.isfinite(out).all():
+                raise CalibrationError(f"non-finite model output (NaN or inf) at calibration step {step[0]}")
+            return out
+        return fn
 
-    g = torch.Generator().manual_seed(seed + 1)
-    x = z
+    x = None
     try:
         with tqdm(total=steps, desc="calibration: FP sampling run", unit="step", disable=not progress,
                   leave=False) as bar:
-            for i, x in sample_steps(fn, diffusion, z, sampler=sampler, generator=g):
+            for i, x in sampling_run(model, y, settings, wrap=wrap):
                 step[0] = i + 1
                 bar.update(1)
     finally:

@@ -1,5 +1,6 @@
 """``ditas compare``: FP against quantized recipes, sampled from the same noise and labels.
 
+The loop and the metrics live in ``evaluation.comparison``; this module parses, prints and writes.
 Per recipe: PSNR of the final uint8 samples against the FP samples, the mean squared error of the
 guided epsilon prediction along the FP trajectory, and for the embedded digit model its class
 accuracy, domain FID (against real digits), domain FID against the FP samples (how far the sample
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..devices import add_device_argument
 from ..errors import ConfigError, DitasError
 from .quantize import add_quant_arguments, config_from_args
 
@@ -73,6 +75,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="digit-domain metrics (class accuracy, FID, precision, recall): auto = only for the "
                         "embedded default digit model")
     p.add_argument("--grid-count", type=int, default=10, help="images per row of grid.png")
+    add_device_argument(p)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="output folder (new; compare.json, grid.png)")
     p.add_argument("--overwrite", action="store_true",
@@ -91,38 +94,12 @@ def _is_default_model(path: str | None) -> bool:
         return False
 
 
-@torch.no_grad()
 def fp_eps_trajectory(model, labels, steps, cfg_scale, seed, sampler="ddpm"):
-    """(x_t, t, eps) at every step of the FP model's sampling run for ``labels``."""
-    from ..diffusion.gaussian import create_diffusion
-    from ..diffusion.pipeline import start_noise
-    from ..diffusion.samplers import guided_model_fn, sample_steps
+    """(x_t, t, eps) at every step of the FP model's sampling run (kept for the benchmarks)."""
+    from ..diffusion.run import SamplingSettings, eps_trajectory
 
-    y = torch.as_tensor(labels, dtype=torch.long)
-    diffusion = create_diffusion(steps, learn_sigma=model.config.learn_sigma)
-    z = start_noise(model, len(y), seed)
-    fn, _ = guided_model_fn(model, y, cfg_scale)
-    if cfg_scale is not None and cfg_scale > 1.0:
-        z = torch.cat([z, z])
-    rec = []
-
-    def wrapped(x, t):
-        out = fn(x, t)
-        rec.append((x.clone(), t.clone(), out[:, : model.config.in_channels].clone()))
-        return out
-
-    for _ in sample_steps(wrapped, diffusion, z, sampler=sampler, generator=torch.Generator().manual_seed(seed + 1)):
-        pass
-    return rec
-
-
-@torch.no_grad()
-def eps_mse(model, labels, cfg_scale, trajectory) -> float:
-    from ..diffusion.samplers import guided_model_fn
-
-    fn, _ = guided_model_fn(model, torch.as_tensor(labels, dtype=torch.long), cfg_scale)
-    errs = [float(((fn(x, t)[:, : model.config.in_channels] - eps) ** 2).mean()) for x, t, eps in trajectory]
-    return float(np.mean(errs))
+    return eps_trajectory(model, labels, SamplingSettings(steps=steps, cfg_scale=cfg_scale, sampler=sampler,
+                                                          seed=seed))
 
 
 def _fmt(v, nd=3):
@@ -148,6 +125,7 @@ def markdown_table(rows: dict[str, dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..devices import resolve_device
     from ..fileio import output_dir
     from ..validate import check_sampling_options
 
@@ -156,21 +134,27 @@ def run(args: argparse.Namespace) -> int:
             raise DitasError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     check_sampling_options(steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed)
     specs = parse_recipes(args.recipes, args.w_bits, args.a_bits)
-    configs = {label: config_from_args(args, recipe, w, a) for label, recipe, w, a in specs if recipe != "fp"}
+    configs = {label: None if recipe == "fp" else config_from_args(args, recipe, w, a)
+               for label, recipe, w, a in specs}
+    resolve_device(args.device)  # a missing device fails before the output folder is claimed
     with output_dir(args.out, "ditas-compare", overwrite=args.overwrite, inputs=[args.model]) as claim:
         return _compare(args, specs, configs, claim)
 
 
 def _compare(args: argparse.Namespace, specs, configs, claim) -> int:
     """The work of ``run`` once the output folder is claimed; publishes into ``claim``."""
-    from ..diffusion.pipeline import decode_to_uint8, generate, make_grid
+    from ..devices import resolve_device
+    from ..diffusion.pipeline import make_grid
+    from ..diffusion.run import SamplingSettings
+    from ..evaluation.comparison import compare_recipes
     from ..fileio import json_text
     from ..model.loading import load_dit
-    from ..quantization.apply import quantize, record
 
     out = claim.path
     progress = not args.no_progress
-    model = load_dit(args.model)
+    device = resolve_device(args.device)
+    settings = SamplingSettings(steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed)
+    model = load_dit(args.model).to(device)
     if getattr(model, "quant_config", None) is not None:
         raise DitasError("--model is a quantized model: compare starts from a float model")
     if args.space:
@@ -182,7 +166,7 @@ def _compare(args: argparse.Namespace, specs, configs, claim) -> int:
                              "compare raw model outputs")
         from ..model.vae import load_vae
 
-        vae = load_vae(args.vae)
+        vae = load_vae(args.vae).to(device)
     domain = None
     if args.domain == "on" or (args.domain == "auto" and _is_default_model(args.model)):
         try:
@@ -193,47 +177,15 @@ def _compare(args: argparse.Namespace, specs, configs, claim) -> int:
             domain = None
     labels = torch.arange(args.num) % model.num_classes
     m_eps = min(args.eps_samples, args.num)
-    sample_kw = dict(steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size,
-                     progress=progress)
-
     t0 = time.perf_counter()
-    fp_images = decode_to_uint8(model, generate(model, labels, **sample_kw), vae)
-    fp_traj = fp_eps_trajectory(model, labels[:m_eps].tolist(), args.steps, args.cfg_scale, args.seed)
-    rows: dict[str, dict] = {}
-    images: dict[str, np.ndarray] = {}
-    trajectories = {}
-    from ..evaluation.metrics import psnr
 
-    for label, recipe, _, _ in specs:
-        t1 = time.perf_counter()
-        row: dict = {"recipe": recipe}
-        if recipe == "fp":
-            imgs, row["psnr_db"], row["eps_mse"] = fp_images, None, 0.0  # PSNR of FP vs itself: infinite
-            row["sample_time_s"] = round(t1 - t0, 1)
-        else:
-            cfg = configs[label]
-            key = cfg.calibration_key()
-            if key not in trajectories:
-                trajectories[key] = record(model, cfg, progress)
-            qmodel, rep = quantize(model, cfg, trajectory=trajectories[key], progress=progress, backend=args.backend)
-            row.update(w_bits=cfg.w_bits, a_bits=cfg.a_bits, mean_rel_output_error=rep["mean_rel_output_error"],
-                       quantize_time_s=round(time.perf_counter() - t1, 1),
-                       alphas={n: v["alpha"] for n, v in rep["layers"].items()})
-            t2 = time.perf_counter()
-            imgs = decode_to_uint8(qmodel, generate(qmodel, labels, **sample_kw), vae)
-            row["sample_time_s"] = round(time.perf_counter() - t2, 1)
-            p = float(psnr(imgs, fp_images))
-            row["psnr_db"] = p if np.isfinite(p) else None  # identical images (strict JSON has no inf)
-            row["eps_mse"] = eps_mse(qmodel, labels[:m_eps].tolist(), args.cfg_scale, fp_traj)
-            del qmodel
-        if domain is not None:
-            d = domain(imgs, labels.numpy(), other=None if recipe == "fp" else fp_images)
-            row.update(class_accuracy=d["class_accuracy"], fid=d["fid"], precision=d["precision"], recall=d["recall"],
-                       fid_vs_fp=0.0 if recipe == "fp" else d["fid_vs_other"])
-        rows[label] = row
-        images[label] = imgs
+    def print_row(label: str, row: dict) -> None:
         print(f"{label}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items() if not isinstance(v, dict)),
               flush=True)
+
+    rows, images = compare_recipes(model, configs, labels, settings, batch_size=args.batch_size,
+                                   eps_samples=args.eps_samples, vae=vae, domain=domain, backend=args.backend,
+                                   progress=progress, on_row=print_row)
 
     k = min(args.grid_count, args.num)
     grid = make_grid(np.concatenate([images[lbl][:k] for lbl in rows]), nrow=k)

@@ -1,4 +1,8 @@
-"""``ditas sample``: images from a DiT (float or quantized), as a PNG grid or an ADM-style npz."""
+"""``ditas sample``: images from a DiT (float or quantized), as a PNG grid or an ADM-style npz.
+
+An npz goes through ``diffusion.sharded.sample_npz``: sharded, resumable, memory bounded by the
+batch, and split over processes under ``torchrun --nproc_per_node N -m ditas sample ...``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ..devices import add_device_argument
+from ..diffusion.sharded import DEFAULT_SHARD_SIZE
 from ..errors import DitasError
 from . import _pipeline
 
@@ -26,19 +32,33 @@ def _parse_classes(text: str | None) -> list[int] | None:
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample images from a DiT",
                        description="Sample class-conditional images. Without --model: the embedded default "
-                                   "model (a small DiT trained on real digits).")
+                                   "model (a small DiT trained on real digits). Sample i's noise depends only on "
+                                   "(--seed, i): the same seed gives the same images whatever --batch-size, the "
+                                   "number of torchrun processes and (up to float rounding) the device. For many "
+                                   "images: torchrun --nproc_per_node N -m ditas sample ... --out X.npz; a killed "
+                                   "run started again with the same arguments resumes from its shards.")
     p.add_argument("--model", help="checkpoint (.pt/.safetensors) or model folder (ditas, quantized, diffusers)")
     p.add_argument("--vae", help="local diffusers AutoencoderKL folder (latent-space models)")
     p.add_argument("--classes", help="comma-separated labels, cycled over the images (default: random)")
-    p.add_argument("--num", type=int, help="number of images (default: one per --classes entry, else 16)")
+    p.add_argument("--num", "--num-samples", dest="num", type=int,
+                   help="number of images (default: one per --classes entry, else 16); under torchrun write "
+                        "--num-samples (torchrun's own parser takes --num for its --numa-binding)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (respaced from 1000; default 50)")
     p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (<=1: none)")
     p.add_argument("--guide-all-channels", action="store_true",
                    help="guide every output channel (the reference guides only the first 3)")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0,
+                   help="sample i's noise comes from (seed, i) only (default 0)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="samples per model call (default 64); does not change the images")
+    p.add_argument("--shard-dir", help="npz output: folder of finished shards, kept until the npz is written "
+                                       "(default OUT.shards beside --out); a run started again resumes from it")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help=f"npz output: images per shard (default {DEFAULT_SHARD_SIZE}, or fewer so that every "
+                        "process gets one)")
+    add_device_argument(p)
     p.add_argument("--space", choices=("latent", "pixel"), default=None,
                    help="override the model's space; 'pixel' writes a latent model's raw output as images "
                         "(inspection without a VAE)")
@@ -71,7 +91,21 @@ def check_output_size(out: Path, n: int, config) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..diffusion.pipeline import decode_to_uint8, generate, make_grid, save_npz, save_png
+    from ..devices import resolve_device
+    from ..diffusion.sharded import init_from_env, shutdown
+
+    device = resolve_device(args.device)
+    rank, world, device = init_from_env(device)
+    try:
+        return _run(args, device, rank, world)
+    finally:
+        shutdown()
+
+
+def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
+    from ..diffusion.pipeline import decode_to_uint8, generate, make_grid, save_png
+    from ..diffusion.run import SamplingSettings
+    from ..diffusion.sharded import sample_npz
     from ..fileio import check_new_file
     from ..validate import check_sampling_options
     from ..model.loading import load_dit
@@ -82,13 +116,19 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".npz"):
         raise DitasError(f"--out must end in .png or .npz, got {out}")
+    if world > 1 and out.suffix.lower() != ".npz":
+        raise DitasError("several processes (torchrun) write an .npz only: give --out X.npz")
     check_new_file(out, args.overwrite)
     check_sampling_options(steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta, seed=args.seed)
     if args.num is not None and args.num < 1:
         raise DitasError(f"--num must be at least 1, got {args.num}")
+    if args.batch_size < 1:
+        raise DitasError(f"--batch-size must be at least 1, got {args.batch_size}")
     classes = _parse_classes(args.classes)
+    settings = SamplingSettings(steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler, eta=args.eta,
+                                seed=args.seed, guide_channels=None if args.guide_all_channels else 3)
     kwargs = {"backend": args.backend} if args.backend else {}
-    model = load_dit(args.model, **kwargs)
+    model = load_dit(args.model, **kwargs).to(device)
     if args.space:
         model.config.space = args.space
     vae = None
@@ -99,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         if vae_path is None:
             raise DitasError("this model works in a VAE latent space: give --vae PATH "
                              "(a local diffusers AutoencoderKL folder)")
-        vae = load_vae(vae_path)
+        vae = load_vae(vae_path).to(device)
     n = args.num or (len(classes) if classes else 16)
     check_output_size(out, n, model.config)  # before sampling: a grid too large, or a disk too small
     if classes:
@@ -107,14 +147,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         g = torch.Generator().manual_seed(args.seed)
         labels = torch.randint(0, model.num_classes, (n,), generator=g)
-    samples = generate(model, labels, steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler,
-                       eta=args.eta, seed=args.seed, batch_size=args.batch_size,
-                       guide_channels=None if args.guide_all_channels else 3, progress=not args.no_progress)
+    if out.suffix.lower() == ".npz":
+        written = sample_npz(model, labels, out, settings, batch_size=args.batch_size, shard_size=args.shard_size,
+                             shard_dir=args.shard_dir, vae=vae, progress=not args.no_progress)
+        if written is not None:
+            print(f"wrote {n} images to {out}" + (f" ({world} processes)" if world > 1 else ""))
+        return 0
+    samples = generate(model, labels, steps=settings.steps, cfg_scale=settings.cfg_scale, sampler=settings.sampler,
+                       eta=settings.eta, seed=settings.seed, batch_size=args.batch_size,
+                       guide_channels=settings.guide_channels, progress=not args.no_progress)
     images = decode_to_uint8(model, samples, vae)
-    if out.suffix.lower() == ".png":
-        nrow = len(classes) if classes and len(classes) <= 16 else None
-        save_png(make_grid(images, nrow=nrow), out)
-    else:
-        save_npz(images, labels.numpy(), out)
+    nrow = len(classes) if classes and len(classes) <= 16 else None
+    save_png(make_grid(images, nrow=nrow), out)
     print(f"wrote {n} images to {out}")
     return 0

@@ -1,9 +1,8 @@
-"""From labels to images: noise, guidance, the sampling loop, decoding and image files.
+"""From labels to images: the batched sampling loop, decoding and image files.
 
-Reproducibility: the start noise of all N images is drawn first from ``seed``; batch ``b`` then
-draws its per-step noise from a generator seeded with ``seed + 1 + b``. Two models sampled with
-the same seed, labels and batch size therefore see exactly the same noise (what ``ditas compare``
-needs), whatever they compute.
+Reproducibility: sample ``i``'s start and step noise depend only on (seed, i) (see ``run.py``),
+so the same seed gives the same samples whatever the batch size; two models sampled with the
+same seed and labels see exactly the same noise (what ``ditas compare`` needs).
 """
 
 from __future__ import annotations
@@ -18,11 +17,11 @@ from tqdm.auto import tqdm
 
 from ..errors import DitasError
 from ..fileio import atomic_file
-from ..validate import FiniteGuard, check_sampling_options
-from .gaussian import create_diffusion
-from .samplers import SAMPLERS, guided_model_fn, sample_steps
+from .run import SamplingSettings, sample_batch, start_noise
 
-VAE_SCALE = 0.18215  # latent scaling of the Stable Diffusion VAE used by DiT
+__all__ = ["check_labels", "start_noise", "generate", "decode_to_uint8", "make_grid", "save_png", "save_npz"]
+
+VAE_SCALE = 0.18215  # latent scaling of the Stable Diffusion VAE used by DiT (when the VAE config has none)
 
 
 def check_labels(model: nn.Module, labels: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -36,43 +35,36 @@ def check_labels(model: nn.Module, labels: Sequence[int] | torch.Tensor) -> torc
     return labels
 
 
-def start_noise(model: nn.Module, n: int, seed: int) -> torch.Tensor:
-    c = model.config
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, c.in_channels, c.input_size, c.input_size, generator=g)
-
-
 def generate(model: nn.Module, labels: Sequence[int] | torch.Tensor, steps: int = 50,
              cfg_scale: float | None = 4.0, sampler: str = "ddpm", eta: float = 0.0, seed: int = 0,
              batch_size: int = 64, guide_channels: int | None = 3, progress: bool = True,
-             z: torch.Tensor | None = None) -> torch.Tensor:
-    """Samples one image (latent or pixel tensor, model space) per label; returns (N, C, H, W)."""
+             z: torch.Tensor | None = None, first_index: int = 0) -> torch.Tensor:
+    """Samples one image (latent or pixel tensor, model space) per label; returns (N, C, H, W).
+
+    Label ``j`` is sample ``first_index + j`` of the run (its noise comes from (seed, index)).
+    ``z`` (N, C, H, W) replaces the start noise. The result is on the model's device.
+    """
     labels = check_labels(model, labels)
-    check_sampling_options(steps=steps, cfg_scale=cfg_scale, eta=eta, seed=seed)
-    if sampler not in SAMPLERS:
-        raise DitasError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    settings = SamplingSettings(steps=steps, cfg_scale=cfg_scale, sampler=sampler, eta=eta, seed=seed,
+                                guide_channels=guide_channels)
     if batch_size < 1:
         raise DitasError(f"batch size must be at least 1, got {batch_size}")
-    diffusion = create_diffusion(steps, learn_sigma=model.config.learn_sigma)
     n = labels.numel()
-    z_all = start_noise(model, n, seed) if z is None else z
     outs = []
     n_batches = (n + batch_size - 1) // batch_size
     bar = tqdm(total=n_batches * steps, desc="sampling", unit="step", disable=not progress, leave=False)
     for b in range(n_batches):
-        y = labels[b * batch_size:(b + 1) * batch_size]
-        zb = z_all[b * batch_size:(b + 1) * batch_size]
-        model_fn, _ = guided_model_fn(model, y, cfg_scale, guide_channels)
-        model_fn = FiniteGuard(model, model_fn, steps)  # a NaN stops the run, naming step and layer
-        if cfg_scale is not None and cfg_scale > 1.0:
-            zb = torch.cat([zb, zb], dim=0)
-        g = torch.Generator().manual_seed(seed + 1 + b)
-        x = zb
-        for _, x in sample_steps(model_fn, diffusion, zb, sampler=sampler, eta=eta, generator=g):
-            bar.update(1)
-        outs.append(x[: y.numel()])
+        lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
+        outs.append(sample_batch(model, labels[lo:hi], settings, range(first_index + lo, first_index + hi),
+                                 z=None if z is None else z[lo:hi], on_step=lambda: bar.update(1)))
     bar.close()
     return torch.cat(outs, dim=0)
+
+
+def vae_scaling_factor(vae) -> float:
+    """The latent scale from the VAE's own config (``scaling_factor``), else DiT's 0.18215."""
+    value = getattr(getattr(vae, "config", None), "scaling_factor", None)
+    return float(value) if value else VAE_SCALE
 
 
 def decode_to_uint8(model: nn.Module, samples: torch.Tensor, vae=None, batch_size: int = 16) -> np.ndarray:
@@ -81,10 +73,11 @@ def decode_to_uint8(model: nn.Module, samples: torch.Tensor, vae=None, batch_siz
         if vae is None:
             raise DitasError("this model works in a VAE latent space: give --vae PATH "
                              "(a local diffusers AutoencoderKL folder)")
+        scale = vae_scaling_factor(vae)
         imgs = []
         with torch.no_grad():
             for i in range(0, len(samples), batch_size):
-                imgs.append(vae.decode(samples[i:i + batch_size] / VAE_SCALE).sample.float())
+                imgs.append(vae.decode(samples[i:i + batch_size] / scale).sample.float())
         x = torch.cat(imgs)
     else:
         x = samples

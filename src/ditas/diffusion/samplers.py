@@ -1,8 +1,8 @@
 """Sampling loops (ancestral DDPM and DDIM) and classifier-free guidance, as the published code.
 
 ``sample_loop`` works on a raw model function and the full batch (with guidance: the
-[cond half; uncond half] batch, as the reference); ``generate`` is the convenient entry point
-that builds labels, noise and guidance for a DiT.
+[cond half; uncond half] batch, as the reference); ``run.sampling_run`` builds labels, per-sample
+noise and guidance for a DiT and is what the rest of ditas calls.
 """
 
 from __future__ import annotations
@@ -41,10 +41,12 @@ def guided_model_fn(model: nn.Module, y: torch.Tensor, cfg_scale: float | None,
 
 def sample_steps(model_fn: ModelFn, diffusion: GaussianDiffusion, z: torch.Tensor, sampler: str = "ddpm",
                  eta: float = 0.0, noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                 clip_denoised: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+                 clip_denoised: bool = False,
+                 noise_fn: Callable[[int, torch.Size], torch.Tensor] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """Yields (step index, x after the step) for every step, first step (highest t) first.
 
-    ``noise[i]`` (if given) is the Gaussian noise drawn at step ``i``; otherwise it is drawn from
+    ``noise[i]`` (if given) is the Gaussian noise drawn at step ``i``; else ``noise_fn(i, shape)``
+    (if given; ``run.sampling_run`` passes per-sample noise this way); otherwise it is drawn from
     ``generator``. The last step draws noise too and masks it, as the reference does.
     """
     if sampler not in SAMPLERS:
@@ -58,8 +60,12 @@ def sample_steps(model_fn: ModelFn, diffusion: GaussianDiffusion, z: torch.Tenso
         with torch.no_grad():
             out = model_fn(x, diffusion.model_timesteps(t))
             pred = diffusion.p_mean_variance(out, x, t, clip_denoised=clip_denoised)
-        step_noise = noise[i] if noise is not None else torch.randn(
-            x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if noise is not None:
+            step_noise = noise[i]
+        elif noise_fn is not None:
+            step_noise = noise_fn(i, x.shape)
+        else:
+            step_noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
         if sampler == "ddpm":
             x = pred.mean + nonzero * torch.exp(0.5 * pred.log_variance) * step_noise

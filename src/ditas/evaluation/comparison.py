@@ -1,0 +1,83 @@
+"""FP against quantized recipes, sampled from the same noise and labels (``ditas compare``'s loop).
+
+Every model samples the same labels through ``diffusion.run`` (sample i's noise from (seed, i)), so
+the samples differ only by what quantization changed. Per recipe: PSNR of the uint8 samples
+against the FP samples, the eps-prediction MSE along the FP model's own trajectory, and, given a
+``domain`` evaluator, its metrics (class accuracy, FID, FID against the FP samples, precision,
+recall). Recipes with the same calibration settings share one FP calibration run.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..diffusion.pipeline import decode_to_uint8, generate
+from ..diffusion.run import SamplingSettings, eps_mse, eps_trajectory
+from .metrics import psnr
+
+
+def _sample(model: nn.Module, labels: torch.Tensor, settings: SamplingSettings, batch_size: int, vae,
+            progress: bool) -> np.ndarray:
+    x = generate(model, labels, steps=settings.steps, cfg_scale=settings.cfg_scale, sampler=settings.sampler,
+                 eta=settings.eta, seed=settings.seed, batch_size=batch_size, guide_channels=settings.guide_channels,
+                 progress=progress)
+    return decode_to_uint8(model, x, vae)
+
+
+def compare_recipes(model: nn.Module, configs: dict[str, object | None], labels: torch.Tensor,
+                    settings: SamplingSettings, *, batch_size: int = 100, eps_samples: int = 32, vae=None,
+                    domain: Callable | None = None, backend: str = "fake", progress: bool = True,
+                    on_row: Callable[[str, dict], None] | None = None) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+    """Rows of metrics and the uint8 samples per recipe label (``None`` config: the FP model).
+
+    ``configs`` maps a label (``"ditas@w4a8"``) to its ``QuantConfig``; ``on_row(label, row)`` is
+    called as each row is done (the CLI prints it).
+    """
+    from ..quantization.apply import quantize, record
+
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    m_eps = min(eps_samples, labels.numel())
+    eps_labels = labels[:m_eps].tolist()
+    t0 = time.perf_counter()
+    fp_images = _sample(model, labels, settings, batch_size, vae, progress)
+    fp_time = time.perf_counter() - t0
+    fp_traj = eps_trajectory(model, eps_labels, settings)
+    rows: dict[str, dict] = {}
+    images: dict[str, np.ndarray] = {}
+    trajectories: dict = {}
+    for label, cfg in configs.items():
+        t1 = time.perf_counter()
+        if cfg is None:
+            row: dict = {"recipe": "fp", "psnr_db": None, "eps_mse": 0.0,  # PSNR of FP vs itself: infinite
+                         "sample_time_s": round(fp_time, 1)}
+            imgs = fp_images
+        else:
+            row = {"recipe": cfg.recipe}
+            key = cfg.calibration_key()
+            if key not in trajectories:
+                trajectories[key] = record(model, cfg, progress)
+            qmodel, rep = quantize(model, cfg, trajectory=trajectories[key], progress=progress, backend=backend)
+            row.update(w_bits=cfg.w_bits, a_bits=cfg.a_bits, mean_rel_output_error=rep["mean_rel_output_error"],
+                       quantize_time_s=round(time.perf_counter() - t1, 1),
+                       alphas={n: v["alpha"] for n, v in rep["layers"].items()})
+            t2 = time.perf_counter()
+            imgs = _sample(qmodel, labels, settings, batch_size, vae, progress)
+            row["sample_time_s"] = round(time.perf_counter() - t2, 1)
+            p = float(psnr(imgs, fp_images))
+            row["psnr_db"] = p if np.isfinite(p) else None  # identical images (strict JSON has no inf)
+            row["eps_mse"] = eps_mse(qmodel, eps_labels, settings, fp_traj)
+            del qmodel
+        if domain is not None:
+            d = domain(imgs, labels.numpy(), other=None if cfg is None else fp_images)
+            row.update(class_accuracy=d["class_accuracy"], fid=d["fid"], precision=d["precision"], recall=d["recall"],
+                       fid_vs_fp=0.0 if cfg is None else d["fid_vs_other"])
+        rows[label] = row
+        images[label] = imgs
+        if on_row is not None:
+            on_row(label, row)
+    return rows, images

@@ -1,0 +1,141 @@
+"""Sharded, resumable, multi-process npz sampling (``diffusion.sharded`` and ``ditas sample``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ditas
+from ditas.cli.main import main
+from ditas.diffusion import sharded
+from ditas.diffusion.run import SamplingSettings
+from ditas.errors import DitasError
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+COMMON = ["--classes", "0,1,2,3,4,5,6,7,8,9", "--num-samples", "23", "--steps", "3", "--seed", "4"]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return env
+
+
+def _sample(out: Path, *extra: str) -> bytes:
+    assert main(["sample", *COMMON, *extra, "--out", str(out)]) == 0
+    return out.read_bytes()
+
+
+def test_npz_is_byte_identical_for_batch_and_shard_sizes(tmp_path):
+    ref = _sample(tmp_path / "a.npz", "--batch-size", "64")
+    assert _sample(tmp_path / "b.npz", "--batch-size", "1") == ref
+    assert _sample(tmp_path / "c.npz", "--batch-size", "7", "--shard-size", "5") == ref
+    data = np.load(tmp_path / "a.npz")
+    assert data["arr_0"].shape == (23, 32, 32, 3) and data["arr_0"].dtype == np.uint8
+    assert data["labels"].tolist() == [i % 10 for i in range(23)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz", "b.npz", "c.npz"]  # shard folders removed
+
+
+def test_npz_matches_generate(tmp_path):
+    from ditas.diffusion.pipeline import decode_to_uint8, generate
+
+    m = ditas.load_dit()
+    labels = torch.arange(5)
+    sharded.sample_npz(m, labels, tmp_path / "x.npz", SamplingSettings(steps=3, seed=1), batch_size=2,
+                       shard_size=3, progress=False)
+    images = decode_to_uint8(m, generate(m, labels, steps=3, seed=1, progress=False))
+    assert np.array_equal(np.load(tmp_path / "x.npz")["arr_0"], images)
+
+
+def test_killed_run_resumes_and_redoes_only_missing_shards(tmp_path, monkeypatch):
+    m = ditas.load_dit()
+    labels = torch.arange(12) % 10
+    s = SamplingSettings(steps=2, seed=3)
+    sharded.sample_npz(m, labels, tmp_path / "ref.npz", s, batch_size=2, shard_size=4, progress=False)
+
+    calls = []
+    real = sharded.sample_batch
+
+    def dying(model, y, settings, indices, *a, **k):
+        calls.append(list(indices))
+        if len(calls) == 5:  # in the third shard
+            raise KeyboardInterrupt
+        return real(model, y, settings, indices, *a, **k)
+
+    monkeypatch.setattr(sharded, "sample_batch", dying)
+    out = tmp_path / "run.npz"
+    with pytest.raises(KeyboardInterrupt):
+        sharded.sample_npz(m, labels, out, s, batch_size=2, shard_size=4, progress=False)
+    shards = tmp_path / "run.npz.shards"
+    assert not out.exists()
+    assert sorted(p.name for p in shards.iterdir()) == ["images-00000000-00000004.npy",
+                                                         "images-00000004-00000008.npy", "run.json"]
+    (shards / ".images-00000008-00000012.npy.ditas-partial-99999999.npy").write_bytes(b"partial")  # as a SIGKILL leaves it
+    calls.clear()
+    monkeypatch.setattr(sharded, "sample_batch", lambda *a, **k: (calls.append(list(a[3])), real(*a, **k))[1])
+    sharded.sample_npz(m, labels, out, s, batch_size=2, shard_size=4, progress=False)
+    assert calls == [[8, 9], [10, 11]]  # only the missing shard
+    assert out.read_bytes() == (tmp_path / "ref.npz").read_bytes()
+    assert not shards.exists()
+
+
+def test_resume_with_other_arguments_is_refused(tmp_path, monkeypatch):
+    m = ditas.load_dit()
+    out = tmp_path / "run.npz"
+    monkeypatch.setattr(sharded, "write_npz_stream", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        sharded.sample_npz(m, [1, 2, 3], out, SamplingSettings(steps=2, seed=0), shard_size=2, progress=False)
+    with pytest.raises(DitasError, match="different run .*settings"):
+        sharded.sample_npz(m, [1, 2, 3], out, SamplingSettings(steps=2, seed=1), shard_size=2, progress=False)
+    with pytest.raises(DitasError, match="different run .*labels"):
+        sharded.sample_npz(m, [1, 2, 4], out, SamplingSettings(steps=2, seed=0), shard_size=2, progress=False)
+
+
+def test_torchrun_two_processes_is_byte_identical(tmp_path):
+    pytest.importorskip("torch.distributed.run")
+    ref = _sample(tmp_path / "one.npz", "--batch-size", "4")
+    out = tmp_path / "two.npz"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "ditas", "sample", *COMMON, "--batch-size", "3", "--shard-size", "4", "--device", "cpu",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert out.read_bytes() == ref
+    assert "wrote 23 images" in proc.stdout and proc.stdout.count("wrote") == 1  # rank 0 only
+
+
+def test_missing_cuda_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["sample", "--device", "cuda", "--out", str(tmp_path / "x.npz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no CUDA device" in err[0]
+    assert main(["sample", "--device", "tpu", "--out", str(tmp_path / "x.npz")]) == 2
+    assert "--device" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_peak_memory_does_not_grow_with_num(tmp_path):
+    """Peak RSS of ``ditas sample --num 2000`` within 1.5x of ``--num 200`` (128x128 RGB images:
+    2000 of them would hold 98 MB as uint8 and 393 MB as float samples if kept in memory)."""
+    torch.manual_seed(0)
+    model = ditas.DiT(ditas.DiTConfig(input_size=128, patch_size=16, in_channels=3, hidden_size=32, depth=1,
+                                      num_heads=2, num_classes=10)).eval()
+    ditas.save_dit(model, tmp_path / "m")
+    code = ("import resource, sys; from ditas.cli.main import main; "
+            "rc = main(sys.argv[1:]); print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); "
+            "sys.exit(rc)")
+    peaks = {}
+    for num in (200, 2000):
+        proc = subprocess.run([sys.executable, "-c", code, "sample", "--model", str(tmp_path / "m"), "--space",
+                               "pixel", "--num", str(num), "--steps", "2", "--cfg-scale", "1", "--batch-size", "50",
+                               "--device", "cpu", "--out", str(tmp_path / f"{num}.npz")],
+                              capture_output=True, text=True, env=_env(), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        peaks[num] = int(proc.stdout.split("RSS")[-1].split()[0])
+        (tmp_path / f"{num}.npz").unlink()
+    assert peaks[2000] <= 1.5 * peaks[200], peaks
