@@ -87,6 +87,18 @@ def test_bad_pipeline_input_is_a_clear_error(tmp_path, pipeline_dir, capsys):
     assert "does not record its pipeline" in capsys.readouterr().err
     assert main(["sample", "--model", str(pipeline_dir), "--out", str(tmp_path / "x.png")]) == 2
     assert "--prompt" in capsys.readouterr().err
+    assert main(["sample", "--model", str(pipeline_dir), "--prompt", "x", "--guidance", "-1",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    assert "--guidance" in capsys.readouterr().err
+    flux = tmp_path / "flux"
+    fm.save_tiny_flux_pipeline(flux)
+    qf = tmp_path / "qf"
+    assert main(["quantize", "--model", str(flux), "--out", str(qf), "--recipe", "rtn", *QUANT_ARGS,
+                 "--height", "8", "--width", "8"]) == 0
+    capsys.readouterr()
+    assert main(["sample", "--quantized", str(qf), "--model", str(pipeline_dir), "--prompt", "x",
+                 "--out", str(tmp_path / "x.png")]) == 2  # a Flux transformer into a PixArt pipeline
+    assert "FluxTransformer2DModel" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
 
 
 def test_shipped_calibration_prompts():

@@ -10,6 +10,7 @@ quantized transformer in, and write the images of ``--prompt``.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -97,6 +98,7 @@ def sample(args: argparse.Namespace) -> int:
     """``ditas sample --quantized DIR [--model PIPELINE_DIR] --prompt ... --out x.png``."""
     from ..fileio import check_new_file
     from ..pipelines import generate_images, load_pipeline, read_pipeline_ref, save_image_grid
+    from ..validate import check_sampling_options
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
@@ -105,8 +107,12 @@ def sample(args: argparse.Namespace) -> int:
     _check_sizes(args)
     if not args.prompt:
         raise DitasError("give --prompt TEXT (repeat it for several images)")
-    if args.steps < 2:
-        raise DitasError(f"--steps must be at least 2, got {args.steps}")
+    check_sampling_options(steps=args.steps, seed=args.seed)
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise DitasError(f"--guidance must be a non-negative number, got {args.guidance}")
+    n = args.num or len(args.prompt)
+    if n < 1:
+        raise DitasError(f"--num must be at least 1, got {n}")
     pipeline_dir = args.model
     if args.quantized:
         ref = read_pipeline_ref(args.quantized)
@@ -123,11 +129,9 @@ def sample(args: argparse.Namespace) -> int:
 
         transformer = load_quantized(args.quantized, **kwargs)
     pipe = load_pipeline(pipeline_dir, transformer=transformer)
-    n = args.num or len(args.prompt)
-    if n < 1:
-        raise DitasError(f"--num must be at least 1, got {n}")
     prompts = [args.prompt[i % len(args.prompt)] for i in range(n)]
-    images = generate_images(pipe, prompts, args.steps, args.guidance, args.seed, args.height, args.width)
+    images = generate_images(pipe, prompts, args.steps, args.guidance, args.seed, args.height, args.width,
+                             progress=not getattr(args, "no_progress", False))
     save_image_grid(images, out)
     print(f"wrote {len(images)} image(s) of {type(pipe.transformer).__name__} to {out}")
     return 0
