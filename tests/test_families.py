@@ -28,6 +28,7 @@ BUILDERS = {
     "sd3": fm.tiny_sd3,
     "sd35": lambda seed=0: fm.tiny_sd3(seed, dual_attention_layers=(0,)),
     "flux": fm.tiny_flux,
+    "flux_fused": lambda seed=0: _fused(fm.tiny_flux(seed)),
 }
 # the fold kinds each family must use (an adapter that silently fell back to on the fly fails)
 FOLD_KINDS = {
@@ -35,9 +36,15 @@ FOLD_KINDS = {
     "sd3": {"adaln_rows", "on_the_fly"},
     "sd35": {"adaln_rows", "prev_rows", "on_the_fly"},
     "flux": {"adaln_rows", "on_the_fly"},
+    "flux_fused": {"adaln_rows", "on_the_fly"},
 }
-ADAPTER_FAMILY = {"pixart": "pixart", "sd3": "sd3", "sd35": "sd3", "flux": "flux"}
+ADAPTER_FAMILY = {"pixart": "pixart", "sd3": "sd3", "sd35": "sd3", "flux": "flux", "flux_fused": "flux"}
 SMALL = dict(lora_rank=4, lora_rounds=2)  # a small LoRA for 16-wide layers
+
+
+def _fused(model):
+    model.fuse_qkv_projections()
+    return model
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -64,7 +71,13 @@ def test_adapter_lists_every_block_linear_once(family):
     names = [lin.name for lin in ad.linears()]
     assert len(names) == len(set(names))
     assert all(lin.role in ROLES for lin in ad.linears())
-    in_blocks = {n for n, mod in m.named_modules() if isinstance(mod, nn.Linear) and "blocks." in n}
+    # every block linear that a forward calls (fused models keep unused separate projections)
+    in_blocks: set[str] = set()
+    hooks = [mod.register_forward_hook(lambda *_, n=n: in_blocks.add(n)) for n, mod in m.named_modules()
+             if isinstance(mod, nn.Linear) and "blocks." in n]
+    _outputs(m, steps=1)
+    for h in hooks:
+        h.remove()
     assert set(names) | (set(ad.weight_only_linears()) & in_blocks) == in_blocks
     assert not set(names) & set(ad.weight_only_linears())
     assert all(isinstance(m.get_submodule(n), nn.Linear) for n in ad.weight_only_linears())

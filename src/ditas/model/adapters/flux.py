@@ -11,7 +11,9 @@ stacks is the same as between two blocks of one stack.
 
 Smoothing folds: input projections and MLP first linears into their adaLN rows (exact); the joint
 attention outputs, the MLP second linears and ``proj_out`` divide their input on the fly.
-Fused projections (``fuse_qkv_projections()``: ``to_qkv``, ``to_added_qkv``) are groups of one.
+Fused projections (``fuse_qkv_projections()``: ``to_qkv``, ``to_added_qkv``) are groups of one
+(the checkpoint records the fusion; diffusers keeps the unused separate projections, which stay
+float and are stored too: unfuse before quantizing to avoid that).
 Weight-only int8: every block's modulation linears and ``norm_out.linear``.
 """
 
@@ -59,6 +61,18 @@ class FluxAdapter(DiffusersAdapter):
                 self.group(n, i, self._qkv(f"{n}.attn") + ["proj_mlp"], "qkv", self.adaln(f"{n}.norm.linear", 0, 1)),
             ]))
         return specs
+
+    def model_config(self) -> dict[str, Any]:
+        cfg = super().model_config()
+        cfg["fused_projections"] = any(getattr(m, "fused_projections", False) for m in self.model.modules())
+        return cfg
+
+    @classmethod
+    def build(cls, config: dict[str, Any]):
+        model = super().build(config)
+        if config.get("fused_projections"):
+            model.fuse_qkv_projections()  # to_qkv / to_added_qkv, as the quantized model had them
+        return model
 
     def weight_only_linears(self) -> list[str]:
         names = [f"transformer_blocks.{i}.{m}.linear" for i in range(len(self.model.transformer_blocks))
