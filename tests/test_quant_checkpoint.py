@@ -53,7 +53,7 @@ def test_save_load_is_bit_exact(tmp_path, quantized):
         assert torch.equal(q(x, t, y), loaded(x, t, y))
 
 
-def test_qweight_is_packed_when_the_packer_exists(tmp_path, quantized):
+def test_qweight_is_packed(tmp_path, quantized):
     from safetensors import safe_open
 
     q, cfg, _ = quantized
@@ -61,10 +61,12 @@ def test_qweight_is_packed_when_the_packer_exists(tmp_path, quantized):
     data = json.loads((out / "config.json").read_text())
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         qw = f.get_tensor("blocks.0.mlp.fc1.qweight")
-    if data["quantization"]["qweight_packing"] == "packed":
-        assert qw.ndim == 1 and qw.numel() < q.blocks[0].mlp.fc1.qweight.numel()
-    else:
-        assert ckpt._packing() is None and qw.shape == q.blocks[0].mlp.fc1.qweight.shape
+    assert data["quantization"]["qweight_packing"] == "packed"
+    assert qw.ndim == 1 and qw.numel() == (q.blocks[0].mlp.fc1.qweight.numel() * 3 + 7) // 8  # 3-bit codes
+    data["quantization"]["qweight_packing"] = "none"  # unpacked codes: a format ditas never wrote
+    (out / "config.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="qweight_packing is 'none'"):
+        ditas.load_dit(out)
 
 
 def test_interrupted_save_leaves_no_folder(tmp_path, quantized, monkeypatch):

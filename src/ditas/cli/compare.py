@@ -169,12 +169,7 @@ def _compare(args: argparse.Namespace, specs, configs, claim) -> int:
         vae = load_vae(args.vae).to(device)
     domain = None
     if args.domain == "on" or (args.domain == "auto" and _is_default_model(args.model)):
-        try:
-            from ..evaluation.digits import evaluate_digit_samples as domain
-        except ImportError:
-            if args.domain == "on":
-                raise DitasError("--domain on: the digit evaluator is not installed") from None
-            domain = None
+        from ..evaluation.digits import evaluate_digit_samples as domain
     labels = torch.arange(args.num) % model.num_classes
     m_eps = min(args.eps_samples, args.num)
     t0 = time.perf_counter()

@@ -25,12 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ditas {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"ditas.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"ditas.cli.{name}":
-                continue  # subcommand not built in this version
-            raise
+        module = importlib.import_module(f"ditas.cli.{name}")
         p = module.add_parser(sub)
         p.set_defaults(_run=module.run)
     return parser

@@ -61,7 +61,8 @@ def add_quant_arguments(p: argparse.ArgumentParser, with_bits: bool = True) -> N
                    help="fold each layer's mean output error on the calibration run into its bias "
                         "(an extension beyond the method; see docs/quantization.md)")
     p.add_argument("--adaln", choices=ADALN_MODES, default=None,
-                   help="adaLN modulation linears: int8 weight-only (default for all recipes but paper) "
+                   help="adaLN modulation linears: int8 weight-only (default for all recipes but paper and "
+                        "ditas_fp_adaln) "
                         "or float")
     p.add_argument("--search-tokens", type=int, default=None,
                    help=f"tokens per step in the search loss; 0: all ({r} {d.search_tokens})")

