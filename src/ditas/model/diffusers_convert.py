@@ -92,7 +92,9 @@ def convert_diffusers_state(d: dict[str, torch.Tensor], config: DiTConfig, sourc
                     if not torch.equal(other, d[key0]):
                         raise CheckpointError(
                             f"{source}: block {i} has its own {theirs}.{kind}, different from block 0; the "
-                            "published DiT shares one embedder, so this model cannot be represented")
+                            "published DiT shares one embedder, so ditas' DiT cannot represent it: load it with "
+                            "diffusers (DiTTransformer2DModel.from_pretrained) and quantize it in place with "
+                            "ditas.quantize_ (docs/api.md)")
                 out[f"{ours}.{kind}"] = d[key0]
         for i in range(config.depth):
             p, q = f"transformer_blocks.{i}.", f"blocks.{i}."
