@@ -122,14 +122,19 @@ def test_quantized_folder_records_its_family(tmp_path):
 
 
 def test_dit_quantization_is_unchanged_by_the_seam():
-    """Quantizing the same DiT with the same config gives bit-for-bit the output the code before
-    the seam gave (tests/data/legacy_quantized_v1_fake.safetensors, see make_legacy_quantized.py)."""
+    """From the same calibration trajectory, quantizing the same DiT with the same config gives
+    bit-for-bit the output the code before the seam gave (tests/data/legacy_quantized_v1_*, see
+    make_legacy_quantized.py; the trajectory is replayed because the sampler's noise changed since)."""
+    from ditas.model.adapters.base import BlockCall, CalibrationRecord
     from ditas.quantization.apply import quantize
     from ditas.quantization.recipes import recipe_config
 
+    traj = load_file(str(DATA / "legacy_quantized_v1_trajectory.safetensors"))
+    steps = len([k for k in traj if k.startswith("tokens.")])
+    calib = CalibrationRecord([BlockCall((traj[f"tokens.{i}"], traj[f"cond.{i}"])) for i in range(steps)])
     m = random_dit(3, hidden=32, depth=2, heads=2)
     cfg = recipe_config("ditas", steps=2, calib_labels=2, lora_rank=4, lora_rounds=2, alpha_grid=(0.3, 0.7))
-    q, _ = quantize(m, cfg, progress=False)
+    q, _ = quantize(m, cfg, calib, progress=False)
     ref = load_file(str(DATA / "legacy_quantized_v1_fake.safetensors"))
     with torch.no_grad():
         torch.manual_seed(0)

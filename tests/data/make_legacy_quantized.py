@@ -1,5 +1,6 @@
 """Writes tests/data/legacy_quantized_v1: a quantized folder saved by ditas BEFORE model families
-(main at 2c84e6c), with the outputs that code computed, so later code can prove it still loads it.
+(main at 2c84e6c), with the outputs that code computed and its calibration trajectory, so later code
+can prove it still loads it and, from the same trajectory, still quantizes to the same model.
 
 Run with the old sources first on the path:  PYTHONPATH=<old checkout>/src python tests/data/make_legacy_quantized.py
 """
@@ -22,7 +23,12 @@ from ditas.quantization.recipes import recipe_config  # noqa: E402
 out = Path(__file__).resolve().parent / "legacy_quantized_v1"
 m = random_dit(3, hidden=32, depth=2, heads=2)
 cfg = recipe_config("ditas", steps=2, calib_labels=2, lora_rank=4, lora_rounds=2, alpha_grid=(0.3, 0.7))
-q, report = quantize(m, cfg, progress=False)
+from ditas.quantization.apply import record  # noqa: E402
+
+traj = record(m, cfg, progress=False)  # the calibration trajectory, kept to replay it later
+save_file({f"{k}.{i}": v.contiguous() for k, vs in (("tokens", traj.tokens), ("cond", traj.cond)) for i, v in enumerate(vs)},
+          str(out.parent / "legacy_quantized_v1_trajectory.safetensors"))
+q, report = quantize(m, cfg, traj, progress=False)
 save_quantized(q, out, cfg)
 g = torch.Generator().manual_seed(0)
 x = torch.randn(2, 1, 8, 8, generator=g)
