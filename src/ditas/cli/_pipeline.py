@@ -14,6 +14,8 @@ import math
 import time
 from pathlib import Path
 
+import torch
+
 from ..errors import DitasError
 
 
@@ -94,8 +96,10 @@ def quantize(args: argparse.Namespace, cfg, claim) -> int:
     return 0
 
 
-def sample(args: argparse.Namespace) -> int:
-    """``ditas sample --quantized DIR [--model PIPELINE_DIR] --prompt ... --out x.png``."""
+def sample(args: argparse.Namespace, device=None, world: int = 1) -> int:
+    """``ditas sample --quantized DIR [--model PIPELINE_DIR] --prompt ... --out x.png`` on ``device``
+    (``--device``; the integer kernels are CPU kernels, so elsewhere the default backend is the
+    simulated one)."""
     from ..fileio import check_new_file
     from ..pipelines import generate_images, load_pipeline, read_pipeline_ref, save_image_grid
     from ..validate import check_sampling_options
@@ -105,6 +109,8 @@ def sample(args: argparse.Namespace) -> int:
         raise DitasError(f"--out must end in .png for a text-to-image pipeline, got {out}")
     check_new_file(out, args.overwrite)
     _check_sizes(args)
+    if world > 1:
+        raise DitasError("sampling a diffusers pipeline runs in one process: start it without torchrun")
     if not args.prompt:
         raise DitasError("give --prompt TEXT (repeat it for several images)")
     check_sampling_options(steps=args.steps, seed=args.seed)
@@ -124,11 +130,16 @@ def sample(args: argparse.Namespace) -> int:
         raise DitasError("give --model PIPELINE_DIR and/or --quantized DIR")
     transformer = None
     if args.quantized:
-        kwargs = {"backend": args.backend} if getattr(args, "backend", None) else {}
+        backend = getattr(args, "backend", None)
+        if backend is None and device is not None and torch.device(device).type != "cpu":
+            backend = "fake"
+        kwargs = {"backend": backend} if backend else {}
         from ..quantization.checkpoint import load_quantized
 
         transformer = load_quantized(args.quantized, **kwargs)
     pipe = load_pipeline(pipeline_dir, transformer=transformer)
+    if device is not None:
+        pipe = pipe.to(device)
     prompts = [args.prompt[i % len(args.prompt)] for i in range(n)]
     images = generate_images(pipe, prompts, args.steps, args.guidance, args.seed, args.height, args.width,
                              progress=not getattr(args, "no_progress", False))

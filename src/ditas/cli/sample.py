@@ -112,7 +112,7 @@ def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
     from ..model.vae import load_vae
 
     if _pipeline.wants_pipeline_sample(args):  # a diffusers text-to-image pipeline (PixArt, SD3, Flux)
-        return _pipeline.sample(args)
+        return _pipeline.sample(args, device, world)
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".npz"):
         raise DitasError(f"--out must end in .png or .npz, got {out}")
