@@ -78,6 +78,8 @@ def test_bad_pipeline_input_is_a_clear_error(tmp_path, pipeline_dir, capsys):
     assert main(["quantize", "--model", str(pipeline_dir), "--prompts", str(empty), "--out", str(q),
                  *QUANT_ARGS]) == 2
     assert "holds no prompts" in capsys.readouterr().err and not q.exists()
+    assert main(["quantize", "--model", str(pipeline_dir), "--calib-labels", "4", "--out", str(q), *QUANT_ARGS]) == 2
+    assert "--calib-labels is for class-conditional DiT" in capsys.readouterr().err and not q.exists()
     bad = tmp_path / "notapipe"
     bad.mkdir()
     (bad / "model_index.json").write_text(json.dumps({"_class_name": "X", "transformer": ["diffusers", "UNet2DModel"]}))

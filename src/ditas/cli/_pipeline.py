@@ -25,7 +25,8 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-prompts", type=int, default=16,
                    help="number of prompts of the list used for calibration (default 16; 0: all)")
     g.add_argument("--calib-guidance", type=float, default=None,
-                   help="guidance scale of the calibration run (default: the pipeline's own)")
+                   help="guidance scale of the calibration run (default: the pipeline's own; --calib-cfg "
+                        "means the same here)")
     g.add_argument("--calib-batch", type=int, default=4, help="prompts per pipeline call (default 4)")
     g.add_argument("--height", type=int, default=None, help="image height (default: the pipeline's)")
     g.add_argument("--width", type=int, default=None, help="image width (default: the pipeline's)")
@@ -58,6 +59,12 @@ def check_quantize_arguments(args: argparse.Namespace) -> None:
     from ..pipelines import read_prompts
 
     _check_sizes(args)
+    for flag, value in (("--calib-labels", args.calib_labels), ("--calib-sampler", args.calib_sampler)):
+        if value is not None:
+            raise DitasError(f"{flag} is for class-conditional DiT models; a pipeline calibrates from prompts "
+                             "(--prompts, --calib-prompts) with its own scheduler")
+    if args.calib_cfg is not None and args.calib_guidance is not None and args.calib_cfg != args.calib_guidance:
+        raise DitasError("--calib-cfg and --calib-guidance disagree: give one (the calibration guidance scale)")
     if args.calib_prompts < 0 or args.calib_batch < 1:
         raise DitasError("--calib-prompts must be >= 0 and --calib-batch >= 1")
     read_prompts(args.prompts)
@@ -78,7 +85,8 @@ def quantize(args: argparse.Namespace, cfg, claim) -> int:
     t0 = time.perf_counter()
     pipe = load_pipeline(args.model)
     t_load = time.perf_counter() - t0
-    calib = record_pipeline_calibration(pipe, prompts, cfg.steps, args.calib_guidance, cfg.seed, args.height,
+    guidance = args.calib_guidance if args.calib_guidance is not None else args.calib_cfg
+    calib = record_pipeline_calibration(pipe, prompts, cfg.steps, guidance, cfg.seed, args.height,
                                         args.width, args.calib_batch, progress=not args.no_progress)
     _, report = quantize_model(pipe.transformer, cfg, calib, progress=not args.no_progress, inplace=True)
     report["model"] = str(args.model)
