@@ -339,3 +339,16 @@ def test_config_json_with_nan_is_refused_on_write(tmp_path):
     with pytest.raises(DitasError, match="training.lr is not a finite number"):
         ditas.save_dit(m, tmp_path / "m", extra={"training": {"lr": math.nan}})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_nan_training_loss_is_a_one_line_error(tmp_path):
+    from ditas.model.dit import DiTConfig
+    from ditas.training import TrainConfig, train_dit
+
+    model = DiTConfig(input_size=32, patch_size=8, in_channels=1, hidden_size=32, depth=1, num_heads=2,
+                      num_classes=10, learn_sigma=True)
+    cfg = TrainConfig(model=model, steps=2, batch_size=4, warmup_steps=0, log_every=1, ckpt_every=1000, bf16=False)
+    images = torch.zeros(8, 1, 32, 32)
+    images[:, 0, 5, 5] = float("nan")  # a bad pixel in every training image
+    with pytest.raises(DitasError, match=r"training loss became nan at step 1"):
+        train_dit(cfg, images, torch.zeros(8, dtype=torch.long), tmp_path / "run", progress=False)

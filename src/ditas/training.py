@@ -26,8 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .diffusion.gaussian import create_diffusion
-from .errors import ConfigError
-from .fileio import atomic_file, check_writable, path_lock, read_marker
+from .errors import ConfigError, DitasError
+from .fileio import atomic_file, check_writable, json_text, path_lock, read_marker
 from .model.dit import DiT, DiTConfig
 from .model.loading import save_dit
 
@@ -235,7 +235,8 @@ def _train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Pa
         terms = diffusion.training_losses(model_fn, x0, t, noise=noise)
         loss = terms["loss"].mean()
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} at step {step}")
+            raise DitasError(f"training loss became {loss.item()} at step {step + 1}; the checkpoints written "
+                             "so far are kept (try a lower --lr)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -272,5 +273,5 @@ def _train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Pa
                "num_train_images": n, "torch_threads": torch.get_num_threads(),
                "config": cfg.to_dict()}
     with atomic_file(out / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.write_text(json_text(summary, "summary.json"))
     return summary
