@@ -136,3 +136,23 @@ def test_int_kernel_agrees_with_the_simulated_path(tmp_path):
     a, b, ref = _out(real, inputs), _out(fake, inputs), _out(fp, inputs)
     # much closer to each other than either is to FP (the quantization error)
     assert _rel(a, b) < 1e-3 and _rel(a, b) < 0.05 * _rel(b, ref)
+
+
+def test_previous_rows_fold_lands_on_the_right_member_of_a_stacked_group():
+    """The attention output's factor divides to_v's rows, the third member of the q/k/v group:
+    the stacked weight carries it in rows 2D..3D only, and the loss maps those rows back by s."""
+    from ditas.quantization.apply import _stacked, prepare
+
+    m = tiny_diffusers_dit(6)
+    b = prepare(m, ditas.recipe_config("ditas"))[0]
+    qkv = next(g for g in b.groups if g.role == "qkv")
+    assert [s.rel for s in qkv.members] == ["attn1.to_q", "attn1.to_k", "attn1.to_v"]
+    d = m.transformer_blocks[0].attn1.to_v.out_features
+    s = torch.rand(d) + 0.5
+    w, bias, out_scale = _stacked(m, qkv, {"transformer_blocks.0.attn1.to_v": (slice(0, d), s)})
+    a = m.transformer_blocks[0].attn1
+    torch.testing.assert_close(w[:d], a.to_q.weight.detach())
+    torch.testing.assert_close(w[d:2 * d], a.to_k.weight.detach())
+    torch.testing.assert_close(w[2 * d:], a.to_v.weight.detach() / s[:, None])
+    torch.testing.assert_close(bias[2 * d:], a.to_v.bias.detach() / s)
+    assert torch.equal(out_scale[:2 * d], torch.ones(2 * d)) and torch.equal(out_scale[2 * d:], s)
