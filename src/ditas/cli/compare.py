@@ -154,7 +154,7 @@ def _compare(args: argparse.Namespace, specs, configs, claim) -> int:
     progress = not args.no_progress
     device = resolve_device(args.device)
     settings = SamplingSettings(steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed)
-    model = load_dit(args.model).to(device)
+    model = load_dit(args.model, device=device)
     if getattr(model, "quant_config", None) is not None:
         raise DitasError("--model is a quantized model: compare starts from a float model")
     if args.space:

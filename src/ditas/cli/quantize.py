@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from ..devices import add_device_argument
 from ..errors import ConfigError, DitasError
 from ..pipelines import is_pipeline_dir
 from . import _pipeline
@@ -99,6 +100,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULT_RECIPE, help="quantization preset")
     add_quant_arguments(p)
     _pipeline.add_quantize_arguments(p)
+    add_device_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help="output model folder (new; written atomically)")
     p.add_argument("--overwrite", action="store_true",
@@ -107,9 +109,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..devices import resolve_device
     from ..fileio import output_dir
 
     cfg = config_from_args(args, args.recipe)
+    args.device = resolve_device(args.device)  # a missing device fails before the output folder is claimed
     pipeline = is_pipeline_dir(args.model)  # a diffusers text-to-image pipeline (PixArt, SD3, Flux)
     if pipeline:
         _pipeline.check_quantize_arguments(args)
@@ -126,7 +130,7 @@ def _quantize(args: argparse.Namespace, cfg, claim) -> int:
 
     out = claim.path
     t0 = time.perf_counter()
-    model = load_dit(args.model)
+    model = load_dit(args.model, device=args.device)
     if getattr(model, "quant_config", None) is not None:
         raise DitasError(f"{args.model} is a quantized model already: quantize a float model")
     t_load = time.perf_counter() - t0

@@ -128,7 +128,7 @@ def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
     settings = SamplingSettings(steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler, eta=args.eta,
                                 seed=args.seed, guide_channels=None if args.guide_all_channels else 3)
     kwargs = {"backend": args.backend} if args.backend else {}
-    model = load_dit(args.model, **kwargs).to(device)
+    model = load_dit(args.model, device=device, **kwargs)
     if args.space:
         model.config.space = args.space
     vae = None

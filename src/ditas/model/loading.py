@@ -80,7 +80,9 @@ def infer_config(state: dict[str, torch.Tensor], source: str = "state dict") -> 
                      num_classes=rows - 1, learn_sigma=out == 2 * in_ch)
 
 
-def build_from_state(state: dict[str, torch.Tensor], config: DiTConfig | None, source: str) -> DiT:
+def build_from_state(state: dict[str, torch.Tensor], config: DiTConfig | None, source: str,
+                     device: torch.device | str = "cpu") -> DiT:
+    """A DiT built on the meta device (no memory) and materialised on ``device`` from ``state``."""
     config = config or infer_config(state, source)
     problem = state_config_problem(config, state)
     if problem:
@@ -104,7 +106,7 @@ def build_from_state(state: dict[str, torch.Tensor], config: DiTConfig | None, s
         if not state[k].is_floating_point():
             raise CheckpointError(f"{source}: {k} holds {state[k].dtype}, expected floating point")
     check_finite_state(state, source)
-    model = model.to_empty(device="cpu")
+    model = model.to_empty(device=device)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return model.eval()
 
@@ -124,27 +126,34 @@ def _config_from_meta(meta: dict[str, str], source: str) -> DiTConfig | None:
         raise CheckpointError(f"{source}: bad config metadata ({exc})") from None
 
 
-def load_dit(path: str | os.PathLike | None = None, config: DiTConfig | None = None, **kwargs: Any) -> torch.nn.Module:
+def load_dit(path: str | os.PathLike | None = None, config: DiTConfig | None = None,
+             device: str | torch.device | None = "cpu", **kwargs: Any) -> torch.nn.Module:
     """Loads a DiT (float or ditas-quantized) in eval mode. ``None``: the embedded default model.
 
-    Extra keyword arguments go to the quantized-model loader (for instance ``backend="int"``).
+    ``device``: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or ``"auto"`` / None (CUDA when
+    available); a device that is not there is a ``DitasError``. The model is built on the meta
+    device and its weights are materialised on ``device`` directly. Extra keyword arguments go to
+    the quantized-model loader (for instance ``backend="int"``).
     """
+    from ..devices import resolve_device
+
+    device = resolve_device(device)
     path = default_model_path() if path is None else Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_dir():
-        return _load_folder(path, config, **kwargs)
+        return _load_folder(path, config, device, **kwargs)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         state, meta = _read_safetensors(path)
-        return build_from_state(state, config or _config_from_meta(meta, str(path)), str(path))
+        return build_from_state(state, config or _config_from_meta(meta, str(path)), str(path), device)
     if suffix in (".pt", ".pth", ".ckpt", ".bin"):
-        return build_from_state(_read_pt(path), config, str(path))
+        return build_from_state(_read_pt(path), config, str(path), device)
     raise CheckpointError(f"{path}: unsupported file type {suffix or '(none)'}; expected a .pt/.pth "
                           "checkpoint, a .safetensors file or a model folder")
 
 
-def _load_folder(path: Path, config: DiTConfig | None, **kwargs: Any) -> torch.nn.Module:
+def _load_folder(path: Path, config: DiTConfig | None, device: torch.device, **kwargs: Any) -> torch.nn.Module:
     cfg_file = path / "config.json"
     if (path / "transformer" / "config.json").exists() and not cfg_file.exists():
         path, cfg_file = path / "transformer", path / "transformer" / "config.json"
@@ -159,9 +168,9 @@ def _load_folder(path: Path, config: DiTConfig | None, **kwargs: Any) -> torch.n
     if data.get("_class_name") == "DiTTransformer2DModel":
         from .diffusers_convert import load_diffusers_dit
 
-        return load_diffusers_dit(path, data)
+        return load_diffusers_dit(path, data).to(device)
     if "quantization" in data:
-        return load_quantized(path, data, **kwargs)
+        return load_quantized(path, data, device=device, **kwargs)
     if "model" not in data:
         raise CheckpointError(f"{cfg_file}: not a ditas or diffusers DiT config (no 'model' or '_class_name')")
     try:
@@ -172,7 +181,7 @@ def _load_folder(path: Path, config: DiTConfig | None, **kwargs: Any) -> torch.n
     if not weights.exists():
         raise CheckpointError(f"{path}: model.safetensors is missing")
     state, _ = _read_safetensors(weights)
-    return build_from_state(state, cfg, str(weights))
+    return build_from_state(state, cfg, str(weights), device)
 
 
 def save_dit(model: DiT, path: str | os.PathLike, extra: dict[str, Any] | None = None,
