@@ -143,8 +143,9 @@ def test_quantlinear_int_vs_fake_backend(kernel, gran, lora_rank) -> None:
     layer.smooth = torch.rand(36) + 0.5
     x = torch.randn(2, 7, 36)
     fake = layer(x)
-    layer.backend = "int"
-    layer._int_state = prepare_int_weight(layer, kernel)
+    codes = layer.qweight.clone()
+    layer.set_kernel(kernel)
+    assert "qweight" not in layer._buffers and torch.equal(layer.qweight, codes)  # one copy, codes re-derived
     integer = layer(x)
     assert integer.shape == fake.shape == (2, 7, 20)
     assert _rel(integer, fake) < 2e-6

@@ -14,8 +14,6 @@ import math
 import time
 from pathlib import Path
 
-import torch
-
 from ..errors import DitasError
 
 
@@ -138,13 +136,10 @@ def sample(args: argparse.Namespace, device=None, world: int = 1) -> int:
         raise DitasError("give --model PIPELINE_DIR and/or --quantized DIR")
     transformer = None
     if args.quantized:
-        backend = getattr(args, "backend", None)
-        if backend is None and device is not None and torch.device(device).type != "cpu":
-            backend = "fake"
-        kwargs = {"backend": backend} if backend else {}
+        kwargs = {"backend": args.kernel} if getattr(args, "kernel", None) else {}
         from ..quantization.checkpoint import load_quantized
 
-        transformer = load_quantized(args.quantized, **kwargs)
+        transformer = load_quantized(args.quantized, device=device, **kwargs)  # auto: kernels for that device
     pipe = load_pipeline(pipeline_dir, transformer=transformer)
     if device is not None:
         pipe = pipe.to(device)

@@ -70,7 +70,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--vae", help="local diffusers AutoencoderKL folder (latent-space models)")
     p.add_argument("--space", choices=("latent", "pixel"), default=None,
                    help="'pixel' compares a latent model's raw outputs as images (no VAE)")
-    p.add_argument("--backend", choices=("fake", "int"), default="fake", help="quantized layers' backend")
+    p.add_argument("--kernel", "--backend", dest="kernel", default="simulated",
+                   choices=("auto", "onednn", "int_mm", "simulated", "int", "fake"),
+                   help="kernel of the quantized layers (default simulated; int = auto, fake = simulated)")
     p.add_argument("--domain", choices=("auto", "on", "off"), default="auto",
                    help="digit-domain metrics (class accuracy, FID, precision, recall): auto = only for the "
                         "embedded default digit model")
@@ -179,7 +181,7 @@ def _compare(args: argparse.Namespace, specs, configs, claim) -> int:
               flush=True)
 
     rows, images = compare_recipes(model, configs, labels, settings, batch_size=args.batch_size,
-                                   eps_samples=args.eps_samples, vae=vae, domain=domain, backend=args.backend,
+                                   eps_samples=args.eps_samples, vae=vae, domain=domain, backend=args.kernel,
                                    progress=progress, on_row=print_row)
 
     k = min(args.grid_count, args.num)

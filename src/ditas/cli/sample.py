@@ -62,8 +62,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--space", choices=("latent", "pixel"), default=None,
                    help="override the model's space; 'pixel' writes a latent model's raw output as images "
                         "(inspection without a VAE)")
-    p.add_argument("--backend", choices=("int", "fake"), default=None,
-                   help="quantized models: integer kernels or simulated (default: int where supported)")
+    p.add_argument("--kernel", "--backend", dest="kernel", default=None,
+                   choices=("auto", "onednn", "int_mm", "simulated", "int", "fake"),
+                   help="quantized models: the kernel of the quantized layers (default auto: the fastest one that "
+                        "supports each layer on --device; int = auto, fake = simulated)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="output .png (grid) or .npz (arr_0 uint8 NHWC + labels); new file")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -127,7 +129,7 @@ def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
     classes = _parse_classes(args.classes)
     settings = SamplingSettings(steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler, eta=args.eta,
                                 seed=args.seed, guide_channels=None if args.guide_all_channels else 3)
-    kwargs = {"backend": args.backend} if args.backend else {}
+    kwargs = {"backend": args.kernel} if args.kernel else {}
     model = load_dit(args.model, device=device, **kwargs)
     if args.space:
         model.config.space = args.space

@@ -27,6 +27,7 @@ from ..model.adapters.base import ON_THE_FLY, BlockSpec, CalibrationRecord, Fold
 from ..model.adapters.registry import adapter_for
 from .config import QuantConfig
 from .linear import QuantLinear
+from .kernels import use_kernels
 from .search import LayerQuant, quantize_layer
 from .smoothing import apply_fold, fold_weight_rows, row_slice
 from .weight_only import quantize_weight_only
@@ -232,8 +233,9 @@ def _split_codes(codes, rows: slice, layout: str):
 
 
 @torch.no_grad()
-def convert(model: nn.Module, calibration: Calibration, backend: str = "fake") -> nn.Module:
-    """Replaces the layers by ``QuantLinear`` and folds the smoothing factors (in place).
+def convert(model: nn.Module, calibration: Calibration, backend: str = "simulated") -> nn.Module:
+    """Replaces the layers by ``QuantLinear`` and folds the smoothing factors (in place); then
+    ``kernels.use_kernels(model, backend)`` (a kernel name; ``fake``/``int`` as before).
 
     With ``adaln="int8"`` the adapter's weight-only layers (adaLN modulation linears), once every
     fold is in them, become ``WeightOnlyInt8Linear``.
@@ -257,18 +259,19 @@ def convert(model: nn.Module, calibration: Calibration, backend: str = "fake") -
                 q = QuantLinear.from_linear(lin, wbits=cfg.w_bits, abits=cfg.a_bits, layout=cfg.weight_layout,
                                             group_size=cfg.group_size, act_granularity=cfg.act_granularity,
                                             range_mode=cfg.range_mode, smooth=smooth, lora_down=r.lora_down,
-                                            lora_up=up, codes=codes, backend=backend)
+                                            lora_up=up, codes=codes)
                 if r.bias is not None and lin.bias is not None:
                     q.bias.copy_(r.bias[rows])
                 q.invalidate()
                 model.set_submodule(spec.name, q)
     if cfg.adaln == "int8":
         quantize_weight_only(model, adapter_for(model).weight_only_linears())
+    use_kernels(model, backend)
     return model
 
 
 def quantize(model: nn.Module, config: QuantConfig, trajectory: CalibrationRecord | None = None,
-             progress: bool = True, backend: str = "fake", inplace: bool = False) -> tuple[nn.Module, dict]:
+             progress: bool = True, backend: str = "simulated", inplace: bool = False) -> tuple[nn.Module, dict]:
     """prepare + calibrate + convert; returns the quantized model and a JSON-able report."""
     t0 = time.perf_counter()
     model.eval()

@@ -29,7 +29,8 @@ from ..model.empty import empty_parameters
 from ..model.state_files import read_safetensors
 from ..validate import check_finite_state, check_layer_table, check_scales, state_config_problem
 from . import packing
-from .linear import BACKENDS, QuantLinear
+from .kernels import canonical, use_kernels
+from .linear import QuantLinear
 from .weight_only import WeightOnlyInt8Linear
 
 FORMAT_VERSION = 1
@@ -113,6 +114,10 @@ def write_quantized(model: nn.Module, folder: Path, quant_config: dict[str, Any]
         (folder / "report.json").write_text(json_text(report, "report.json"))
 
 
+def _default_backend() -> str:
+    return "auto"  # the fastest kernel that supports each layer (kernels.use_kernels)
+
+
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The parsed ``config.json`` of a quantized folder (``CheckpointError`` if it is not one)."""
     cfg_file = Path(path) / "config.json"
@@ -143,18 +148,20 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
     """Builds a quantized model from its folder, in its family's class (for diffusers families the
     user's diffusers class); ``data`` is the parsed ``config.json`` (read if None).
 
-    ``backend``: ``"int"`` (integer kernels where a layer supports them) or ``"fake"`` (simulated);
-    default ``int`` when the integer kernels are installed. ``device``: where the model goes
-    (default CPU).
+    ``backend``: the kernel (``kernels.py``): ``"auto"`` (default: the fastest kernel that
+    supports each layer on ``device``), ``"onednn"``, ``"int_mm"`` or ``"simulated"``; the former
+    names ``"int"`` (= auto) and ``"fake"`` (= simulated) are accepted. A named kernel that cannot
+    run a layer is an error. ``device``: where the model goes (default CPU).
     """
     if data is None:
         data = read_config(path)
     if kwargs:
         raise CheckpointError(f"unexpected options for a quantized model: {sorted(kwargs)}")
     path = Path(path)
-    backend = backend or "int"
-    if backend not in BACKENDS:
-        raise CheckpointError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    try:
+        backend = canonical(backend or _default_backend())
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
     q = data.get("quantization")
     check_layer_table(q, f"{path}/config.json")
     version = q.get("format_version")
@@ -201,7 +208,7 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
                 new = QuantLinear(meta["in_features"], meta["out_features"], wbits=meta["wbits"], abits=meta["abits"],
                                   bias=meta["bias"], layout=meta["layout"], group_size=meta["group_size"],
                                   act_granularity=meta["act_granularity"], range_mode=meta["range_mode"],
-                                  lora_rank=meta["lora_rank"], has_smooth=meta["smooth"], backend=backend)
+                                  lora_rank=meta["lora_rank"], has_smooth=meta["smooth"])
             except (KeyError, ValueError, RuntimeError) as exc:
                 raise CheckpointError(f"{path}: bad layer entry for {name} ({str(exc).splitlines()[0]})") from None
             model.set_submodule(name, new)
@@ -245,4 +252,5 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
     model.quant_family = family
     if device is not None:
         model = model.to(device)
+    use_kernels(model, backend)
     return model.eval()

@@ -1,6 +1,6 @@
 """The integer backend of ``QuantLinear``: int8 x int8 products with int32 accumulation.
 
-``QuantLinear.forward`` (``backend="int"``) quantizes its input to codes ``a`` with scale ``s_a``
+``QuantLinear.forward`` (an integer kernel) quantizes its input to codes ``a`` with scale ``s_a``
 and zero point ``z_a`` and calls :func:`int_linear`, which returns
 
     y = s_a * s_w * sum_k (a_k - z_a) (q_k - z_w) + bias
@@ -50,7 +50,7 @@ _INT32_MAX = 2 ** 31 - 1
 
 
 @lru_cache(maxsize=None)
-def _onednn_works() -> bool:
+def onednn_works() -> bool:
     """Whether this torch build has a working oneDNN quantized linear (checked once, exactly)."""
     try:
         a = torch.arange(24, dtype=torch.uint8).reshape(3, 8)
@@ -63,8 +63,12 @@ def _onednn_works() -> bool:
         return False
 
 
+_onednn_works = onednn_works
+
+
 def available_kernels() -> tuple[str, ...]:
-    return KERNELS if _onednn_works() else ("int_mm",)
+    """The integer kernels this torch build has, fastest first (see ``kernels.KERNELS``)."""
+    return KERNELS if onednn_works() else ("int_mm",)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,7 +159,8 @@ class IntWeightState:
     """What ``int_linear`` needs of a layer, derived from ``qweight``/``wscale``/``wzero``/``bias``.
 
     ``w_int8`` is ``qweight - shift`` (N, K) int8 (None once handed to oneDNN, which keeps its own
-    packed copy in ``packed``); ``residual`` is ``wzero - shift`` (N,) int64, or None when it is
+    packed copy in ``packed``); ``shift`` (N,) int64 gives the codes back exactly
+    (:meth:`codes`); ``residual`` is ``wzero - shift`` (N,) int64, or None when it is
     zero for every row; ``rowsum`` the int64 row sums of ``w_int8``. ``wscale`` (N,) float32,
     ``rowsum_scaled = rowsum * wscale`` and ``residual_scaled = residual * wscale`` serve the
     float epilogues.
@@ -174,12 +179,18 @@ class IntWeightState:
     bias: torch.Tensor | None
     zero_points: torch.Tensor  # (N,) int64 zeros: the weight zero point oneDNN is given
     lora_down_sum: torch.Tensor | None  # (rank,) row sums of lora_down, for int_forward
+    shift: torch.Tensor | None = None  # (N,) int64: qweight = w_int8 + shift
     lora_bf16: tuple[torch.Tensor, torch.Tensor] | None = None  # (lora_down, lora_up) in bf16, made on demand
+
+    def codes(self) -> torch.Tensor:
+        """The uint8 weight codes (N, K) this state was prepared from, re-derived exactly."""
+        w = self.w_int8 if self.w_int8 is not None else self.packed.to_dense().t()  # oneDNN packs W^T
+        return (w.to(torch.int16) + self.shift.to(device=w.device, dtype=torch.int16)[:, None]).to(torch.uint8)
 
     def nbytes(self) -> int:
         """Bytes held by the prepared state (the packed oneDNN weight counts N*K)."""
         total = self.out_features * self.in_features if self.packed is not None else 0
-        for t in (self.w_int8, self.rowsum, self.residual, self.wscale, self.rowsum_scaled, self.residual_scaled,
+        for t in (self.w_int8, self.shift, self.rowsum, self.residual, self.wscale, self.rowsum_scaled, self.residual_scaled,
                   self.zero_points, self.lora_down_sum, *(self.lora_bf16 or ())):
             if t is not None:
                 total += t.numel() * t.element_size()
@@ -192,7 +203,9 @@ def prepare_int_weight(module, kernel: str | None = None) -> IntWeightState:
         kernel = available_kernels()[0]
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "onednn" and not _onednn_works():
+    if kernel == "onednn" and module.qweight.device.type != "cpu":
+        raise ValueError(f"the 'onednn' kernel runs on the CPU, not {module.qweight.device}; use kernel='int_mm'")
+    if kernel == "onednn" and not onednn_works():
         raise ValueError("the 'onednn' kernel is not available in this torch build; use kernel='int_mm'")
     if module.layout != "channel":
         raise ValueError(f"the integer backend needs per-channel weights, got layout {module.layout!r}")
@@ -230,11 +243,13 @@ def prepare_int_weight(module, kernel: str | None = None) -> IntWeightState:
                           residual=residual, wscale=wscale, rowsum_scaled=rowsum.float() * wscale,
                           residual_scaled=None if residual is None else residual.float() * wscale, bias=bias,
                           zero_points=torch.zeros(n, dtype=torch.int64, device=q.device),
-                          lora_down_sum=module.lora_down.sum(dim=1) if module.lora_rank else None)
+                          lora_down_sum=module.lora_down.sum(dim=1) if module.lora_rank else None, shift=shift)
 
 
 def _state(module, kernel: str | None) -> IntWeightState:
     state = module._int_state
+    if kernel is None and getattr(module, "kernel", None) in KERNELS:
+        kernel = module.kernel
     if state is None or (kernel is not None and state.kernel != kernel):
         state = prepare_int_weight(module, kernel)
         module._int_state = state
@@ -323,7 +338,7 @@ def int_linear(module, codes: torch.Tensor, a_scale: torch.Tensor, a_zero: torch
 
 
 def int_forward(module, x: torch.Tensor, kernel: str | None = None, lora_bf16: bool = False) -> torch.Tensor:
-    """``QuantLinear.forward`` for ``backend="int"`` with fewer passes over the data.
+    """``QuantLinear.forward`` for the integer kernels, with fewer passes over the data.
 
     Same result as the module's forward up to float rounding (identical activation codes): the
     codes are computed in place with the arithmetic of ``activation_codes``; the low-rank branch

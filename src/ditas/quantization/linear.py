@@ -13,24 +13,27 @@ Tensors are named for their role (as nunchaku's quantized linear):
 - ``lora_down`` (rank, in), ``lora_up`` (out, rank): the float low-rank branch, or absent.
 
 The layer computes ``y = Q_A(x / smooth) (W_q + lora_up lora_down)^T + bias`` where ``Q_A`` is
-dynamic activation quantization (per tensor or per token). ``backend="fake"`` simulates it in
-float; ``backend="int"`` runs the main product on int8 codes with int32 accumulation (``forward`` calls
-``int_kernels.int_forward``, the fused integer path). Both start from the same activation codes.
+dynamic activation quantization (per tensor or per token). Its ``kernel`` (``kernels.py``; given by
+``kernels.use_kernels(model, ...)``) decides how: ``"simulated"`` (the default) simulates it in
+float; the integer kernels ``"onednn"`` and ``"int_mm"`` run the main product on int8 codes with
+int32 accumulation (``int_kernels.int_forward``). All start from the same activation codes.
+
+One copy of the weight: once an integer kernel has prepared its form of the weight, the layer
+drops ``qweight``; reading ``layer.qweight`` (or its state dict, or saving) re-derives the codes
+exactly from the prepared form, and moving or reloading the layer restores them first.
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import int_kernels
 from .quantizers import (ACT_GRANULARITIES, RANGE_MODES, WEIGHT_LAYOUTS, activation_codes, dequantize_weight,
                          quantize_weight)
 
-Backend = Literal["fake", "int"]
-BACKENDS = ("fake", "int")
+SIMULATED = "simulated"
 
 
 class QuantLinear(nn.Module):
@@ -38,8 +41,7 @@ class QuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, *, wbits: int, abits: int, bias: bool = True,
                  layout: str = "channel", group_size: int = 0, act_granularity: str = "tensor",
-                 range_mode: str = "levels", lora_rank: int = 0, has_smooth: bool = False,
-                 backend: Backend = "fake"):
+                 range_mode: str = "levels", lora_rank: int = 0, has_smooth: bool = False):
         super().__init__()
         if not 2 <= wbits <= 8:
             raise ValueError(f"weight bits must be 2..8, got {wbits}")
@@ -53,7 +55,7 @@ class QuantLinear(nn.Module):
         self.layout, self.group_size = layout, group_size
         self.act_granularity, self.range_mode = act_granularity, range_mode
         self.lora_rank = lora_rank
-        self.backend: Backend = backend
+        self.kernel = SIMULATED  # kernels.use_kernels(model, ...) chooses another
         groups = self._param_shape(out_features, in_features, layout, group_size)
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.uint8))
         self.register_buffer("wscale", torch.ones(groups))
@@ -84,8 +86,7 @@ class QuantLinear(nn.Module):
                     group_size: int = 0, act_granularity: str = "tensor", range_mode: str = "levels",
                     weight: torch.Tensor | None = None, smooth: torch.Tensor | None = None,
                     lora_down: torch.Tensor | None = None, lora_up: torch.Tensor | None = None,
-                    codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                    backend: Backend = "fake") -> "QuantLinear":
+                    codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> "QuantLinear":
         """Quantizes ``weight`` (default: ``linear.weight``) with round-to-nearest min/max.
 
         ``codes`` = (qweight, wscale, wzero) lets a caller supply codes it chose itself (for
@@ -94,7 +95,7 @@ class QuantLinear(nn.Module):
         rank = 0 if lora_down is None else lora_down.shape[0]
         m = cls(linear.in_features, linear.out_features, wbits=wbits, abits=abits, bias=linear.bias is not None,
                 layout=layout, group_size=group_size, act_granularity=act_granularity, range_mode=range_mode,
-                lora_rank=rank, has_smooth=smooth is not None, backend=backend)
+                lora_rank=rank, has_smooth=smooth is not None)
         if codes is None:
             w = linear.weight.detach() if weight is None else weight.detach()
             codes = quantize_weight(w, wbits, layout, group_size, range_mode)
@@ -138,9 +139,44 @@ class QuantLinear(nn.Module):
         return w
 
     def invalidate(self) -> None:
-        """Call after changing any tensor in place: drops cached derived weights."""
+        """Call after changing any tensor in place: drops cached derived weights (the codes are
+        restored first if a kernel holds the only copy)."""
+        self._restore_codes()
         self._wcache = None
         self._int_state = None
+
+    # -- kernels: one copy of the weight ------------------------------------------------------------
+    def set_kernel(self, kernel: str) -> None:
+        """Uses ``kernel`` from now on (``kernels.use_kernels`` checks the choice); an integer
+        kernel prepares its weight now and the layer drops ``qweight``."""
+        self.invalidate()
+        self.kernel = kernel
+        if kernel != SIMULATED:
+            self._prepare()
+
+    def _prepare(self) -> None:
+        state = int_kernels.prepare_int_weight(self, self.kernel)
+        self._restore_codes()
+        self._int_state = state
+        self._wcache = None
+        del self._buffers["qweight"]  # the prepared form is the one copy
+
+    def _restore_codes(self) -> None:
+        state = self.__dict__.get("_int_state")
+        if "qweight" not in self._buffers and state is not None:
+            self._buffers["qweight"] = state.codes()
+
+    def __getattr__(self, name: str):
+        if name == "qweight" and "qweight" not in self.__dict__["_buffers"]:
+            state = self.__dict__.get("_int_state")
+            if state is not None:
+                return state.codes()  # re-derived (a temporary copy)
+        return super().__getattr__(name)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if "qweight" not in self._buffers and self._int_state is not None:
+            destination[prefix + "qweight"] = self._int_state.codes()
 
     def _load_from_state_dict(self, *args, **kwargs):
         self.invalidate()
@@ -160,11 +196,11 @@ class QuantLinear(nn.Module):
         return activation_codes(x, self.abits, self.act_granularity, self.range_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "int" and self.int_supported():
+        if self.kernel != SIMULATED:
+            if self._int_state is None or self._int_state.kernel != self.kernel:
+                self._prepare()  # after a move or a reload
             # fused integer forward: same activation codes, fewer passes (see int_kernels.int_forward)
-            from .int_kernels import int_forward
-
-            return int_forward(self, x)
+            return int_kernels.int_forward(self, x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         codes, a_scale, a_zero = self.quantize_input(x2)
@@ -177,7 +213,7 @@ class QuantLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def int_supported(self) -> bool:
-        """Whether the integer backend handles this layer (per-channel weights, <= 8-bit inputs)."""
+        """Whether the integer kernels handle this layer (per-channel weights, <= 8-bit inputs)."""
         return self.layout == "channel" and self.abits <= 8
 
     def extra_repr(self) -> str:
@@ -192,5 +228,5 @@ class QuantLinear(nn.Module):
             parts.append("smooth=on-the-fly")
         if self.range_mode == "reference":
             parts.append("range=reference(2^b)")
-        parts.append(f"backend={self.backend}")
+        parts.append(f"kernel={self.kernel}")
         return ", ".join(parts)
