@@ -2,9 +2,9 @@
 
 Writes an fp32 folder and its W4A8 form (every block linear ``QuantLinear.from_linear`` with random
 rank-32 LoRA factors, ``fc2`` with an on-the-fly smoothing vector, adaLN linears int8 weight-only),
-then, each in a fresh process: load the folder, run one forward (batch 2, 256 tokens), and report
-the resident set after the forward (``VmRSS``) and the peak (``VmHWM``), minus the resident set of
-``import torch, ditas`` alone. ``--before SRC`` also measures the same W4A8 folder with another
+then, each in a fresh process: load the folder and report the resident set (``VmRSS``), run one
+forward (batch 2, 256 tokens), return freed heap to the system (``malloc_trim``) and report the
+resident set again (what the model holds) and the peak (``VmHWM``), minus ``import torch, ditas``. ``--before SRC`` also measures the same W4A8 folder with another
 ditas source tree (e.g. a checkout from before the kernel registry, whose integer layers kept the
 unpacked ``qweight`` beside oneDNN's packed copy).
 
@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-RSS = ("s = open('/proc/self/status').read(); "
+RSS = ("import ctypes; ctypes.CDLL('libc.so.6').malloc_trim(0); s = open('/proc/self/status').read(); "
        "print(int(s.split('VmRSS:')[1].split()[0]) / 1024, int(s.split('VmHWM:')[1].split()[0]) / 1024)")
+LOADED = "s0 = open('/proc/self/status').read(); print(int(s0.split('VmRSS:')[1].split()[0]) / 1024)"
 
 
 def write_folders(model_name: str, out: Path, rank: int = 32) -> None:
@@ -53,19 +54,20 @@ def write_folders(model_name: str, out: Path, rank: int = 32) -> None:
     save_quantized(model, out / "w4a8", {"recipe": "random-codes"}, overwrite=True)
 
 
-def measure(snippet: str, src: str | None = None) -> tuple[float, float]:
+def measure(snippet: str, src: str | None = None) -> tuple[float, float, float]:
+    """(RSS right after the load, RSS after the forward with freed heap returned, peak RSS) in MB."""
     env = dict(os.environ)
     if src:
         env["PYTHONPATH"] = src
     done = subprocess.run([sys.executable, "-c", snippet + "; " + RSS], check=True, capture_output=True, text=True,
                           env=env, cwd="/")
-    rss, hwm = done.stdout.split()[-2:]
-    return float(rss), float(hwm)
+    loaded, rss, hwm = done.stdout.split()[-3:]
+    return float(loaded), float(rss), float(hwm)
 
 
 def forward_snippet(folder: Path, load_args: str) -> str:
-    return ("import torch, ditas; torch.set_grad_enabled(False); m = ditas.load_dit(%r%s); c = m.config; "
-            "x = torch.randn(2, c.in_channels, c.input_size, c.input_size); "
+    return ("import torch, ditas; torch.set_grad_enabled(False); m = ditas.load_dit(%r%s); c = m.config; " + LOADED
+            + "; x = torch.randn(2, c.in_channels, c.input_size, c.input_size); "
             "m(x, torch.tensor([1, 500]), torch.tensor([1, 2]))") % (str(folder), load_args)
 
 
@@ -76,20 +78,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--before", help="another ditas src tree to measure the W4A8 folder with (backend='int')")
     args = ap.parse_args(argv)
     write_folders(args.model, args.dir)
-    base_rss, _ = measure("import torch, ditas")
+    _, base_rss, _ = measure("import torch, ditas; " + LOADED)
     rows = [("fp32", measure(forward_snippet(args.dir / "fp32", "")))]
     for kernel in ("simulated", "int_mm", "onednn"):
         rows.append((f"W4A8, kernel {kernel}", measure(forward_snippet(args.dir / "w4a8", f", backend={kernel!r}"))))
     if args.before:
         rows.append(("W4A8, before (backend='int', onednn)",
                      measure(forward_snippet(args.dir / "w4a8", ", backend='int'"), args.before)))
-    fp32 = rows[0][1][0] - base_rss
+    fp32 = rows[0][1][1] - base_rss
     print(f"{args.model}, random weights; load + one forward (batch 2) in a fresh process; "
-          f"`import torch, ditas` alone: {base_rss:.0f} MB resident\n")
-    print("| model | resident after forward, MB (minus import) | vs fp32 | peak RSS, MB |")
-    print("|---|---:|---:|---:|")
-    for name, (rss, hwm) in rows:
-        print(f"| {name} | {rss - base_rss:.0f} | {(rss - base_rss) / fp32:.2f} | {hwm:.0f} |")
+          f"`import torch, ditas` alone: {base_rss:.0f} MB resident. 'resident' = RSS after the forward "
+          "once freed heap is returned (malloc_trim), minus the import\n")
+    print("| model | RSS right after load, MB (minus import) | resident, MB | resident vs fp32 | peak RSS, MB |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (loaded, rss, hwm) in rows:
+        print(f"| {name} | {loaded - base_rss:.0f} | {rss - base_rss:.0f} | {(rss - base_rss) / fp32:.2f} | {hwm:.0f} |")
     return 0
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from ..memory import release_freed_memory
 from ..quantization.checkpoint import load_quantized
 from ..validate import check_finite_state, state_config_problem
 from .dit import DiT, DiTConfig
@@ -137,7 +138,12 @@ def load_dit(path: str | os.PathLike | None = None, config: DiTConfig | None = N
     """
     from ..devices import resolve_device
 
-    device = resolve_device(device)
+    model = _load(path, config, resolve_device(device), **kwargs)
+    release_freed_memory()  # the file's bytes, freed now (glibc keeps freed heap otherwise)
+    return model
+
+
+def _load(path, config: DiTConfig | None, device: torch.device, **kwargs: Any) -> torch.nn.Module:
     path = default_model_path() if path is None else Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
