@@ -82,6 +82,8 @@ def quantize(args: argparse.Namespace, cfg, claim) -> int:
         prompts = prompts[: args.calib_prompts]
     t0 = time.perf_counter()
     pipe = load_pipeline(args.model)
+    if getattr(args, "device", None) is not None:
+        pipe = pipe.to(args.device)  # the calibration run and the block-wise search run there
     t_load = time.perf_counter() - t0
     guidance = args.calib_guidance if args.calib_guidance is not None else args.calib_cfg
     calib = record_pipeline_calibration(pipe, prompts, cfg.steps, guidance, cfg.seed, args.height,
@@ -104,8 +106,7 @@ def quantize(args: argparse.Namespace, cfg, claim) -> int:
 
 def sample(args: argparse.Namespace, device=None, world: int = 1) -> int:
     """``ditas sample --quantized DIR [--model PIPELINE_DIR] --prompt ... --out x.png`` on ``device``
-    (``--device``; the integer kernels are CPU kernels, so elsewhere the default backend is the
-    simulated one)."""
+    (``--device``; ``--kernel auto`` picks the quantized layers' kernels for that device)."""
     from ..fileio import check_new_file
     from ..pipelines import generate_images, load_pipeline, read_pipeline_ref, save_image_grid
     from ..validate import check_sampling_options
