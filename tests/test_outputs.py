@@ -345,3 +345,17 @@ def test_an_existing_output_file_is_replaced_only_with_overwrite(tmp_path, model
     assert main(argv + ["--overwrite"]) == 0
     assert out.read_bytes() != b"my file"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["s.npz", out.name] if command == "eval" else [out.name])
+
+
+def test_train_continues_over_what_a_killed_run_left(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--out", str(out), "--steps", "1", "--batch-size", "4", "--hidden-size", "32", "--depth", "1",
+            "--num-heads", "2", "--patch-size", "8", "--no-progress"]
+    assert main(argv) == 0
+    (out / ".ema.ditas-partial-99999").mkdir()  # what a run killed while saving ema/ leaves
+    (out / ".train_log.jsonl.ditas-lock").write_text("")
+    assert main(argv) == 2
+    assert "earlier training run; give --overwrite" in _one_line_error(capsys)
+    capsys.readouterr()
+    assert main(argv + ["--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["ema", "raw", "summary.json", "train_log.jsonl"]

@@ -164,7 +164,8 @@ def check_run_folder(out: Path, overwrite: bool) -> None:
         return
     if not out.is_dir() or out.is_symlink():
         raise ConfigError(f"--out {out} exists and is not a folder")
-    entries = sorted(p.name for p in out.iterdir())
+    leftovers = tuple(f".{name}.ditas-" for name in RUN_FILES)  # a killed run's partial or lock entries
+    entries = sorted(p.name for p in out.iterdir() if not p.name.startswith(leftovers))
     foreign = [e for e in entries if e not in RUN_FILES
                or (e in ("ema", "raw") and read_marker(out / e) is None)]
     if foreign:
