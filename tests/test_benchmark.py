@@ -93,7 +93,8 @@ def test_benchmark_refuses_other_settings_and_foreign_folders(tmp_path, capsys):
     assert "not a benchmark folder ditas wrote" in capsys.readouterr().err
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
     for bad, words in ((["--steps", "2,2"], "twice"), (["--steps", "x"], "comma-separated"),
-                       (["--recipes", "fp,gptq"], "unknown recipe"), (["--domain", "inception"], "needs --ref")):
+                       (["--recipes", "fp,gptq"], "unknown recipe"), (["--domain", "inception"], "needs --ref"),
+                       (["--ref", str(tmp_path / "missing.npz")], "no such file")):
         args = ["benchmark", "--recipes", "fp", "--num", "4", "--steps", "2", *FAST, *bad, "--out", str(tmp_path / "n")]
         assert main(args) == 2
         assert words in capsys.readouterr().err

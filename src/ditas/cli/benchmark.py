@@ -41,7 +41,8 @@ OWN_FILES = ["config.json", "samples", "evals", "grids", "ref_cache.npz", "resul
 
 # DiTAS (W4A8, DiT-XL/2, ImageNet, FID-10K, cfg 1.5), as published; keyed by (image size, steps).
 PUBLISHED_DITAS_W4A8_FID = {(256, 50): 9.05, (256, 100): 6.86, (512, 50): 17.92, (512, 100): 13.45}
-PUBLISHED_SOURCE = "DiTAS paper, W4A8 DiT-XL/2 on ImageNet, FID-10K, cfg 1.5"
+PUBLISHED_SOURCE = ("DiTAS (Dong and Zhang, WACV 2025), W4A8 DiT-XL/2 on ImageNet, FID-10K, cfg 1.5, as given in "
+                    "the project's method notes (shared/docs/method.md)")
 
 
 def _parse_steps(text: str) -> list[int]:
@@ -233,6 +234,14 @@ def run(args: argparse.Namespace) -> int:
     specs = parse_recipes(args.recipes, args.w_bits, args.a_bits)
     configs = {label: config_from_args(args, recipe, w, a) for label, recipe, w, a in specs if recipe != "fp"}
     domain = resolve_domain(args.domain, args.ref)
+    if domain == "inception":  # every process fails here, before any work, on a bad --ref or --inception
+        from ..evaluation.adm import NpzImages
+        from ..evaluation.inception import inception_path, load_logits_weight
+
+        NpzImages(args.ref)
+        inception_path()
+        if args.inception:
+            load_logits_weight(args.inception)
     out = check_writable(args.out)
     settings = _settings(args, domain)
     rank, world, device = init_from_env(resolve_device(args.device))
