@@ -247,7 +247,6 @@ def test_domain_arguments_are_checked(tmp_path, capsys):
 def extractor():
     from ditas.evaluation.inception import InceptionFeatures
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     return InceptionFeatures("cpu")
 
 
