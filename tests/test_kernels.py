@@ -63,6 +63,7 @@ def test_one_copy_of_the_weight_and_exact_codes(seed, kernel, rank):
     layer.set_kernel(kernel)
     assert "qweight" not in layer._buffers  # the kernel's prepared weight is the only copy
     assert torch.equal(layer.qweight, codes) and torch.equal(layer.state_dict()["qweight"], codes)
+    assert layer.qweight.is_contiguous()
     y = layer(x)
     assert ((y - sim).norm() / sim.norm()) < 2e-6
     layer.to(torch.float32)  # a move restores the codes, the next forward prepares again

@@ -185,7 +185,8 @@ class IntWeightState:
     def codes(self) -> torch.Tensor:
         """The uint8 weight codes (N, K) this state was prepared from, re-derived exactly."""
         w = self.w_int8 if self.w_int8 is not None else self.packed.to_dense().t()  # oneDNN packs W^T
-        return (w.to(torch.int16) + self.shift.to(device=w.device, dtype=torch.int16)[:, None]).to(torch.uint8)
+        codes = (w.to(torch.int16) + self.shift.to(device=w.device, dtype=torch.int16)[:, None]).to(torch.uint8)
+        return codes.contiguous()  # row-major, as saved: a transposed layout would round the simulated matmul differently
 
     def nbytes(self) -> int:
         """Bytes held by the prepared state (the packed oneDNN weight counts N*K)."""
