@@ -24,6 +24,7 @@ import torch
 from ..devices import add_device_argument
 from ..errors import ConfigError, DitasError
 from .quantize import add_quant_arguments, config_from_args
+from .sample import check_attention
 
 _SPEC = re.compile(r"^([a-z_]+)(?:@w(\d+)a(\d+))?$")
 
@@ -73,6 +74,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--kernel", "--backend", dest="kernel", default="simulated",
                    choices=("auto", "onednn", "int_mm", "simulated", "int", "fake"),
                    help="kernel of the quantized layers (default simulated; int = auto, fake = simulated)")
+    p.add_argument("--attention", default="fp32", metavar="{fp32,bf16,int8}",
+                   help="attention core of the quantized models (default fp32; bf16 and int8 are faster "
+                        "approximations, see docs/sampling.md)")
     p.add_argument("--domain", choices=("auto", "on", "off"), default="auto",
                    help="digit-domain metrics (class accuracy, FID, precision, recall): auto = only for the "
                         "embedded default digit model")
@@ -136,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
             raise DitasError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     check_sampling_options(steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed)
     specs = parse_recipes(args.recipes, args.w_bits, args.a_bits)
+    check_attention(args.attention)
     configs = {label: None if recipe == "fp" else config_from_args(args, recipe, w, a)
                for label, recipe, w, a in specs}
     resolve_device(args.device)  # a missing device fails before the output folder is claimed
@@ -182,11 +187,13 @@ def _compare(args: argparse.Namespace, specs, configs, claim) -> int:
 
     rows, images = compare_recipes(model, configs, labels, settings, batch_size=args.batch_size,
                                    eps_samples=args.eps_samples, vae=vae, domain=domain, backend=args.kernel,
+                                   attention=args.attention,
                                    progress=progress, on_row=print_row)
 
     k = min(args.grid_count, args.num)
     grid = make_grid(np.concatenate([images[lbl][:k] for lbl in rows]), nrow=k)
-    result = {"model": args.model or "default", "num_samples": args.num, "steps": args.steps,
+    result = {"model": args.model or "default", "attention": args.attention, "num_samples": args.num,
+              "steps": args.steps,
               "cfg_scale": args.cfg_scale, "seed": args.seed, "batch_size": args.batch_size,
               "eps_samples": m_eps, "grid_rows": list(rows), "recipes": rows,
               "wall_time_s": round(time.perf_counter() - t0, 1)}

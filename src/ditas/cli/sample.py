@@ -66,6 +66,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    choices=("auto", "onednn", "int_mm", "simulated", "int", "fake"),
                    help="quantized models: the kernel of the quantized layers (default auto: the fastest one that "
                         "supports each layer on --device; int = auto, fake = simulated)")
+    p.add_argument("--attention", default=None, metavar="{fp32,bf16,int8}",
+                   help="attention core of a ditas DiT (default fp32: scaled_dot_product_attention as the model "
+                        "was built; bf16 and int8 are faster approximations, see docs/sampling.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="output .png (grid) or .npz (arr_0 uint8 NHWC + labels); new file")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -92,10 +95,19 @@ def check_output_size(out: Path, n: int, config) -> None:
                          f"are free in {out.parent}")
 
 
+def check_attention(mode: str | None) -> None:
+    """A clear one-line error for an unknown ``--attention``, before any work."""
+    from ..quantization.attention import ATTENTION_MODES
+
+    if mode is not None and mode not in ATTENTION_MODES:
+        raise DitasError(f"--attention must be one of {', '.join(ATTENTION_MODES)}, got {mode!r}")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
     from ..diffusion.sharded import init_from_env, shutdown
 
+    check_attention(args.attention)
     device = resolve_device(args.device)
     rank, world, device = init_from_env(device)
     try:
@@ -114,6 +126,8 @@ def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
     from ..model.vae import load_vae
 
     if _pipeline.wants_pipeline_sample(args):  # a diffusers text-to-image pipeline (PixArt, SD3, Flux)
+        if args.attention not in (None, "fp32"):
+            raise DitasError("--attention applies to ditas DiT models, not to diffusers pipelines")
         return _pipeline.sample(args, device, world)
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".npz"):
@@ -131,6 +145,10 @@ def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
                                 seed=args.seed, guide_channels=None if args.guide_all_channels else 3)
     kwargs = {"backend": args.kernel} if args.kernel else {}
     model = load_dit(args.model, device=device, **kwargs)
+    if args.attention:
+        from ..quantization.attention import use_attention
+
+        use_attention(model, args.attention)
     if args.space:
         model.config.space = args.space
     vae = None

@@ -31,14 +31,19 @@ def _sample(model: nn.Module, labels: torch.Tensor, settings: SamplingSettings, 
 
 def compare_recipes(model: nn.Module, configs: dict[str, object | None], labels: torch.Tensor,
                     settings: SamplingSettings, *, batch_size: int = 100, eps_samples: int = 32, vae=None,
-                    domain: Callable | None = None, backend: str = "fake", progress: bool = True,
-                    on_row: Callable[[str, dict], None] | None = None) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+                    domain: Callable | None = None, backend: str = "fake", attention: str = "fp32",
+                    progress: bool = True, on_row: Callable[[str, dict], None] | None = None) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
     """Rows of metrics and the uint8 samples per recipe label (``None`` config: the FP model).
 
     ``configs`` maps a label (``"ditas@w4a8"``) to its ``QuantConfig``; ``on_row(label, row)`` is
-    called as each row is done (the CLI prints it).
+    called as each row is done (the CLI prints it). ``attention`` is the attention core of the
+    quantized models (``quantization.attention.use_attention``; the FP model keeps fp32).
     """
     from ..quantization.apply import quantize, record
+    from ..quantization.attention import ATTENTION_MODES, use_attention
+
+    if attention not in ATTENTION_MODES:  # before the FP run
+        use_attention(model, attention)
 
     labels = torch.as_tensor(labels, dtype=torch.long)
     m_eps = min(eps_samples, labels.numel())
@@ -62,6 +67,9 @@ def compare_recipes(model: nn.Module, configs: dict[str, object | None], labels:
             if key not in trajectories:
                 trajectories[key] = record(model, cfg, progress)
             qmodel, rep = quantize(model, cfg, trajectory=trajectories[key], progress=progress, backend=backend)
+            if attention != "fp32":
+                use_attention(qmodel, attention)
+                row["attention"] = attention
             row.update(w_bits=cfg.w_bits, a_bits=cfg.a_bits, mean_rel_output_error=rep["mean_rel_output_error"],
                        quantize_time_s=round(time.perf_counter() - t1, 1),
                        alphas={n: v["alpha"] for n, v in rep["layers"].items()})

@@ -185,7 +185,12 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused ``qkv`` projection (rows: q, then k, then v)."""
+    """Multi-head self-attention with a fused ``qkv`` projection (rows: q, then k, then v).
+
+    ``core`` is the attention itself, ``softmax(q k^T / sqrt(d)) v``: None (the default) is
+    ``F.scaled_dot_product_attention``; ``ditas.quantization.attention.use_attention`` puts a
+    lower-precision ``AttentionCore`` there (no parameters: the state dict does not change).
+    """
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -194,12 +199,13 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
+        self.core: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)
+        x = F.scaled_dot_product_attention(q, k, v) if self.core is None else self.core(q, k, v)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj(x)
 

@@ -216,6 +216,11 @@ class ModelAdapter:
         converted after every fold is in them."""
         return []
 
+    def attention_modules(self) -> list[nn.Module]:
+        """The modules whose attention core ``quantization.attention.use_attention`` may replace
+        (each has a ``core`` attribute, None for the default); none by default."""
+        return []
+
     def block_module(self, spec: BlockSpec) -> nn.Module:
         return self.model.get_submodule(spec.name)
 

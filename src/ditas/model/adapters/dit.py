@@ -60,6 +60,9 @@ class DiTAdapter(ModelAdapter):
             names.append("final_layer.adaLN_modulation.1")
         return names
 
+    def attention_modules(self) -> list[nn.Module]:
+        return [block.attn for block in self.model.blocks]
+
     def next_call(self, block: BlockSpec, call: BlockCall, output: Any) -> BlockCall:
         return BlockCall((output,) + tuple(call.args[1:]), dict(call.kwargs))
 
