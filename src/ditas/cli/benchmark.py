@@ -42,7 +42,7 @@ OWN_FILES = ["config.json", "samples", "evals", "grids", "ref_cache.npz", "resul
 # DiTAS (W4A8, DiT-XL/2, ImageNet, FID-10K, cfg 1.5), as published; keyed by (image size, steps).
 PUBLISHED_DITAS_W4A8_FID = {(256, 50): 9.05, (256, 100): 6.86, (512, 50): 17.92, (512, 100): 13.45}
 PUBLISHED_SOURCE = ("DiTAS (Dong and Zhang, WACV 2025), W4A8 DiT-XL/2 on ImageNet, FID-10K, cfg 1.5, as given in "
-                    "the project's method notes (shared/docs/method.md)")
+                    "the project's method notes (docs/method.md)")
 
 
 def _parse_steps(text: str) -> list[int]:
