@@ -109,6 +109,34 @@ def test_torchrun_two_processes_is_byte_identical(tmp_path):
     assert "wrote 23 images" in proc.stdout and proc.stdout.count("wrote") == 1  # rank 0 only
 
 
+def test_compare_under_torchrun_equals_one_process(tmp_path):
+    """``ditas compare`` under torchrun: the processes split the samples, process 0 scores and writes;
+    the metrics and the grid are those of one process. The batch size is the same in both runs: the
+    quantized models' per-tensor activation scale is shared by the samples of a batch."""
+    import json
+
+    pytest.importorskip("torch.distributed.run")
+    args = ["compare", "--recipes", "fp,rtn,ditas", "--num-samples", "7", "--steps", "2", "--cfg-scale", "1.5",
+            "--calib-steps", "2", "--calib-labels", "2", "--lora-rank", "2", "--lora-rounds", "1",
+            "--eps-samples", "2", "--domain", "on", "--device", "cpu", "--no-progress"]
+    assert main([*args, "--batch-size", "2", "--out", str(tmp_path / "one")]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "ditas", *args, "--batch-size", "2", "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1  # process 0 only
+    timing = {"sample_time_s", "quantize_time_s"}
+
+    def rows(folder):
+        data = json.loads((folder / "compare.json").read_text())
+        return {k: {f: v for f, v in r.items() if f not in timing} for k, r in data["recipes"].items()}
+
+    one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert list(two) == ["fp", "rtn@w4a8", "ditas@w4a8"] and two == one
+    assert two["ditas@w4a8"]["psnr_db"] is not None and two["rtn@w4a8"]["fid"] is not None
+    assert (tmp_path / "two" / "grid.png").read_bytes() == (tmp_path / "one" / "grid.png").read_bytes()
+
+
 def test_missing_cuda_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["sample", "--device", "cuda", "--out", str(tmp_path / "x.npz")]) == 2

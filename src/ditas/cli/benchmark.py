@@ -258,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _barrier() -> None:
-    from ..diffusion.sharded import _barrier as barrier
+    from ..diffusion.sharded import barrier
 
     barrier()
 

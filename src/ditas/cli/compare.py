@@ -61,7 +61,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--recipes", default="fp,rtn,smoothquant,ditas",
                    help="comma-separated recipes, each optionally @wXaY (default fp,rtn,smoothquant,ditas)")
     add_quant_arguments(p)
-    p.add_argument("--num", type=int, default=100, help="number of samples (default 100)")
+    p.add_argument("--num", "--num-samples", dest="num", type=int, default=100,
+                   help="number of samples (default 100); under torchrun write --num-samples (torchrun's own "
+                        "parser takes --num)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the samples (default 4.0)")
     p.add_argument("--seed", type=int, default=0)
@@ -132,6 +134,7 @@ def markdown_table(rows: dict[str, dict]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
+    from ..diffusion.sharded import barrier, init_from_env, shutdown
     from ..fileio import output_dir
     from ..validate import check_sampling_options
 
@@ -143,23 +146,29 @@ def run(args: argparse.Namespace) -> int:
     check_attention(args.attention)
     configs = {label: None if recipe == "fp" else config_from_args(args, recipe, w, a)
                for label, recipe, w, a in specs}
-    resolve_device(args.device)  # a missing device fails before the output folder is claimed
-    with output_dir(args.out, "ditas-compare", overwrite=args.overwrite, inputs=[args.model]) as claim:
-        return _compare(args, specs, configs, claim)
+    device = resolve_device(args.device)  # a missing device fails before the output folder is claimed
+    rank, world, device = init_from_env(device)
+    try:
+        if rank != 0:  # process 0 claims and writes the output; the others sample their share
+            barrier()
+            return _compare(args, specs, configs, None, device)
+        with output_dir(args.out, "ditas-compare", overwrite=args.overwrite, inputs=[args.model]) as claim:
+            barrier()
+            return _compare(args, specs, configs, claim, device)
+    finally:
+        shutdown()
 
 
-def _compare(args: argparse.Namespace, specs, configs, claim) -> int:
-    """The work of ``run`` once the output folder is claimed; publishes into ``claim``."""
-    from ..devices import resolve_device
+def _compare(args: argparse.Namespace, specs, configs, claim, device) -> int:
+    """The work of ``run`` once the output folder is claimed; publishes into ``claim`` (None on the
+    processes other than 0 under torchrun: they only sample)."""
     from ..diffusion.pipeline import make_grid
     from ..diffusion.run import SamplingSettings
     from ..evaluation.comparison import compare_recipes
     from ..fileio import json_text
     from ..model.loading import load_dit
 
-    out = claim.path
     progress = not args.no_progress
-    device = resolve_device(args.device)
     settings = SamplingSettings(steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed)
     model = load_dit(args.model, device=device)
     if getattr(model, "quant_config", None) is not None:
@@ -189,6 +198,9 @@ def _compare(args: argparse.Namespace, specs, configs, claim) -> int:
                                    eps_samples=args.eps_samples, vae=vae, domain=domain, backend=args.kernel,
                                    attention=args.attention,
                                    progress=progress, on_row=print_row)
+    if claim is None:
+        return 0
+    out = claim.path
 
     k = min(args.grid_count, args.num)
     grid = make_grid(np.concatenate([images[lbl][:k] for lbl in rows]), nrow=k)

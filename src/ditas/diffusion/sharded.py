@@ -51,7 +51,7 @@ def process_group() -> tuple[int, int]:
     return 0, 1
 
 
-def _barrier() -> None:
+def barrier() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -198,18 +198,21 @@ def sample_npz(model: nn.Module, labels: Sequence[int] | torch.Tensor | np.ndarr
             shard_size = int(json.loads(old.read_text())["shard_size"]) if old.exists() else None
         except (ValueError, KeyError, TypeError, OSError):
             shard_size = None
-        shard_size = shard_size or min(DEFAULT_SHARD_SIZE, max(1, -(-n // world)))
+        # a multiple of the batch size, so that batches are cut at the same sample indices whatever the
+        # number of processes: a quantized model with per-tensor activation scales shares one scale
+        # per batch, so its images depend on which samples share a batch
+        shard_size = shard_size or batch_size * -(-min(DEFAULT_SHARD_SIZE, max(1, -(-n // world))) // batch_size)
     if shard_size < 1:
         raise DitasError(f"--shard-size must be at least 1, got {shard_size}")
     image_shape = _image_shape(model, vae, decode_to_uint8)
     manifest = _manifest(model, labels_np, settings, shard_size, image_shape)
     if rank == 0:
         shard_dir.mkdir(parents=True, exist_ok=True)
-    _barrier()
+    barrier()
     if not shard_dir.is_dir():
         raise DitasError(f"shard folder {shard_dir} is missing (is it on a file system all processes share?)")
     _check_or_write_manifest(shard_dir, manifest, rank)
-    _barrier()
+    barrier()
 
     ranges = _shard_ranges(n, shard_size)
     mine = [r for k, r in enumerate(ranges) if k % world == rank and not (shard_dir / shard_name(*r)).exists()]
@@ -226,7 +229,7 @@ def sample_npz(model: nn.Module, labels: Sequence[int] | torch.Tensor | np.ndarr
                         x = sample_batch(model, labels_t[lo:hi], settings, range(lo, hi))
                         f.write(np.ascontiguousarray(decode_to_uint8(model, x, vae)).tobytes())
                         bar.update(hi - lo)
-    _barrier()
+    barrier()
     if rank != 0:
         return None
     missing = [r for r in ranges if not (shard_dir / shard_name(*r)).exists()]

@@ -17,16 +17,36 @@ import torch
 from torch import nn
 
 from ..diffusion.pipeline import decode_to_uint8, generate
-from ..diffusion.run import SamplingSettings, eps_mse, eps_trajectory
+from ..diffusion.run import SamplingSettings, eps_mse, eps_trajectory, sample_batch
+from ..diffusion.sharded import process_group
 from .metrics import psnr
 
 
 def _sample(model: nn.Module, labels: torch.Tensor, settings: SamplingSettings, batch_size: int, vae,
             progress: bool) -> np.ndarray:
-    x = generate(model, labels, steps=settings.steps, cfg_scale=settings.cfg_scale, sampler=settings.sampler,
-                 eta=settings.eta, seed=settings.seed, batch_size=batch_size, guide_channels=settings.guide_channels,
-                 progress=progress)
-    return decode_to_uint8(model, x, vae)
+    """All samples' uint8 images, on every process; under ``torchrun`` each process samples the
+    batches ``k`` with ``k % world == rank`` and the images are gathered (the same bytes as one
+    process: sample i's noise depends only on (seed, i))."""
+    rank, world = process_group()
+    if world == 1:
+        x = generate(model, labels, steps=settings.steps, cfg_scale=settings.cfg_scale, sampler=settings.sampler,
+                     eta=settings.eta, seed=settings.seed, batch_size=batch_size,
+                     guide_channels=settings.guide_channels, progress=progress)
+        return decode_to_uint8(model, x, vae)
+    import torch.distributed as dist
+    from tqdm.auto import tqdm
+
+    starts = list(range(0, labels.numel(), batch_size))[rank::world]
+    mine = []
+    for lo in tqdm(starts, desc=f"sampling (rank {rank}/{world})", unit="batch", disable=not progress or rank != 0,
+                   leave=False):
+        hi = min(labels.numel(), lo + batch_size)
+        x = sample_batch(model, labels[lo:hi], settings, range(lo, hi))
+        mine.append((lo, decode_to_uint8(model, x, vae)))
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, mine)
+    parts = sorted((lo, imgs) for part in gathered for lo, imgs in part)
+    return np.concatenate([imgs for _, imgs in parts])
 
 
 def compare_recipes(model: nn.Module, configs: dict[str, object | None], labels: torch.Tensor,
@@ -36,7 +56,9 @@ def compare_recipes(model: nn.Module, configs: dict[str, object | None], labels:
     """Rows of metrics and the uint8 samples per recipe label (``None`` config: the FP model).
 
     ``configs`` maps a label (``"ditas@w4a8"``) to its ``QuantConfig``; ``on_row(label, row)`` is
-    called as each row is done (the CLI prints it). ``attention`` is the attention core of the
+    called as each row is done (the CLI prints it). Under ``torchrun`` every process must call this
+    with the same arguments: each quantizes every recipe (data-free, the same result) and samples its
+    share; process 0 returns the rows and images, the others empty dicts. ``attention`` is the attention core of the
     quantized models (``quantization.attention.use_attention``; the FP model keeps fp32).
     """
     from ..quantization.apply import quantize, record
@@ -49,9 +71,11 @@ def compare_recipes(model: nn.Module, configs: dict[str, object | None], labels:
     m_eps = min(eps_samples, labels.numel())
     eps_labels = labels[:m_eps].tolist()
     t0 = time.perf_counter()
+    main = process_group()[0] == 0  # under torchrun every process samples; process 0 scores
+    progress = progress and main
     fp_images = _sample(model, labels, settings, batch_size, vae, progress)
     fp_time = time.perf_counter() - t0
-    fp_traj = eps_trajectory(model, eps_labels, settings)
+    fp_traj = eps_trajectory(model, eps_labels, settings) if main else None
     rows: dict[str, dict] = {}
     images: dict[str, np.ndarray] = {}
     trajectories: dict = {}
@@ -76,10 +100,15 @@ def compare_recipes(model: nn.Module, configs: dict[str, object | None], labels:
             t2 = time.perf_counter()
             imgs = _sample(qmodel, labels, settings, batch_size, vae, progress)
             row["sample_time_s"] = round(time.perf_counter() - t2, 1)
+            if not main:
+                del qmodel
+                continue
             p = float(psnr(imgs, fp_images))
             row["psnr_db"] = p if np.isfinite(p) else None  # identical images (strict JSON has no inf)
             row["eps_mse"] = eps_mse(qmodel, eps_labels, settings, fp_traj)
             del qmodel
+        if not main:
+            continue
         if domain is not None:
             d = domain(imgs, labels.numpy(), other=None if cfg is None else fp_images)
             row.update(class_accuracy=d["class_accuracy"], fid=d["fid"], precision=d["precision"], recall=d["recall"],
