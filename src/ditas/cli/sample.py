@@ -34,7 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        description="Sample class-conditional images. Without --model: the embedded default "
                                    "model (a small DiT trained on real digits). Sample i's noise depends only on "
                                    "(--seed, i): the same seed gives the same images whatever --batch-size, the "
-                                   "number of torchrun processes and (up to float rounding) the device. For many "
+                                   "number of torchrun processes and (up to float rounding) the device (a quantized model with "
+                                   "per-tensor activation scales shares one scale per batch: keep --batch-size to "
+                                   "get the same images). For many "
                                    "images: torchrun --nproc_per_node N -m ditas sample ... --out X.npz; a killed "
                                    "run started again with the same arguments resumes from its shards.")
     p.add_argument("--model", help="checkpoint (.pt/.safetensors) or model folder (ditas, quantized, diffusers)")
