@@ -58,9 +58,22 @@ def _default(model: nn.Module) -> None:
     """Today's default: nothing changed."""
 
 
+def _attention(mode: str) -> Option:
+    """The attention core of every block (``ditas.quantization.attention.use_attention``)."""
+    from ditas.quantization.attention import use_attention
+
+    def apply(model: nn.Module) -> None:
+        use_attention(model, mode)
+
+    apply.__doc__ = f"attention in {mode} (use_attention(model, {mode!r}))"
+    return apply
+
+
 # name -> function applied in place to a copy of the quantized model before its kernels are chosen
 OPTIONS: dict[str, Option] = {
     "ditas": _default,
+    "attn_bf16": _attention("bf16"),
+    "attn_int8": _attention("int8"),
 }
 
 
