@@ -16,28 +16,29 @@ Modes
 
 Variants
 - ``fp32``, ``bf16``: ``nn.Linear`` / the whole model in that dtype (bf16 input pre-cast);
-- ``W4A8 int``: ``QuantLinear.from_linear(..., wbits=4, abits=8, backend="int")``, per-channel weights,
-  per-tensor dynamic activations, random rank-32 LoRA factors (``+lora32``) or none, run unfused
-  (``quantize_input``, then ``int_linear``, then the LoRA branch from the dequantized input: what
-  ``QuantLinear.forward`` did before it called ``int_forward``); in models the adaLN linears are
-  ``WeightOnlyInt8Linear``;
-- ``... fused``: the same modules run through ``int_kernels.int_forward``, which is what
-  ``QuantLinear.forward`` now runs on the integer backend (in-place activation quantization, LoRA
-  from the codes, LoRA added in the oneDNN epilogue); ``lora32(bf16)``: with ``lora_bf16=True``
-  (the low-rank products in bf16, an approximation of ~1e-4 relative);
-- ``... int_mm``: the same with the ``torch._int_mm`` kernel instead of oneDNN;
-- ``... bf16 float parts``: the fused W4A8 model with everything that is not quantized
-  (embedders, attention, LayerNorm, GELU, residual stream, final linear) in bf16;
-- ``W8A8 int``: 8-bit weights, same backend, no LoRA;
+- ``W4A8 +lora32, <route>``: ``QuantLinear.from_linear(..., wbits=4, abits=8)`` on the fastest
+  integer kernel (``set_kernel``; oneDNN here), per-channel weights, per-tensor dynamic activations,
+  random rank-32 LoRA factors, run by ``QuantLinear.forward`` (= ``int_kernels.int_forward``), with
+  the LoRA branch routed as ``ROUTES`` says: the down-projection apart in fp32 from the codes
+  (``lora_limbs=0``, what the layer did before), or inside the integer product as 3 int8 limbs
+  per row (the default, same numerics) or 1 (plain int8, an approximation); the up-projection in
+  fp32 (``addmm_`` into the output) or bf16 (``lora_bf16``, an approximation);
+- ``W4A8 +lora32 (int_mm kernel)``: the default route on ``torch._int_mm``;
+- ``W4A8 no LoRA``: the integer product alone (the ceiling the LoRA branch is measured against);
+- ``W8A8``: 8-bit weights, same kernel, no LoRA; in models the adaLN linears of every integer
+  variant are ``WeightOnlyInt8Linear``;
 - ``torchao int8dyn``: ``torchao.quantization.quantize_(model, Int8DynamicActivationInt8WeightConfig())``
   on the fp32 model (all ``nn.Linear``; per-token dynamic int8 activations, int8 per-channel weights).
+
+``--mode profile`` prints torch.profiler's self-CPU table of one forward of the default W4A8 model
+and of the bf16 model (``--depth``, default 4 blocks), grouped by operator.
 
 Memory: ``bytes`` = parameters + buffers + derived caches the variant keeps (the prepared int8
 weight of the integer backend, torchao's inner tensors); ``peak+`` = rise of the process peak RSS
 during one call above the RSS before it (after ``malloc_trim`` and a ``/proc/self/clear_refs``
 reset), i.e. the transient memory of a call (activations, workspaces, temporary copies).
 
-Usage: ``python benchmarks/bench_int_backend.py [--mode layers|adaln|dit|digits|all] [--quick] [--repeats N]
+Usage: ``python benchmarks/bench_int_backend.py [--mode layers|adaln|dit|digits|profile|all] [--quick] [--repeats N]
 [--threads N]``
 """
 
@@ -58,13 +59,25 @@ import torch
 import torch.nn as nn
 
 from ditas.model.dit import DiT, DiTConfig, DiT_models
-from ditas.quantization.int_kernels import available_kernels, int_forward, int_linear, prepare_int_weight
+from ditas.quantization.int_kernels import DEFAULT_LORA_LIMBS, available_kernels
 from ditas.quantization.linear import QuantLinear
 from ditas.quantization.weight_only import WeightOnlyInt8Linear, quantize_adaln_weight_only
 
 LAYER_SHAPES = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}
 BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 LORA_RANK = 32
+
+
+def cpu_name() -> str:
+    """The CPU's model name as ``lscpu`` gives it (every table is printed with it)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown CPU"
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name:")),
+                "unknown CPU")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,26 +215,20 @@ def _lora(linear: nn.Linear, g: torch.Generator) -> dict[str, torch.Tensor]:
                 lora_up=torch.randn(linear.out_features, LORA_RANK, generator=g) * 0.01)
 
 
-def quant_linear(linear: nn.Linear, wbits: int, lora: bool, g: torch.Generator, kernel: str | None = None
-                 ) -> QuantLinear:
-    m = QuantLinear.from_linear(linear, wbits=wbits, abits=8, act_granularity="tensor", backend="int",
-                                **(_lora(linear, g) if lora else {}))
-    m._int_state = prepare_int_weight(m, kernel)
+@dataclass(frozen=True)
+class LoraRoute:
+    """How an integer layer runs its LoRA branch (``QuantLinear`` attributes, see ``int_kernels``)."""
+
+    limbs: int = DEFAULT_LORA_LIMBS  # int8 limbs of the down rows in the main product (0: fp32 apart)
+    up: str = "fp32"                 # up-projection: fp32 (addmm_ into the output) or bf16
+
+
+def quant_linear(linear: nn.Linear, wbits: int, lora: dict | None, kernel: str | None = None,
+                 route: LoraRoute = LoraRoute()) -> QuantLinear:
+    m = QuantLinear.from_linear(linear, wbits=wbits, abits=8, act_granularity="tensor", **(lora or {}))
+    m.lora_limbs, m.lora_bf16 = route.limbs, route.up == "bf16"
+    m.set_kernel(kernel or available_kernels()[0])
     return m
-
-
-def fused(m: QuantLinear, lora_bf16: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
-    return partial(int_forward, m, lora_bf16=lora_bf16)
-
-
-def unfused_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """The integer layer without fusion: codes, integer product, LoRA from the dequantized input."""
-    shape = x.shape
-    codes, a_scale, a_zero = m.quantize_input(x.reshape(-1, shape[-1]))
-    y = int_linear(m, codes, a_scale, a_zero)
-    if m.lora_rank:
-        y = y + (((codes - a_zero) * a_scale) @ m.lora_down.t()) @ m.lora_up.t()
-    return y.reshape(*shape[:-1], m.out_features)
 
 
 def torchao_int8(model: nn.Module) -> nn.Module:
@@ -231,43 +238,18 @@ def torchao_int8(model: nn.Module) -> nn.Module:
     return model
 
 
-def quantize_dit(model: DiT, wbits: int, lora: bool, seed: int = 0) -> DiT:
-    """Block linears -> integer QuantLinear; adaLN -> weight-only int8 (in place)."""
+def quantize_dit(model: DiT, wbits: int, lora: bool, seed: int = 0, route: LoraRoute = LoraRoute()) -> DiT:
+    """Block linears -> integer QuantLinear (random rank-32 LoRA factors from ``seed``); adaLN ->
+    weight-only int8 (in place)."""
     g = torch.Generator().manual_seed(seed)
     for block in model.blocks:
         for name in BLOCK_LINEARS:
             parent_name, _, child = name.rpartition(".")
             parent = block.get_submodule(parent_name)
-            setattr(parent, child, quant_linear(getattr(parent, child), wbits, lora, g))
+            lin = getattr(parent, child)
+            setattr(parent, child, quant_linear(lin, wbits, _lora(lin, g) if lora else None, route=route))
     quantize_adaln_weight_only(model)
     return model
-
-
-def set_fused(model: nn.Module, on: bool, lora_bf16: bool = False) -> None:
-    """Routes every QuantLinear of ``model`` through ``int_forward`` or ``unfused_forward``."""
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.forward = fused(m, lora_bf16) if on else partial(unfused_forward, m)
-
-
-def bf16_float_parts(model: DiT) -> DiT:
-    """A copy sharing the quantized modules, with every float module/parameter cast to bf16."""
-    shared = [m for m in model.modules() if isinstance(m, (QuantLinear, WeightOnlyInt8Linear))]
-    memo = {id(m): m for m in shared}
-    clone = copy.deepcopy(model, memo)
-    for name, module in clone.named_children():
-        _cast_float_parts(module)
-    clone.pos_embed.data = clone.pos_embed.data.bfloat16()
-    return clone
-
-
-def _cast_float_parts(module: nn.Module) -> None:
-    if isinstance(module, (QuantLinear, WeightOnlyInt8Linear)):
-        return
-    for p in module.parameters(recurse=False):
-        p.data = p.data.bfloat16()
-    for child in module.children():
-        _cast_float_parts(child)
 
 
 def _randomize_zero_inits(model: DiT, seed: int = 0) -> None:
@@ -287,6 +269,14 @@ def _randomize_zero_inits(model: DiT, seed: int = 0) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+ROUTES = {  # variant suffix -> LoRA route of the W4A8 +lora32 layer
+    "LoRA down fp32 apart (before)": LoraRoute(limbs=0),
+    "LoRA down in product, 3 limbs (default)": LoraRoute(limbs=3),
+    "LoRA down in product, 1 limb": LoraRoute(limbs=1),
+    "3 limbs, up bf16": LoraRoute(limbs=3, up="bf16"),
+}
+
+
 def bench_layers(rounds: int, min_sample_s: float, tokens: int = 512) -> str:
     out = []
     g = torch.Generator().manual_seed(0)
@@ -296,20 +286,18 @@ def bench_layers(rounds: int, min_sample_s: float, tokens: int = 512) -> str:
         x = torch.randn(tokens, k, generator=g)
         lin_bf = copy.deepcopy(lin).bfloat16()
         xb = x.bfloat16()
-        w4l = quant_linear(lin, 4, True, g)
-        w4 = quant_linear(lin, 4, False, g)
-        w8 = quant_linear(lin, 8, False, g)
-        ao = torchao_int8(nn.Sequential(copy.deepcopy(lin)))
-        vs = [Variant("fp32", lambda: lin(x), lin), Variant("bf16", lambda: lin_bf(xb), lin_bf),
-              Variant("W4A8 int +lora32", lambda: unfused_forward(w4l, x), w4l),
-              Variant("W4A8 int", lambda: unfused_forward(w4, x), w4),
-              Variant("W4A8 int +lora32 fused", lambda: int_forward(w4l, x), w4l),
-              Variant("W4A8 int +lora32(bf16) fused", lambda: int_forward(w4l, x, lora_bf16=True), w4l),
-              Variant("W4A8 int fused", lambda: int_forward(w4, x), w4)]
+        lora = _lora(lin, g)
+        vs = [Variant("fp32", lambda: lin(x), lin), Variant("bf16", lambda: lin_bf(xb), lin_bf)]
+        for label, route in ROUTES.items():
+            m = quant_linear(lin, 4, lora, route=route)
+            vs.append(Variant(f"W4A8 +lora32, {label}", partial(m, x), m))
         if "onednn" in kernels:
-            w4mm = quant_linear(lin, 4, False, g, kernel="int_mm")
-            vs.append(Variant("W4A8 int (int_mm kernel)", lambda: unfused_forward(w4mm, x), w4mm))
-        vs += [Variant("W8A8 int", lambda: unfused_forward(w8, x), w8), Variant("W8A8 int fused", lambda: int_forward(w8, x), w8),
+            mm = quant_linear(lin, 4, lora, kernel="int_mm")
+            vs.append(Variant("W4A8 +lora32 (int_mm kernel)", partial(mm, x), mm))
+        w4 = quant_linear(lin, 4, None)
+        w8 = quant_linear(lin, 8, None)
+        ao = torchao_int8(nn.Sequential(copy.deepcopy(lin)))
+        vs += [Variant("W4A8 no LoRA", partial(w4, x), w4), Variant("W8A8", partial(w8, x), w8),
                Variant("torchao int8dyn", lambda: ao(x), ao)]
         with torch.inference_mode():
             ref = lin(x)
@@ -346,32 +334,34 @@ def bench_adaln(rounds: int, min_sample_s: float, batch: int = 2) -> str:
     return table(f"adaLN modulation linear 1152->6912, M={batch}", vs)
 
 
-def _model_variants(model: DiT, call: Callable[[nn.Module, torch.dtype], torch.Tensor], with_bf16_parts: bool
+def _model_variants(model: DiT, call: Callable[[nn.Module, torch.dtype], torch.Tensor], routes: dict[str, LoraRoute]
                     ) -> list[Variant]:
-    """fp32, bf16, W4A8 (+fused, +bf16 float parts), W8A8, torchao: built from one random model."""
+    """fp32, bf16, W4A8 +lora32 for each LoRA route (same random factors), W4A8 without LoRA, W8A8,
+    torchao: built from one random model. Routes that differ only in the up-projection share a model
+    (the flags are read per call; their prepared extras are cached side by side)."""
     model_bf = copy.deepcopy(model).bfloat16()
-    w4 = quantize_dit(copy.deepcopy(model), 4, lora=True, seed=1)
+    by_limbs: dict[int, DiT] = {}
+    vs = [Variant("fp32", partial(call, model, torch.float32), model),
+          Variant("bf16", partial(call, model_bf, torch.bfloat16), model_bf)]
+
+    def run(m: nn.Module, route: LoraRoute) -> torch.Tensor:
+        for layer in m.modules():
+            if isinstance(layer, QuantLinear):
+                layer.lora_bf16 = route.up == "bf16"
+        return call(m, torch.float32)
+
+    for label, route in routes.items():
+        if route.limbs not in by_limbs:
+            by_limbs[route.limbs] = quantize_dit(copy.deepcopy(model), 4, lora=True, seed=1, route=route)
+        w4 = by_limbs[route.limbs]
+        vs.append(Variant(f"W4A8 +lora32, {label}", partial(run, w4, route), w4))
+    w4n = quantize_dit(copy.deepcopy(model), 4, lora=False, seed=1)
     w8 = quantize_dit(copy.deepcopy(model), 8, lora=False, seed=2)
     ao = torchao_int8(copy.deepcopy(model))
     gc.collect()
-
-    def run(m: nn.Module, dtype: torch.dtype, fuse: bool | None = None, lora_bf16: bool = False) -> torch.Tensor:
-        if fuse is not None:
-            set_fused(m, fuse, lora_bf16)
-        return call(m, dtype)
-
-    vs = [Variant("fp32", partial(run, model, torch.float32), model),
-          Variant("bf16", partial(run, model_bf, torch.bfloat16), model_bf),
-          Variant("W4A8 int +lora32, adaLN int8", partial(run, w4, torch.float32, False), w4),
-          Variant("W4A8 int +lora32 fused, adaLN int8", partial(run, w4, torch.float32, True), w4),
-          Variant("W4A8 int +lora32(bf16) fused, adaLN int8", partial(run, w4, torch.float32, True, True), w4)]
-    if with_bf16_parts:
-        w4b = bf16_float_parts(w4)
-        vs.append(Variant("W4A8 int +lora32(bf16) fused, adaLN int8, bf16 float parts",
-                          partial(run, w4b, torch.bfloat16, True, True), w4b))
-    vs += [Variant("W8A8 int, adaLN int8", partial(run, w8, torch.float32, False), w8),
-           Variant("W8A8 int fused, adaLN int8", partial(run, w8, torch.float32, True), w8),
-           Variant("torchao int8dyn (all Linear)", partial(run, ao, torch.float32), ao)]
+    vs += [Variant("W4A8 no LoRA", partial(call, w4n, torch.float32), w4n),
+           Variant("W8A8", partial(call, w8, torch.float32), w8),
+           Variant("torchao int8dyn (all Linear)", partial(call, ao, torch.float32), ao)]
     return vs
 
 
@@ -389,7 +379,7 @@ def bench_dit(rounds: int, depth: int) -> str:
         return m(x.to(dtype), t, y)
 
     with torch.inference_mode():
-        vs = _model_variants(model, call, with_bf16_parts=True)
+        vs = _model_variants(model, call, ROUTES)
         ref = call(model, torch.float32)
         for v in vs:
             v.rel_err = _rel(v.fn(), ref)
@@ -413,7 +403,7 @@ def bench_digits(rounds: int, min_sample_s: float) -> str:
         return m.forward_with_cfg(x.to(dtype), t, y, cfg_scale=4.0, guide_channels=None)
 
     with torch.inference_mode():
-        vs = _model_variants(model, call, with_bf16_parts=True)
+        vs = _model_variants(model, call, {k: v for k, v in ROUTES.items() if v.up == "fp32"})
         ref = call(model, torch.float32)
         for v in vs:
             v.rel_err = _rel(v.fn(), ref)
@@ -421,9 +411,34 @@ def bench_digits(rounds: int, min_sample_s: float) -> str:
     return table("digit model (32x32x1, patch 4, hidden 192, depth 6), one CFG step, batch 20", vs)
 
 
+def profile_dit(depth: int, rows: int = 18) -> str:
+    """Self-CPU time per operator of one forward: the default W4A8 +lora32 model, then bf16."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(depth=depth, hidden_size=1152, num_heads=16, patch_size=2)).eval()
+    _randomize_zero_inits(model)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 32, 32, generator=g)
+    t, y = torch.tensor([500, 20]), torch.tensor([3, 1000])
+    out = []
+    with torch.inference_mode():
+        model_bf = copy.deepcopy(model).bfloat16()
+        w4 = quantize_dit(model, 4, lora=True, seed=1)
+        for name, m, dtype in (("W4A8 +lora32 (default route)", w4, torch.float32), ("bf16", model_bf, torch.bfloat16)):
+            for _ in range(2):
+                m(x.to(dtype), t, y)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(3):
+                    m(x.to(dtype), t, y)
+            out.append(f"**{name}, depth {depth}, 3 forwards**\n\n```\n"
+                       + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows) + "\n```")
+    return "\n\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mode", choices=["layers", "adaln", "dit", "digits", "all"], default="all")
+    p.add_argument("--mode", choices=["layers", "adaln", "dit", "digits", "profile", "all"], default="all")
     p.add_argument("--quick", action="store_true", help="few rounds; DiT-XL/2 widths at depth 4")
     p.add_argument("--repeats", type=int, default=0, help="rounds (default 15 layers/digits, 5 dit; quick: 3/2)")
     p.add_argument("--depth", type=int, default=0, help="DiT depth for --mode dit (default 28; quick 4)")
@@ -432,8 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, kernels {available_kernels()}",
-          flush=True)
+    print(f"CPU {cpu_name()}; torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"kernels {available_kernels()}", flush=True)
     small = args.repeats or (3 if args.quick else 15)
     big = args.repeats or (2 if args.quick else 5)
     depth = args.depth or (4 if args.quick else 28)
@@ -446,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         print(bench_digits(small, sample) + "\n", flush=True)
     if args.mode in ("dit", "all"):
         print(bench_dit(big, depth) + "\n", flush=True)
+    if args.mode == "profile":
+        print(profile_dit(args.depth or 4), flush=True)
     return 0
 
 

@@ -49,6 +49,7 @@ from ditas.evaluation.metrics import psnr
 from ditas.fileio import atomic_file, json_text
 from ditas.quantization.apply import quantize
 from ditas.quantization.kernels import use_kernels
+from ditas.quantization.linear import QuantLinear
 from ditas.quantization.recipes import recipe_config
 
 Option = Callable[[nn.Module], None]
@@ -69,11 +70,34 @@ def _attention(mode: str) -> Option:
     return apply
 
 
+def _quant_layers(model: nn.Module) -> list[QuantLinear]:
+    return [m for m in model.modules() if isinstance(m, QuantLinear)]
+
+
+def lora_factors_bf16(model: nn.Module) -> None:
+    """LoRA factors rounded to bf16 (what a checkpoint storing them in bf16 gives back)."""
+    with torch.no_grad():
+        for m in _quant_layers(model):
+            if m.lora_rank:
+                m.lora_down.copy_(m.lora_down.to(torch.bfloat16).float())
+                m.lora_up.copy_(m.lora_up.to(torch.bfloat16).float())
+                m.invalidate()
+
+
+def lora_down_int8(model: nn.Module) -> None:
+    """The LoRA down rows in the integer product as ONE int8 limb per row (default: three, which
+    match fp32): plain per-row int8 LoRA down-projection."""
+    for m in _quant_layers(model):
+        m.lora_limbs = 1
+
+
 # name -> function applied in place to a copy of the quantized model before its kernels are chosen
 OPTIONS: dict[str, Option] = {
     "ditas": _default,
     "attn_bf16": _attention("bf16"),
     "attn_int8": _attention("int8"),
+    "lora_factors_bf16": lora_factors_bf16,
+    "lora_down_int8": lora_down_int8,
 }
 
 

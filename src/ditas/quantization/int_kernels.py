@@ -47,6 +47,9 @@ __all__ = ["IntWeightState", "KERNELS", "available_kernels", "int8_matmul_zp", "
 
 KERNELS = ("onednn", "int_mm")
 _INT32_MAX = 2 ** 31 - 1
+LIMB_BASE = 128  # each further int8 limb of the LoRA down rows adds 7 bits
+MAX_LORA_LIMBS = 3  # three limbs already match the fp32 product (2.4e-7 of a row's largest entry)
+DEFAULT_LORA_LIMBS = 3
 
 
 @lru_cache(maxsize=None)
@@ -181,25 +184,67 @@ class IntWeightState:
     lora_down_sum: torch.Tensor | None  # (rank,) row sums of lora_down, for int_forward
     shift: torch.Tensor | None = None  # (N,) int64: qweight = w_int8 + shift
     lora_bf16: tuple[torch.Tensor, torch.Tensor] | None = None  # (lora_down, lora_up) in bf16, made on demand
+    lora_limbs: int = 0  # int8 limbs of lora_down appended to the weight (0: the down-projection runs apart)
+    lora_rank: int = 0
+    lora_up_bf16: torch.Tensor | None = None  # lora_up in bf16, made on demand
+
+    @property
+    def product_features(self) -> int:
+        """Columns of the integer product: the N outputs, then ``lora_limbs * lora_rank`` LoRA rows."""
+        return self.out_features + self.lora_limbs * self.lora_rank
 
     def codes(self) -> torch.Tensor:
         """The uint8 weight codes (N, K) this state was prepared from, re-derived exactly."""
         w = self.w_int8 if self.w_int8 is not None else self.packed.to_dense().t()  # oneDNN packs W^T
+        w = w[:self.out_features]  # the appended LoRA rows are not weight codes
         codes = (w.to(torch.int16) + self.shift.to(device=w.device, dtype=torch.int16)[:, None]).to(torch.uint8)
         return codes.contiguous()  # row-major, as saved: a transposed layout would round the simulated matmul differently
 
     def nbytes(self) -> int:
         """Bytes held by the prepared state (the packed oneDNN weight counts N*K)."""
-        total = self.out_features * self.in_features if self.packed is not None else 0
+        total = self.product_features * self.in_features if self.packed is not None else 0
         for t in (self.w_int8, self.shift, self.rowsum, self.residual, self.wscale, self.rowsum_scaled, self.residual_scaled,
-                  self.zero_points, self.lora_down_sum, *(self.lora_bf16 or ())):
+                  self.zero_points, self.lora_down_sum, *(self.lora_bf16 or ()), self.lora_up_bf16):
             if t is not None:
                 total += t.numel() * t.element_size()
         return total
 
 
-def prepare_int_weight(module, kernel: str | None = None) -> IntWeightState:
-    """Builds the integer weight state of a per-channel ``QuantLinear`` (see the module docstring)."""
+def lora_limbs(down: torch.Tensor, limbs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``down`` (r, K) as ``limbs`` int8 rows per rank row: (limbs * r, K) int8 and (limbs * r,) scales.
+
+    Row ``i`` of limb ``j`` (row ``j * r + i`` of the result) has scale ``s_i / LIMB_BASE^j`` with
+    ``s_i = max_k |down[i, k]| / 127``, and ``sum_j scale_j * limb_j`` approximates ``down`` to
+    within ``0.5 * s_i / LIMB_BASE^(limbs - 1)``: relative to the row's largest entry 3.9e-3 (one
+    limb: plain int8 per row), 3.1e-5 (two), 2.4e-7 (three, the precision of the fp32 product).
+    Each limb is the rounded remainder of the previous ones times ``LIMB_BASE`` (|remainder| <=
+    0.5, so every limb after the first lies in [-64, 64]); computed in float64.
+    """
+    if limbs < 1:
+        raise ValueError(f"limbs must be >= 1, got {limbs}")
+    d = down.detach().double()
+    s = (d.abs().amax(dim=1) / 127).float().clamp(min=torch.finfo(torch.float32).tiny)
+    rest = d / s.double()[:, None]
+    rows, scales = [], []
+    for j in range(limbs):
+        q = rest.round().clamp_(-127, 127)
+        rows.append(q.to(torch.int8))
+        scales.append(s / LIMB_BASE ** j)  # a power of 2: exact in float32
+        rest = (rest - q) * LIMB_BASE
+    return torch.cat(rows), torch.cat(scales)
+
+
+def prepare_int_weight(module, kernel: str | None = None, limbs: int | None = None) -> IntWeightState:
+    """Builds the integer weight state of a per-channel ``QuantLinear`` (see the module docstring).
+
+    ``limbs`` (default: the layer's ``lora_limbs``, else ``DEFAULT_LORA_LIMBS``): with a LoRA branch,
+    its down-projection rows as that many int8 limbs (:func:`lora_limbs`) appended to the weight,
+    so one integer product yields the output and the rank-r intermediate; 0 keeps them apart.
+    """
+    if limbs is None:
+        limbs = getattr(module, "lora_limbs", DEFAULT_LORA_LIMBS)
+    if not isinstance(limbs, int) or not 0 <= limbs <= MAX_LORA_LIMBS:
+        raise ValueError(f"lora limbs must be an integer in 0..{MAX_LORA_LIMBS}, got {limbs!r}")
     if kernel is None:
         kernel = available_kernels()[0]
     if kernel not in KERNELS:
@@ -233,9 +278,20 @@ def prepare_int_weight(module, kernel: str | None = None) -> IntWeightState:
     w_int8 = (q.to(torch.int16) - shift.to(torch.int16)[:, None]).to(torch.int8)
     residual = zero - shift
     residual = residual if bool((residual != 0).any()) else None
-    rowsum = w_int8.sum(dim=1, dtype=torch.int64)
     wscale = module.wscale.reshape(-1).float().contiguous()
     bias = None if module.bias is None else module.bias.detach().float().contiguous()
+    rank = module.lora_rank
+    limbs = limbs if rank else 0
+    if limbs:  # the LoRA down rows join the product: zero bias, zero residual, their own scales
+        d8, dscale = lora_limbs(module.lora_down, limbs)
+        w_int8 = torch.cat([w_int8, d8.to(w_int8.device)])
+        wscale = torch.cat([wscale, dscale.to(wscale.device)])
+        if bias is not None:
+            bias = torch.cat([bias, bias.new_zeros(limbs * rank)])
+        if residual is not None:
+            residual = torch.cat([residual, residual.new_zeros(limbs * rank)])
+    rows = w_int8.shape[0]
+    rowsum = w_int8.sum(dim=1, dtype=torch.int64)
     packed = None
     if kernel == "onednn":
         packed = torch.ops.onednn.qlinear_prepack(w_int8.contiguous(), None)
@@ -243,16 +299,18 @@ def prepare_int_weight(module, kernel: str | None = None) -> IntWeightState:
     return IntWeightState(kernel=kernel, in_features=k, out_features=n, w_int8=w_int8, packed=packed, rowsum=rowsum,
                           residual=residual, wscale=wscale, rowsum_scaled=rowsum.float() * wscale,
                           residual_scaled=None if residual is None else residual.float() * wscale, bias=bias,
-                          zero_points=torch.zeros(n, dtype=torch.int64, device=q.device),
-                          lora_down_sum=module.lora_down.sum(dim=1) if module.lora_rank else None, shift=shift)
+                          zero_points=torch.zeros(rows, dtype=torch.int64, device=q.device),
+                          lora_down_sum=module.lora_down.sum(dim=1) if rank and not limbs else None, shift=shift,
+                          lora_limbs=limbs, lora_rank=rank)
 
 
 def _state(module, kernel: str | None) -> IntWeightState:
     state = module._int_state
     if kernel is None and getattr(module, "kernel", None) in KERNELS:
         kernel = module.kernel
-    if state is None or (kernel is not None and state.kernel != kernel):
-        state = prepare_int_weight(module, kernel)
+    limbs = getattr(module, "lora_limbs", DEFAULT_LORA_LIMBS) if module.lora_rank else 0
+    if state is None or (kernel is not None and state.kernel != kernel) or state.lora_limbs != limbs:
+        state = prepare_int_weight(module, kernel if kernel is not None else None if state is None else state.kernel)
         module._int_state = state
     return state
 
@@ -300,9 +358,16 @@ def int_linear(module, codes: torch.Tensor, a_scale: torch.Tensor, a_zero: torch
     """
     per_tensor = _check_inputs(module, codes, a_scale, a_zero)
     st = _state(module, kernel)
+    return _product(st, codes, a_scale, a_zero, per_tensor)[:, :st.out_features]
+
+
+def _product(st: IntWeightState, codes: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor,
+             per_tensor: bool) -> torch.Tensor:
+    """Float32 (M, ``st.product_features``): the outputs of every row of the prepared weight (the
+    layer's N outputs, then the LoRA limb rows, which have zero bias)."""
     m, k = codes.shape
     if m == 0:
-        return torch.zeros(0, st.out_features, device=codes.device)
+        return torch.zeros(0, st.product_features, device=codes.device)
     a_scale = a_scale.float()
     if st.kernel == "onednn":
         q = codes.to(torch.uint8)
@@ -338,7 +403,7 @@ def int_linear(module, codes: torch.Tensor, a_scale: torch.Tensor, a_zero: torch
 # ----------------------------------------------------------------------------------------------
 
 
-def int_forward(module, x: torch.Tensor, kernel: str | None = None, lora_bf16: bool = False) -> torch.Tensor:
+def int_forward(module, x: torch.Tensor, kernel: str | None = None, lora_bf16: bool | None = None) -> torch.Tensor:
     """``QuantLinear.forward`` for the integer kernels, with fewer passes over the data.
 
     Same result as the module's forward up to float rounding (identical activation codes): the
@@ -347,11 +412,21 @@ def int_forward(module, x: torch.Tensor, kernel: str | None = None, lora_bf16: b
     copy of the input) and, for per-tensor activations with the oneDNN kernel, is added in the
     kernel's epilogue.
 
-    ``lora_bf16=True`` runs the two low-rank products in bf16 (the codes are exact in bf16; the
-    factors and the branch output are rounded to 8 significant bits): an error of a few 2^-9 of
-    the branch, which is a small correction of the output, for a branch 3-4x cheaper. It is an
+    With ``lora_limbs`` >= 1 (the layer's attribute; default ``DEFAULT_LORA_LIMBS``) the LoRA down
+    rows are part of the prepared integer weight (:func:`lora_limbs`): ONE integer product gives the
+    N outputs and the limbs of the rank-r intermediate ``h = Q_A(x) lora_down^T`` (the kernel
+    applies the activation zero point and the per-row scales), the limbs are summed, and the
+    up-projection ``h lora_up^T`` is added in place into the output (``addmm_``). Three limbs
+    reproduce the fp32 down-projection (2.4e-7 of a row's largest entry); one limb is plain int8
+    per row. ``lora_limbs = 0``: the down-projection runs apart, in fp32, from the codes.
+
+    ``lora_bf16=True`` (default: the layer's ``lora_bf16``, else False) runs the low-rank products
+    that are not integer in bf16 (the up-projection; with 0 limbs also the down-projection): an
+    error of a few 2^-9 of the branch, which is a small correction of the output. It is an
     approximation, hence off by default.
     """
+    if lora_bf16 is None:
+        lora_bf16 = bool(getattr(module, "lora_bf16", False))
     if not module.int_supported():
         raise ValueError(f"the integer backend handles per-channel weights with <= 8-bit activations, got "
                          f"layout={module.layout!r}, abits={module.abits}")
@@ -366,7 +441,8 @@ def int_forward(module, x: torch.Tensor, kernel: str | None = None, lora_bf16: b
     codes = torch.div(x2, a_scale)
     codes.round_().add_(a_zero).clamp_(0, 2 ** module.abits - 1)
     lora = None
-    if module.lora_rank:
+    limbs = st.lora_limbs
+    if module.lora_rank and not limbs:
         if lora_bf16:
             if st.lora_bf16 is None:
                 st.lora_bf16 = (module.lora_down.to(torch.bfloat16), module.lora_up.to(torch.bfloat16))
@@ -382,7 +458,20 @@ def int_forward(module, x: torch.Tensor, kernel: str | None = None, lora_bf16: b
     if st.kernel == "onednn" and per_tensor and st.residual is None:
         y = _onednn(codes.to(torch.uint8), float(a_scale), int(a_zero), st, st.bias, other=lora)
     else:
-        y = int_linear(module, codes, a_scale, a_zero, kernel=st.kernel)
+        y = _product(st, codes, a_scale, a_zero, per_tensor)
         if lora is not None:
             y.add_(lora)
+    if limbs:
+        n, r = st.out_features, st.lora_rank
+        h = y[:, n:n + r]
+        for j in range(1, limbs):
+            h = h + y[:, n + j * r:n + (j + 1) * r]
+        y = y[:, :n]  # a view: the up-projection accumulates into it, no copy
+        if lora_bf16:
+            if st.lora_up_bf16 is None:
+                st.lora_up_bf16 = module.lora_up.to(torch.bfloat16).t()
+            y.add_(h.to(torch.bfloat16) @ st.lora_up_bf16)
+        else:
+            y.addmm_(h, module.lora_up.t())
     return y.reshape(*shape[:-1], module.out_features).to(x.dtype)
+

@@ -106,12 +106,20 @@ def choose(layer, kernel: str = AUTO, device: torch.device | None = None) -> str
     raise ConfigError(f"no kernel runs a {layer.layout} W{layer.wbits}A{layer.abits} layer on {device}")
 
 
-def use_kernels(model: nn.Module, kernel: str = AUTO) -> dict[str, str]:
+def use_kernels(model: nn.Module, kernel: str = AUTO, *, lora_limbs: int | None = None) -> dict[str, str]:
     """Gives every ``QuantLinear`` of ``model`` its kernel (prepared now); returns name -> kernel.
 
+    ``lora_limbs`` (default: keep each layer's, ``int_kernels.DEFAULT_LORA_LIMBS`` unless set):
+    how many int8 limbs of the LoRA down rows the integer kernels append to the weight (0: the
+    down-projection runs apart in fp32; 3 matches it; 1 is plain int8, an approximation).
     Checks every layer before changing any, so an unsupported explicit choice changes nothing.
     """
+    from .int_kernels import MAX_LORA_LIMBS
     from .linear import QuantLinear
+
+    if lora_limbs is not None and (not isinstance(lora_limbs, int) or isinstance(lora_limbs, bool)
+                                   or not 0 <= lora_limbs <= MAX_LORA_LIMBS):
+        raise ConfigError(f"lora_limbs must be an integer in 0..{MAX_LORA_LIMBS}, got {lora_limbs!r}")
 
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     chosen = {}
@@ -121,5 +129,7 @@ def use_kernels(model: nn.Module, kernel: str = AUTO) -> dict[str, str]:
         except ConfigError as exc:
             raise ConfigError(f"{name}: {exc}") from None
     for name, m in layers.items():
+        if lora_limbs is not None:
+            m.lora_limbs = lora_limbs
         m.set_kernel(chosen[name])
     return chosen

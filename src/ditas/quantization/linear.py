@@ -16,7 +16,9 @@ The layer computes ``y = Q_A(x / smooth) (W_q + lora_up lora_down)^T + bias`` wh
 dynamic activation quantization (per tensor or per token). Its ``kernel`` (``kernels.py``; given by
 ``kernels.use_kernels(model, ...)``) decides how: ``"simulated"`` (the default) simulates it in
 float; the integer kernels ``"onednn"`` and ``"int_mm"`` run the main product on int8 codes with
-int32 accumulation (``int_kernels.int_forward``). All start from the same activation codes.
+int32 accumulation (``int_kernels.int_forward``), the LoRA down-projection inside the same product
+(``lora_limbs`` int8 limbs of its rows appended to the weight). All start from the same activation
+codes.
 
 One copy of the weight: once an integer kernel has prepared its form of the weight, the layer
 drops ``qweight``; reading ``layer.qweight`` (or its state dict, or saving) re-derives the codes
@@ -56,6 +58,10 @@ class QuantLinear(nn.Module):
         self.act_granularity, self.range_mode = act_granularity, range_mode
         self.lora_rank = lora_rank
         self.kernel = SIMULATED  # kernels.use_kernels(model, ...) chooses another
+        # integer kernels: int8 limbs of lora_down appended to the weight (int_kernels.lora_limbs;
+        # 0: the down-projection runs apart in fp32) and whether the float LoRA products run in bf16
+        self.lora_limbs = int_kernels.DEFAULT_LORA_LIMBS
+        self.lora_bf16 = False
         groups = self._param_shape(out_features, in_features, layout, group_size)
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.uint8))
         self.register_buffer("wscale", torch.ones(groups))
@@ -229,4 +235,6 @@ class QuantLinear(nn.Module):
         if self.range_mode == "reference":
             parts.append("range=reference(2^b)")
         parts.append(f"kernel={self.kernel}")
+        if self.lora_rank and self.kernel != SIMULATED:
+            parts.append(f"lora_down=int8x{self.lora_limbs}" if self.lora_limbs else "lora_down=fp32")
         return ", ".join(parts)
