@@ -5,17 +5,19 @@ storage precision a choice gives it:
 
 - block linears (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``): ``qweight`` packed to
   ``wbits`` (``packing.packed_numel``), per-channel ``wscale``/``wzero`` and bias in fp32, the
-  unfoldable ``smooth`` vector of ``fc2`` in fp32, rank-``r`` LoRA factors in fp32 or fp16;
+  unfoldable ``smooth`` vector of ``fc2`` in fp32, rank-``r`` LoRA factors in fp32 or bf16
+  (``QuantLinear``'s ``lora_dtype``, recorded per layer since checkpoint format 2);
 - adaLN modulation linears: int8 weight-only (+ fp32 per-channel scale and bias), or fp32;
 - everything else (patch/time/label embedders, positional embedding, final linear): fp32.
 
 ``--real DIR`` also writes real folders under DIR: the fp32 model (``save_dit``) and its W4A8
-quantized form (every block linear ``QuantLinear.from_linear`` with random rank-``r`` LoRA factors,
-adaLN linears ``WeightOnlyInt8Linear``, saved by ``save_quantized``), then prints the bytes of each
+quantized form (every block linear ``QuantLinear.from_linear`` with random rank-``r`` LoRA factors in
+``--lora-dtype``, adaLN linears ``WeightOnlyInt8Linear``, saved by ``save_quantized``), then prints the bytes of each
 part as stored in the safetensors file, loads the quantized folder back and runs one forward,
 reporting the peak RSS of that load (it never builds a float weight for a quantized layer).
 
-Usage: ``python benchmarks/checkpoint_size.py [--model DiT-XL/2] [--wbits 4] [--rank 32] [--real DIR]``
+Usage: ``python benchmarks/checkpoint_size.py [--model DiT-XL/2] [--wbits 4] [--rank 32] [--real DIR]
+[--lora-dtype bfloat16|float32]``
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ditas.model.dit import DiT_models
+from ditas.quantization.linear import DEFAULT_LORA_DTYPE, LORA_DTYPES
 from ditas.quantization.packing import packed_numel
 
 BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
@@ -40,7 +43,7 @@ def breakdown(model_name: str, wbits: int, rank: int, lora_bytes: int, adaln_int
     with torch.device("meta"):
         model = DiT_models[model_name]()
     sizes = {"packed qweight": 0.0, "wscale+wzero+bias (fp32)": 0.0, "smooth fc2 (fp32)": 0.0,
-             f"LoRA r={rank} ({'fp16' if lora_bytes == 2 else 'fp32'})": 0.0,
+             f"LoRA r={rank} ({'bf16' if lora_bytes == 2 else 'fp32'})": 0.0,
              "adaLN weights" + (" (int8)" if adaln_int8 else " (fp32)"): 0.0, "adaLN scale+bias (fp32)": 0.0,
              "embedders, pos_embed, final linear (fp32)": 0.0}
     keys = list(sizes)
@@ -85,18 +88,19 @@ def stored_parts(safetensors_file: Path) -> dict[str, int]:
             continue
         nbytes = info["data_offsets"][1] - info["data_offsets"][0]
         leaf = key.rsplit(".", 1)[-1]
+        lora = f"LoRA factors ({info['dtype'].lower()})"
         if "adaLN_modulation" in key:
             part = "adaLN weights (int8)" if leaf == "qweight" else "adaLN scale+bias (fp32)"
         elif any(f".{n}." in key for n in BLOCK_LINEARS) and leaf != "weight":
-            part = {"qweight": "packed qweight", "smooth": "smooth fc2 (fp32)", "lora_down": "LoRA factors (fp32)",
-                    "lora_up": "LoRA factors (fp32)"}.get(leaf, "wscale+wzero+bias (fp32)")
+            part = {"qweight": "packed qweight", "smooth": "smooth fc2 (fp32)", "lora_down": lora,
+                    "lora_up": lora}.get(leaf, "wscale+wzero+bias (fp32)")
         else:
             part = "embedders, pos_embed, final linear (fp32)"
         parts[part] = parts.get(part, 0) + nbytes
     return parts
 
 
-def write_real(model_name: str, wbits: int, rank: int, out: Path) -> None:
+def write_real(model_name: str, wbits: int, rank: int, out: Path, lora_dtype: str) -> None:
     from ditas.model.loading import save_dit
     from ditas.quantization.checkpoint import save_quantized
     from ditas.quantization.linear import QuantLinear
@@ -115,14 +119,15 @@ def write_real(model_name: str, wbits: int, rank: int, out: Path) -> None:
                 down = torch.randn(rank, lin.in_features, generator=g) * 0.01
                 up = torch.randn(lin.out_features, rank, generator=g) * 0.01
                 smooth = torch.rand(lin.in_features, generator=g) + 0.5 if name == "mlp.fc2" else None
-                q = QuantLinear.from_linear(lin, wbits=wbits, abits=8, lora_down=down, lora_up=up, smooth=smooth)
+                q = QuantLinear.from_linear(lin, wbits=wbits, abits=8, lora_down=down, lora_up=up, smooth=smooth,
+                                            lora_dtype=LORA_DTYPES[lora_dtype])
                 setattr(block.get_submodule(parent_name), child, q)
         quantize_adaln_weight_only(model)
     save_quantized(model, out / "w4a8", {"recipe": "random-codes"})
     del model
     fp32_bytes = (out / "fp32" / "model.safetensors").stat().st_size
     q_bytes = (out / "w4a8" / "model.safetensors").stat().st_size
-    print(f"**Real files under {out}: {model_name} W{wbits}A8, LoRA r={rank} fp32, adaLN int8**\n")
+    print(f"**Real files under {out}: {model_name} W{wbits}A8, LoRA r={rank} {lora_dtype}, adaLN int8**\n")
     print("| part (as stored) | MB | % of fp32 file |\n|---|---:|---:|")
     for part, nbytes in sorted(stored_parts(out / "w4a8" / "model.safetensors").items(), key=lambda kv: -kv[1]):
         print(f"| {part} | {nbytes / MB:.1f} | {100 * nbytes / fp32_bytes:.2f} |")
@@ -131,7 +136,7 @@ def write_real(model_name: str, wbits: int, rank: int, out: Path) -> None:
     # load in a fresh process so its peak RSS is the load's own
     # VmHWM, not ru_maxrss: on Linux ru_maxrss survives exec, so a child would report this process's peak
     hwm = "print(int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1024)"
-    code = ("import torch, ditas; m = ditas.load_dit(%r, backend='int'); c = m.config; "
+    code = ("import torch, ditas; m = ditas.load_dit(%r, backend='auto'); c = m.config; "
             "x = torch.randn(2, c.in_channels, c.input_size, c.input_size); "
             "torch.set_grad_enabled(False); m(x, torch.tensor([1, 500]), torch.tensor([1, 2])); " + hwm) % str(out / "w4a8")
     def peak_mb(snippet: str) -> float:
@@ -151,9 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wbits", type=int, default=4)
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--real", type=Path, help="also write real fp32 and W4A8 folders here and measure them")
+    ap.add_argument("--lora-dtype", choices=sorted(LORA_DTYPES), default=None,
+                    help="LoRA factors of the real W4A8 folder (default: what a new quantization uses)")
     args = ap.parse_args(argv)
-    configs = [("LoRA fp32, adaLN int8", 4, True), ("LoRA fp16, adaLN int8", 2, True),
-               ("LoRA fp16, adaLN fp32", 2, False), ("LoRA fp32, adaLN fp32", 4, False)]
+    configs = [("LoRA fp32, adaLN int8", 4, True), ("LoRA bf16, adaLN int8", 2, True),
+               ("LoRA bf16, adaLN fp32", 2, False), ("LoRA fp32, adaLN fp32", 4, False)]
     for title, lora_bytes, adaln_int8 in configs:
         s = breakdown(args.model, args.wbits, args.rank, lora_bytes, adaln_int8)
         fp32 = s.pop("fp32 file")
@@ -162,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {k} | {v / MB:.1f} | {100 * v / fp32:.2f} |")
         print(f"| fp32 file | {fp32 / MB:.1f} | 100 |\n")
     if args.real:
-        write_real(args.model, args.wbits, args.rank, args.real)
+        default = next(k for k, v in LORA_DTYPES.items() if v == DEFAULT_LORA_DTYPE)
+        write_real(args.model, args.wbits, args.rank, args.real, args.lora_dtype or default)
     return 0
 
 

@@ -100,6 +100,63 @@ def test_bad_folders_are_clear_errors(tmp_path, quantized):
         ckpt.save_quantized(random_dit(0, depth=1), tmp_path / "f", cfg)
 
 
+def _lora_bytes(folder) -> dict[str, int]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys() if ".lora_" in k}
+
+
+def test_bf16_lora_factors_round_trip_and_halve_their_bytes(tmp_path, quantized):
+    import copy
+
+    q, cfg, _ = quantized
+    q16 = copy.deepcopy(q)
+    for m in ckpt.quant_layers(q16).values():
+        m.set_lora_dtype(torch.bfloat16)
+    m32, m16 = q.blocks[0].attn.qkv, q16.blocks[0].attn.qkv
+    assert m16.lora_down.dtype == torch.bfloat16 and "(bf16)" in repr(m16)
+    assert torch.equal(m16.lora_down.float(), m32.lora_down.to(torch.bfloat16).float())  # rounded once
+    out32 = ckpt.save_quantized(q, tmp_path / "q32", cfg)
+    out16 = ckpt.save_quantized(q16, tmp_path / "q16", cfg)
+    meta = json.loads((out16 / "config.json").read_text())["quantization"]
+    assert meta["format_version"] == ckpt.FORMAT_VERSION == 2
+    assert {e["lora_dtype"] for e in meta["layers"].values()} == {"bfloat16"}
+    b32, b16 = _lora_bytes(out32), _lora_bytes(out16)
+    assert b32.keys() == b16.keys() and sum(b16.values()) * 2 == sum(b32.values()) > 0
+    g = torch.Generator().manual_seed(1)
+    x, t, y = torch.randn(3, 1, 8, 8, generator=g), torch.tensor([3, 400, 999]), torch.tensor([0, 5, 9])
+    for backend in ("fake", "int"):
+        loaded = ditas.load_dit(out16, backend=backend)
+        a, b = q16.state_dict(), loaded.state_dict()
+        assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+        with torch.no_grad():
+            want = q16(x, t, y)  # simulated
+            got = loaded(x, t, y)
+            if backend == "fake":
+                assert torch.equal(got, want)
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_format_1_folders_read_as_float32_lora_and_bad_dtypes_are_refused(tmp_path, quantized):
+    q, cfg, _ = quantized
+    out = ckpt.save_quantized(q, tmp_path / "q", cfg)
+    data = json.loads((out / "config.json").read_text())
+    data["quantization"]["format_version"] = 1  # version 1 entries have no lora_dtype: float32
+    for entry in data["quantization"]["layers"].values():
+        del entry["lora_dtype"]
+    (out / "config.json").write_text(json.dumps(data))
+    loaded = ditas.load_dit(out, backend="fake")
+    assert loaded.blocks[0].mlp.fc1.lora_dtype == torch.float32
+    assert torch.equal(loaded.blocks[0].mlp.fc1.lora_up, q.blocks[0].mlp.fc1.lora_up)
+    data["quantization"]["format_version"] = 2
+    next(iter(data["quantization"]["layers"].values()))["lora_dtype"] = "float16"
+    (out / "config.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="lora_dtype = 'float16'"):
+        ditas.load_dit(out)
+
+
 def test_int_backend_agrees_with_the_simulated_path(tmp_path, quantized):
     pytest.importorskip("ditas.quantization.int_kernels")
     q, cfg, _ = quantized

@@ -5,7 +5,9 @@ written before families existed, which are all ``dit``), ``"model"`` (the adapte
 of the architecture, for DiT the DiTConfig) and ``"quantization"`` (format version, recipe,
 bits, layouts, the full QuantConfig and one entry per quantized layer). ``model.safetensors``
 holds, per ``QuantLinear``, ``<name>.qweight`` (codes packed to the weight bit width, 1-D uint8),
-``wscale``, ``wzero``, ``bias``, ``smooth``, ``lora_down``, ``lora_up`` as present, and the float
+``wscale``, ``wzero``, ``bias``, ``smooth``, ``lora_down``, ``lora_up`` as present (the LoRA factors
+in the layer's ``lora_dtype``, recorded in its entry since format version 2; version 1 folders
+hold float32 factors and still load), and the float
 tensors of everything else. adaLN linears stored weight-only (``WeightOnlyInt8Linear``) are listed
 under ``"weight_only_layers"`` and keep their int8 ``qweight``, ``wscale`` and ``bias``. ``load_quantized`` builds the model (by its family's adapter) on the meta device, puts
 ``QuantLinear`` modules in place of the quantized layers and only then allocates memory, so no
@@ -31,10 +33,13 @@ from ..memory import release_freed_memory
 from ..validate import check_finite_state, check_layer_table, check_scales, state_config_problem
 from . import packing
 from .kernels import canonical, use_kernels
-from .linear import QuantLinear
+from .linear import LORA_DTYPES, QuantLinear
 from .weight_only import WeightOnlyInt8Linear
 
-FORMAT_VERSION = 1
+# 2: each layer entry says how its LoRA factors are stored ("lora_dtype": float32 or bfloat16);
+# 1 (read, never written): LoRA factors in float32
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _QUANT_TENSORS = ("qweight", "wscale", "wzero", "bias", "smooth", "lora_down", "lora_up")
 
 
@@ -50,7 +55,20 @@ def _layer_meta(m: QuantLinear) -> dict[str, Any]:
     return {"in_features": m.in_features, "out_features": m.out_features, "wbits": m.wbits, "abits": m.abits,
             "layout": m.layout, "group_size": m.group_size, "act_granularity": m.act_granularity,
             "range_mode": m.range_mode, "lora_rank": m.lora_rank, "bias": m.bias is not None,
-            "smooth": m.smooth is not None}
+            "smooth": m.smooth is not None, "lora_dtype": _dtype_name(m.lora_dtype or torch.float32)}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in LORA_DTYPES.items() if d == dtype)
+
+
+def _lora_dtype(meta: dict[str, Any], name: str, path: Path) -> torch.dtype:
+    """The stored LoRA dtype of a layer entry (format 1 has none: float32)."""
+    value = meta.get("lora_dtype", "float32")
+    if value not in LORA_DTYPES:
+        raise CheckpointError(f"{path}/config.json: layer {name} has lora_dtype = {value!r}, expected one of "
+                              f"{', '.join(LORA_DTYPES)}")
+    return LORA_DTYPES[value]
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike, quant_config: dict[str, Any] | None = None,
@@ -166,9 +184,9 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
     q = data.get("quantization")
     check_layer_table(q, f"{path}/config.json")
     version = q.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise CheckpointError(f"{path}: quantized format version {version!r} is not supported "
-                              f"(this ditas reads version {FORMAT_VERSION})")
+                              f"(this ditas reads versions {', '.join(map(str, READABLE_VERSIONS))})")
     family = data.get("family", "dit")  # folders written before families were all DiT
     if not isinstance(family, str):
         raise CheckpointError(f"{path}/config.json: 'family' is {family!r}, expected a model family name")
@@ -209,7 +227,8 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
                 new = QuantLinear(meta["in_features"], meta["out_features"], wbits=meta["wbits"], abits=meta["abits"],
                                   bias=meta["bias"], layout=meta["layout"], group_size=meta["group_size"],
                                   act_granularity=meta["act_granularity"], range_mode=meta["range_mode"],
-                                  lora_rank=meta["lora_rank"], has_smooth=meta["smooth"])
+                                  lora_rank=meta["lora_rank"], has_smooth=meta["smooth"],
+                                  lora_dtype=_lora_dtype(meta, name, path))
             except (KeyError, ValueError, RuntimeError) as exc:
                 raise CheckpointError(f"{path}: bad layer entry for {name} ({str(exc).splitlines()[0]})") from None
             model.set_submodule(name, new)

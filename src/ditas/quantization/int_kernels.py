@@ -300,7 +300,8 @@ def prepare_int_weight(module, kernel: str | None = None, limbs: int | None = No
                           residual=residual, wscale=wscale, rowsum_scaled=rowsum.float() * wscale,
                           residual_scaled=None if residual is None else residual.float() * wscale, bias=bias,
                           zero_points=torch.zeros(rows, dtype=torch.int64, device=q.device),
-                          lora_down_sum=module.lora_down.sum(dim=1) if rank and not limbs else None, shift=shift,
+                          lora_down_sum=module.lora_down.float().sum(dim=1) if rank and not limbs else None,
+                          shift=shift,
                           lora_limbs=limbs, lora_rank=rank)
 
 
@@ -451,9 +452,9 @@ def int_forward(module, x: torch.Tensor, kernel: str | None = None, lora_bf16: b
             h.sub_(a_zero * st.lora_down_sum).mul_(a_scale)
             lora = h.to(torch.bfloat16) @ up.t()
         else:
-            h = codes @ module.lora_down.t()
+            h = codes @ module.lora_down.float().t()
             h.sub_(a_zero * st.lora_down_sum).mul_(a_scale)
-            lora = h @ module.lora_up.t()
+            lora = h @ module.lora_up.float().t()
     per_tensor = a_scale.numel() == 1
     if st.kernel == "onednn" and per_tensor and st.residual is None:
         y = _onednn(codes.to(torch.uint8), float(a_scale), int(a_zero), st, st.bias, other=lora)
@@ -472,6 +473,6 @@ def int_forward(module, x: torch.Tensor, kernel: str | None = None, lora_bf16: b
                 st.lora_up_bf16 = module.lora_up.to(torch.bfloat16).t()
             y.add_(h.to(torch.bfloat16) @ st.lora_up_bf16)
         else:
-            y.addmm_(h, module.lora_up.t())
+            y.addmm_(h, module.lora_up.float().t())  # bf16 factors: a (N, r) conversion per call
     return y.reshape(*shape[:-1], module.out_features).to(x.dtype)
 

@@ -10,7 +10,8 @@ Tensors are named for their role (as nunchaku's quantized linear):
 - ``bias``: float (out,) or absent;
 - ``smooth``: float (in,) divisor applied to the input on the fly, or absent (a smoothing factor
   that could not be folded into a preceding layer, e.g. for ``fc2``);
-- ``lora_down`` (rank, in), ``lora_up`` (out, rank): the float low-rank branch, or absent.
+- ``lora_down`` (rank, in), ``lora_up`` (out, rank): the float low-rank branch (fp32 or bf16,
+  ``lora_dtype``; computed in fp32 either way), or absent.
 
 The layer computes ``y = Q_A(x / smooth) (W_q + lora_up lora_down)^T + bias`` where ``Q_A`` is
 dynamic activation quantization (per tensor or per token). Its ``kernel`` (``kernels.py``; given by
@@ -36,6 +37,10 @@ from .quantizers import (ACT_GRANULARITIES, RANGE_MODES, WEIGHT_LAYOUTS, activat
                          quantize_weight)
 
 SIMULATED = "simulated"
+LORA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # storage of the LoRA factors
+# the LoRA factors' storage of a new quantization: rounding them to bf16 halves their bytes (66 of the
+# 533 MB of a W4A8 DiT-XL/2 folder) at a measured quality cost (docs/performance.md)
+DEFAULT_LORA_DTYPE = torch.float32
 
 
 class QuantLinear(nn.Module):
@@ -43,8 +48,11 @@ class QuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, *, wbits: int, abits: int, bias: bool = True,
                  layout: str = "channel", group_size: int = 0, act_granularity: str = "tensor",
-                 range_mode: str = "levels", lora_rank: int = 0, has_smooth: bool = False):
+                 range_mode: str = "levels", lora_rank: int = 0, has_smooth: bool = False,
+                 lora_dtype: torch.dtype = torch.float32):
         super().__init__()
+        if lora_dtype not in LORA_DTYPES.values():
+            raise ValueError(f"LoRA factors are stored as {' or '.join(LORA_DTYPES)}, got {lora_dtype}")
         if not 2 <= wbits <= 8:
             raise ValueError(f"weight bits must be 2..8, got {wbits}")
         if not 4 <= abits <= 16:
@@ -68,8 +76,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("wzero", torch.zeros(groups))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.register_buffer("smooth", torch.ones(in_features) if has_smooth else None)
-        self.register_buffer("lora_down", torch.zeros(lora_rank, in_features) if lora_rank else None)
-        self.register_buffer("lora_up", torch.zeros(out_features, lora_rank) if lora_rank else None)
+        self.register_buffer("lora_down", torch.zeros(lora_rank, in_features, dtype=lora_dtype) if lora_rank else None)
+        self.register_buffer("lora_up", torch.zeros(out_features, lora_rank, dtype=lora_dtype) if lora_rank else None)
         self._wcache: torch.Tensor | None = None  # simulated path: W_q + up @ down, not saved
         self._wcache_rank = 0  # the LoRA rank merged into _wcache
         self._int_state = None  # integer path: prepared int8 weight, not saved
@@ -92,16 +100,20 @@ class QuantLinear(nn.Module):
                     group_size: int = 0, act_granularity: str = "tensor", range_mode: str = "levels",
                     weight: torch.Tensor | None = None, smooth: torch.Tensor | None = None,
                     lora_down: torch.Tensor | None = None, lora_up: torch.Tensor | None = None,
-                    codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> "QuantLinear":
+                    codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                    lora_dtype: torch.dtype | None = None) -> "QuantLinear":
         """Quantizes ``weight`` (default: ``linear.weight``) with round-to-nearest min/max.
 
         ``codes`` = (qweight, wscale, wzero) lets a caller supply codes it chose itself (for
         instance the best round of the training-free LoRA); ``weight`` is then ignored.
+        ``lora_dtype``: how the LoRA factors are held and saved (default ``DEFAULT_LORA_DTYPE``);
+        bf16 rounds them once, here, so the saved model is the one in memory.
         """
         rank = 0 if lora_down is None else lora_down.shape[0]
         m = cls(linear.in_features, linear.out_features, wbits=wbits, abits=abits, bias=linear.bias is not None,
                 layout=layout, group_size=group_size, act_granularity=act_granularity, range_mode=range_mode,
-                lora_rank=rank, has_smooth=smooth is not None)
+                lora_rank=rank, has_smooth=smooth is not None,
+                lora_dtype=DEFAULT_LORA_DTYPE if lora_dtype is None else lora_dtype)
         if codes is None:
             w = linear.weight.detach() if weight is None else weight.detach()
             codes = quantize_weight(w, wbits, layout, group_size, range_mode)
@@ -141,8 +153,22 @@ class QuantLinear(nn.Module):
         """``W_q + lora_up @ lora_down``: what the layer multiplies the quantized input by."""
         w = self.dequantized_weight()
         if self.lora_rank:
-            w = w + self.lora_up @ self.lora_down
+            w = w + self.lora_up.float() @ self.lora_down.float()
         return w
+
+    def set_lora_dtype(self, dtype: torch.dtype) -> None:
+        """Holds (and saves) the LoRA factors as ``dtype`` from now on; bf16 rounds them."""
+        if dtype not in LORA_DTYPES.values():
+            raise ValueError(f"LoRA factors are stored as {' or '.join(LORA_DTYPES)}, got {dtype}")
+        if self.lora_rank and self.lora_dtype != dtype:
+            self.invalidate()
+            self.lora_down = self.lora_down.to(dtype)
+            self.lora_up = self.lora_up.to(dtype)
+
+    @property
+    def lora_dtype(self) -> torch.dtype | None:
+        """How the LoRA factors are held and saved (None without a LoRA branch)."""
+        return None if self.lora_down is None else self.lora_down.dtype
 
     def invalidate(self) -> None:
         """Call after changing any tensor in place: drops cached derived weights (the codes are
@@ -229,7 +255,7 @@ class QuantLinear(nn.Module):
         parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
                  f"W{self.wbits} {layout} asym", f"A{self.abits} {act}"]
         if self.lora_rank:
-            parts.append(f"lora_rank={self.lora_rank}")
+            parts.append(f"lora_rank={self.lora_rank}" + (" (bf16)" if self.lora_dtype == torch.bfloat16 else ""))
         if self.smooth is not None:
             parts.append("smooth=on-the-fly")
         if self.range_mode == "reference":
