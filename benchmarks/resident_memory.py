@@ -8,7 +8,8 @@ resident set again (what the model holds) and the peak (``VmHWM``), minus ``impo
 ditas source tree (e.g. a checkout from before the kernel registry, whose integer layers kept the
 unpacked ``qweight`` beside oneDNN's packed copy).
 
-Usage: ``python benchmarks/resident_memory.py --dir /tmp/xl [--model DiT-XL/2] [--before OLD/src]``
+Usage: ``python benchmarks/resident_memory.py --dir /tmp/xl [--model DiT-XL/2] [--before OLD/src]
+[--lora-dtypes float32,bfloat16] [--kernels simulated,int_mm,onednn]``
 """
 
 from __future__ import annotations
@@ -26,14 +27,17 @@ RSS = ("import ctypes; ctypes.CDLL('libc.so.6').malloc_trim(0); s = open('/proc/
 LOADED = "s0 = open('/proc/self/status').read(); print(int(s0.split('VmRSS:')[1].split()[0]) / 1024)"
 
 
-def write_folders(model_name: str, out: Path, rank: int = 32) -> None:
+def write_folders(model_name: str, out: Path, rank: int = 32, lora_dtypes: tuple[str, ...] = ("float32",)) -> None:
     from ditas.model.dit import DiT_models
     from ditas.model.loading import save_dit
     from ditas.quantization.checkpoint import save_quantized
     from ditas.quantization.linear import QuantLinear
     from ditas.quantization.weight_only import quantize_adaln_weight_only
 
-    if (out / "fp32" / "config.json").exists() and (out / "w4a8" / "config.json").exists():
+    from ditas.quantization.linear import LORA_DTYPES
+
+    if (out / "fp32" / "config.json").exists() and all((out / w4a8_name(d) / "config.json").exists()
+                                                       for d in lora_dtypes):
         return
     torch.manual_seed(0)
     out.mkdir(parents=True, exist_ok=True)
@@ -51,7 +55,15 @@ def write_folders(model_name: str, out: Path, rank: int = 32) -> None:
                 q = QuantLinear.from_linear(lin, wbits=4, abits=8, lora_down=down, lora_up=up, smooth=smooth)
                 setattr(block.get_submodule(parent), child, q)
         quantize_adaln_weight_only(model)
-    save_quantized(model, out / "w4a8", {"recipe": "random-codes"}, overwrite=True)
+    for dtype in lora_dtypes:
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.set_lora_dtype(LORA_DTYPES[dtype])  # the fp32 folder is written first: rounding is one way
+        save_quantized(model, out / w4a8_name(dtype), {"recipe": "random-codes"}, overwrite=True)
+
+
+def w4a8_name(lora_dtype: str) -> str:
+    return "w4a8" if lora_dtype == "float32" else f"w4a8-lora-{lora_dtype}"
 
 
 def measure(snippet: str, src: str | None = None) -> tuple[float, float, float]:
@@ -76,12 +88,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", type=Path, required=True, help="where the fp32 and W4A8 folders go (about 3 GB)")
     ap.add_argument("--model", default="DiT-XL/2")
     ap.add_argument("--before", help="another ditas src tree to measure the W4A8 folder with (backend='int')")
+    ap.add_argument("--lora-dtypes", default="float32,bfloat16",
+                    help="W4A8 folders to write and measure, by LoRA factor storage (default float32,bfloat16)")
+    ap.add_argument("--kernels", default="simulated,int_mm,onednn", help="kernels to measure each W4A8 folder with")
     args = ap.parse_args(argv)
-    write_folders(args.model, args.dir)
+    dtypes = tuple(d.strip() for d in args.lora_dtypes.split(",") if d.strip())
+    dtypes = tuple(sorted(dtypes, key=lambda d: d != "float32"))  # fp32 first: bf16 rounds the factors
+    write_folders(args.model, args.dir, lora_dtypes=dtypes)
     _, base_rss, _ = measure("import torch, ditas; " + LOADED)
     rows = [("fp32", measure(forward_snippet(args.dir / "fp32", "")))]
-    for kernel in ("simulated", "int_mm", "onednn"):
-        rows.append((f"W4A8, kernel {kernel}", measure(forward_snippet(args.dir / "w4a8", f", backend={kernel!r}"))))
+    for dtype in dtypes:
+        for kernel in [k.strip() for k in args.kernels.split(",") if k.strip()]:
+            rows.append((f"W4A8, LoRA {dtype}, kernel {kernel}",
+                         measure(forward_snippet(args.dir / w4a8_name(dtype), f", backend={kernel!r}"))))
     if args.before:
         rows.append(("W4A8, before (backend='int', onednn)",
                      measure(forward_snippet(args.dir / "w4a8", ", backend='int'"), args.before)))
