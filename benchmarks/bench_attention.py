@@ -4,8 +4,11 @@
     .venv/bin/python benchmarks/bench_attention.py --quick    # 3 rounds
 
 One process, side by side: for every (threads, batch) every round calls every variant once, in the
-same order; the table gives the median time per call and the median over rounds of the per-round
-ratios to fp32 SDPA and to bf16 SDPA (paired, so slow phases of a shared machine cancel out).
+same order; the table gives the median wall and process-CPU time per call and the median over
+rounds of the per-round ratios to fp32 SDPA and to bf16 SDPA (paired, so slow phases of a shared
+machine cancel out). With one thread the ratios are of CPU times (the work itself: on a machine
+shared with other jobs, wall time also counts the waits for a core); with two, of wall times
+(the CPU time of two OpenMP threads counts their spinning).
 
 Shapes: 16 heads x 72 dims, 256 tokens (DiT-XL/2 at 256x256: a 32x32x4 latent, patch 2); Q, K, V
 are the (B, 16, 256, 72) strided views a DiT block hands its attention core (a permuted ``qkv``
@@ -51,8 +54,9 @@ def qkv(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return q, k, v
 
 
-def measure(fns: dict, rounds: int, min_sample_s: float) -> dict[str, list[float]]:
-    inner, times = {}, {n: [] for n in fns}
+def measure(fns: dict, rounds: int, min_sample_s: float) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per-call wall and process CPU times of every function, ``rounds`` interleaved rounds."""
+    inner, wall, cpu = {}, {n: [] for n in fns}, {n: [] for n in fns}
     for name, fn in fns.items():
         fn()
         t0 = time.perf_counter()
@@ -60,11 +64,12 @@ def measure(fns: dict, rounds: int, min_sample_s: float) -> dict[str, list[float
         inner[name] = max(1, int(min_sample_s / max(time.perf_counter() - t0, 1e-6)))
     for _ in range(rounds):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(inner[name]):
                 fn()
-            times[name].append((time.perf_counter() - t0) / inner[name])
-    return times
+            wall[name].append((time.perf_counter() - t0) / inner[name])
+            cpu[name].append((time.process_time() - c0) / inner[name])
+    return wall, cpu
 
 
 def bench(batch: int, threads: int, rounds: int, min_sample_s: float, chunks: list[int]) -> str:
@@ -76,15 +81,18 @@ def bench(batch: int, threads: int, rounds: int, min_sample_s: float, chunks: li
         fns[f"int8 (c={c})"] = (lambda c: lambda: int8_attention(q, k, v, heads_per_chunk=c))(c)
     ref = fns["fp32"]()
     errs = {n: float((f().float() - ref).norm() / ref.norm()) for n, f in fns.items()}
-    times = measure(fns, rounds, min_sample_s)
+    wall, cpu = measure(fns, rounds, min_sample_s)
+    basis = cpu if threads == 1 else wall  # one thread: CPU time is the work, whatever else runs
     lines = [f"**batch {batch}, {threads} thread{'s' if threads > 1 else ''}** (one attention call: "
-             f"{batch} x {HEADS} heads x {TOKENS} tokens x {HEAD_DIM} dims)", "",
-             "| core | median ms | vs fp32 (x faster) | vs bf16 (x faster) | rel. err vs fp32 |",
-             "|---|---:|---:|---:|---:|"]
-    for n, t in times.items():
-        r32 = statistics.median(a / b for a, b in zip(times["fp32"], t))
-        r16 = statistics.median(a / b for a, b in zip(times["bf16"], t))
-        lines.append(f"| {n} | {statistics.median(t) * 1e3:.2f} | {r32:.2f} | {r16:.2f} | {errs[n]:.2e} |")
+             f"{batch} x {HEADS} heads x {TOKENS} tokens x {HEAD_DIM} dims; ratios of "
+             f"{'CPU' if threads == 1 else 'wall'} times)", "",
+             "| core | median wall ms | median CPU ms | vs fp32 (x faster) | vs bf16 (x faster) | rel. err vs fp32 |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for n in fns:
+        r32 = statistics.median(a / b for a, b in zip(basis["fp32"], basis[n]))
+        r16 = statistics.median(a / b for a, b in zip(basis["bf16"], basis[n]))
+        lines.append(f"| {n} | {statistics.median(wall[n]) * 1e3:.2f} | {statistics.median(cpu[n]) * 1e3:.2f} | "
+                     f"{r32:.2f} | {r16:.2f} | {errs[n]:.2e} |")
     return "\n".join(lines)
 
 

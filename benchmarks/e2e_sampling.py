@@ -27,7 +27,10 @@ Same noise: every variant samples the same labels with the same per-sample noise
 Timing is interleaved per step: step i of every variant, then step i + 1, so a slow phase of the
 shared machine hits every variant alike. Per variant: the transformer's time (the model calls),
 the sampler's time (the rest of each step: guidance arithmetic, posterior mean and variance,
-noise), the decode time, and their total; ratios are of totals.
+noise), the decode time, and their total; ratios are of totals. With ``--threads 1`` (the
+default) these are process CPU times (``time.process_time``): the work itself, which a machine
+shared with other jobs does not inflate the way it inflates wall time (given too, ``total wall
+s``); with more threads they are wall times.
 
 Memory, per variant: ``model MiB`` = rise of the resident set while the variant's model was built
 (after the previous one was built, malloc_trim'd); ``peak+ MiB`` = the largest rise of the peak
@@ -132,22 +135,26 @@ class Variant:
     setup: Callable[[], None] = lambda: None  # called before each of its steps (shared models)
     model_mb: float = 0.0
     peak_plus_mb: float = 0.0
-    transformer_s: list[float] = field(default_factory=list)
+    transformer_s: list[float] = field(default_factory=list)  # wall, per step
     step_s: list[float] = field(default_factory=list)
     decode_s: float = 0.0
+    transformer_cpu: list[float] = field(default_factory=list)  # process CPU time, per step
+    step_cpu: list[float] = field(default_factory=list)
+    decode_cpu: float = 0.0
     images: np.ndarray | None = None
 
 
 class Timed:
-    """Wraps a model function and adds the time of each call to ``acc``."""
+    """Wraps a model function and adds the wall and CPU time of each call to the variant's last step."""
 
-    def __init__(self, fn, acc: list[float]):
-        self.fn, self.acc = fn, acc
+    def __init__(self, fn, variant: "Variant"):
+        self.fn, self.v = fn, variant
 
     def __call__(self, x, t):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = self.fn(x, t)
-        self.acc[-1] += time.perf_counter() - t0
+        self.v.transformer_s[-1] += time.perf_counter() - t0
+        self.v.transformer_cpu[-1] += time.process_time() - c0
         return out
 
 
@@ -255,55 +262,68 @@ def run_interleaved(variants: list[Variant], labels: torch.Tensor, settings: Sam
     runs = []
     for v in variants:
         v.setup()
-        runs.append(sampling_run(v.model, labels, settings, wrap=lambda fn, v=v: Timed(fn, v.transformer_s)))
+        runs.append(sampling_run(v.model, labels, settings, wrap=lambda fn, v=v: Timed(fn, v)))
     finals: list[torch.Tensor | None] = [None] * len(variants)
     for _ in range(settings.steps):
         for i, (v, run) in enumerate(zip(variants, runs)):
             v.setup()
             v.transformer_s.append(0.0)
+            v.transformer_cpu.append(0.0)
             _trim()
             _reset_peak()
             before = rss_mb()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             _, x = next(run)
             v.step_s.append(time.perf_counter() - t0)
+            v.step_cpu.append(time.process_time() - c0)
             v.peak_plus_mb = max(v.peak_plus_mb, _note_peak() - before)
             finals[i] = x[:n]
     for v, x in zip(variants, finals):
         _trim()
         _reset_peak()
         before = rss_mb()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         v.images = decode(x)
         v.decode_s = time.perf_counter() - t0
+        v.decode_cpu = time.process_time() - c0
         v.peak_plus_mb = max(v.peak_plus_mb, _note_peak() - before)
 
 
-def report(title: str, variants: list[Variant], base_mb: float) -> tuple[str, list[dict]]:
+def report(title: str, variants: list[Variant], base_mb: float, cpu: bool) -> tuple[str, list[dict]]:
+    """The table; ``cpu``: times are process CPU times (one thread: the work, not the waits for a
+    core on a shared machine), else wall times."""
     by = {v.name: v for v in variants}
-    total = {v.name: sum(v.step_s) + v.decode_s for v in variants}
+
+    def parts(v: Variant) -> tuple[float, float, float]:
+        steps, tr, dec = (v.step_cpu, v.transformer_cpu, v.decode_cpu) if cpu else (v.step_s, v.transformer_s,
+                                                                                      v.decode_s)
+        return sum(tr), sum(steps) - sum(tr), dec
+
+    total = {v.name: sum(parts(v)) for v in variants}
+    kind = "CPU" if cpu else "wall"
     lines = [f"**{title}**", "",
-             "| variant | total s | transformer s | sampler s | decode s | outside transformer | vs fp32 (x faster) "
-             "| vs bf16 (x faster) | model MiB | peak+ MiB | peak RSS alone MiB | PSNR vs fp32 (dB) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| variant | total {kind} s | transformer s | sampler s | decode s | outside transformer | "
+             "vs fp32 (x faster) | vs bf16 (x faster) | transformer vs bf16 | total wall s | model MiB | peak+ MiB "
+             "| peak RSS alone MiB | PSNR vs fp32 (dB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     rows = []
     ref = by.get("fp32")
     for v in variants:
-        tr = sum(v.transformer_s)
-        sampler = sum(v.step_s) - tr
-        out_share = (sampler + v.decode_s) / total[v.name]
+        tr, sampler, dec = parts(v)
+        out_share = (sampler + dec) / total[v.name]
         r32 = total["fp32"] / total[v.name] if "fp32" in total else float("nan")
         r16 = total["bf16"] / total[v.name] if "bf16" in total else float("nan")
+        t16 = parts(by["bf16"])[0] / tr if "bf16" in by else float("nan")
+        wall = sum(v.step_s) + v.decode_s
         alone = base_mb + (v.model_mb if v.model_mb == v.model_mb else 0.0) + v.peak_plus_mb
         p = _psnr(v.images, ref.images) if ref is not None and v is not ref else float("nan")
-        lines.append(f"| {v.name} | {total[v.name]:.2f} | {tr:.2f} | {sampler:.2f} | {v.decode_s:.2f} | "
-                     f"{100 * out_share:.1f} % | {r32:.2f} | {r16:.2f} | {v.model_mb:.0f} | {v.peak_plus_mb:.0f} | "
-                     f"{alone:.0f} | {'-' if p != p else f'{p:.2f}'} |")
-        rows.append(dict(variant=v.name, total_s=total[v.name], transformer_s=tr, sampler_s=sampler,
-                         decode_s=v.decode_s, outside_share=out_share, vs_fp32=r32, vs_bf16=r16, model_mib=v.model_mb,
-                         peak_plus_mib=v.peak_plus_mb, peak_rss_alone_mib=alone,
-                         psnr_vs_fp32=None if p != p else p,
-                         median_step_s=statistics.median(v.step_s)))
+        lines.append(f"| {v.name} | {total[v.name]:.2f} | {tr:.2f} | {sampler:.2f} | {dec:.2f} | "
+                     f"{100 * out_share:.1f} % | {r32:.2f} | {r16:.2f} | {t16:.2f} | {wall:.1f} | {v.model_mb:.0f} | "
+                     f"{v.peak_plus_mb:.0f} | {alone:.0f} | {'-' if p != p else f'{p:.2f}'} |")
+        rows.append(dict(variant=v.name, time_kind=kind, total_s=total[v.name], transformer_s=tr, sampler_s=sampler,
+                         decode_s=dec, outside_share=out_share, vs_fp32=r32, vs_bf16=r16, transformer_vs_bf16=t16,
+                         total_wall_s=wall, model_mib=v.model_mb, peak_plus_mib=v.peak_plus_mb,
+                         peak_rss_alone_mib=alone, psnr_vs_fp32=None if p != p else p))
     return "\n".join(lines), rows
 
 
@@ -348,7 +368,7 @@ def part_xl(args, names: list[str], option_names: list[str]) -> tuple[str, list[
     run_interleaved(variants, labels, settings, decode)
     title = (f"DiT-XL/2 shapes (depth {args.depth}), random weights: {args.images} images, cfg 4.0 (transformer "
              f"batch {2 * args.images}), {args.steps} DDPM steps, VAE decode (sd-vae-ft-ema shape, fp32)")
-    return report(title, variants, base)
+    return report(title, variants, base, cpu=args.threads == 1)
 
 
 def part_default(args, names: list[str], option_names: list[str]) -> tuple[str, list[dict]]:
@@ -377,7 +397,7 @@ def part_default(args, names: list[str], option_names: list[str]) -> tuple[str, 
     run_interleaved(variants, labels, settings, to_uint8)
     title = (f"Default digit model (32x32x1, patch 4, hidden 192, depth 6): {args.default_images} images, cfg 4.0, "
              f"{args.default_steps} DDPM steps (pixel space, no decode)")
-    return report(title, variants, base)
+    return report(title, variants, base, cpu=args.threads == 1)
 
 
 def _randomize_zero_inits(model: DiT, seed: int = 0) -> None:
@@ -418,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
     if args.quick:
-        args.depth, args.steps, args.default_steps = 4, 3, 10
+        args.depth, args.steps, args.default_steps, args.calib_steps, args.calib_labels = 4, 3, 10, 4, 2
     torch.set_num_threads(args.threads)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     known = options()
