@@ -193,3 +193,33 @@ def test_cli_attention_option(tmp_path, tiny_weights_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("ditas sample: error:") and "--attention must be one of fp32, bf16, int8" in err[-1]
     assert not bad.exists()
+
+
+def test_compare_applies_attention_to_the_quantized_rows_only(tmp_path, capsys):
+    import json
+
+    import ditas
+    from ditas.cli.main import main
+
+    model_dir = tmp_path / "tiny"
+    ditas.save_dit(random_dit(11, depth=2), model_dir)
+    common = ["compare", "--model", str(model_dir), "--recipes", "fp,rtn", "--num", "3", "--steps", "2",
+              "--calib-steps", "2", "--calib-labels", "2", "--eps-samples", "2", "--no-progress"]
+    assert main(common + ["--attention", "int8", "--out", str(tmp_path / "c")]) == 0
+    data = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert data["attention"] == "int8"
+    assert data["recipes"]["rtn@w4a8"]["attention"] == "int8" and "attention" not in data["recipes"]["fp"]
+    capsys.readouterr()
+    assert main(common + ["--attention", "fp8", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--attention must be one of fp32, bf16, int8" in err[0]
+    assert not (tmp_path / "bad").exists()
+
+
+def test_compare_recipes_refuses_an_unknown_attention_before_sampling():
+    from ditas.diffusion.run import SamplingSettings
+    from ditas.evaluation.comparison import compare_recipes
+
+    with pytest.raises(ConfigError, match="attention must be one of"):
+        compare_recipes(random_dit(depth=1), {"fp": None}, torch.tensor([0]), SamplingSettings(steps=2),
+                        attention="int4", progress=False)

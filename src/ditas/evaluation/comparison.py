@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..diffusion.pipeline import decode_to_uint8, generate
+from ..errors import ConfigError
 from ..diffusion.run import SamplingSettings, eps_mse, eps_trajectory, sample_batch
 from ..diffusion.sharded import process_group
 from .metrics import psnr
@@ -65,7 +66,7 @@ def compare_recipes(model: nn.Module, configs: dict[str, object | None], labels:
     from ..quantization.attention import ATTENTION_MODES, use_attention
 
     if attention not in ATTENTION_MODES:  # before the FP run
-        use_attention(model, attention)
+        raise ConfigError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
 
     labels = torch.as_tensor(labels, dtype=torch.long)
     m_eps = min(eps_samples, labels.numel())
