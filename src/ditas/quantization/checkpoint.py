@@ -65,7 +65,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _lora_dtype(meta: dict[str, Any], name: str, path: Path) -> torch.dtype:
     """The stored LoRA dtype of a layer entry (format 1 has none: float32)."""
     value = meta.get("lora_dtype", "float32")
-    if value not in LORA_DTYPES:
+    if not isinstance(value, str) or value not in LORA_DTYPES:
         raise CheckpointError(f"{path}/config.json: layer {name} has lora_dtype = {value!r}, expected one of "
                               f"{', '.join(LORA_DTYPES)}")
     return LORA_DTYPES[value]

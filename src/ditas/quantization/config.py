@@ -123,12 +123,13 @@ class SmoothingSpec:
         p = []
         if self.method not in SMOOTHINGS:
             p.append(f"smoothing must be one of {SMOOTHINGS}, got {self.method!r}")
-        bad_roles = [r for r in self.roles if r not in LAYER_ROLES]
+        bad_roles = [r for r in self.roles if r not in LAYER_ROLES] if isinstance(self.roles, tuple) else [self.roles]
         if bad_roles:
             p.append(f"smooth roles must be among {LAYER_ROLES}, got {bad_roles}")
         if not _is_num(self.alpha) or not 0 <= self.alpha <= 1:
             p.append(f"alpha must be in [0, 1], got {self.alpha!r}")
-        if not self.alpha_grid or any(not _is_num(a) or not 0 <= a <= 1 for a in self.alpha_grid):
+        if (not isinstance(self.alpha_grid, tuple) or not self.alpha_grid
+                or any(not _is_num(a) or not 0 <= a <= 1 for a in self.alpha_grid)):
             p.append(f"alpha grid must be a non-empty list of values in [0, 1], got {self.alpha_grid!r}")
         if self.loss_steps is not None and not (_is_int(self.loss_steps) and self.loss_steps >= 1):
             p.append(f"loss steps must be a positive integer or None, got {self.loss_steps!r}")
