@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import ditas
 from ditas.cli.main import main
@@ -77,3 +78,25 @@ def test_compare_writes_json_grid_and_table(tmp_path, model_dir, capsys):
     assert (out / "grid.png").exists()
     rc = main(["compare", "--model", str(model_dir), "--recipes", "fp,gptq", "--out", str(tmp_path / "c2")])
     assert rc == 2 and not (tmp_path / "c2").exists()
+
+
+def test_lora_dtype_bfloat16_is_stored_and_reloaded(tmp_path):
+    base = ["quantize", "--recipe", "ditas", "--calib-steps", "2", "--calib-labels", "2", "--lora-rank", "4",
+            "--lora-rounds", "1", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "f32")]) == 0
+    assert main([*base, "--lora-dtype", "bfloat16", "--out", str(tmp_path / "b16")]) == 0
+    f32, b16 = ditas.load_dit(tmp_path / "f32"), ditas.load_dit(tmp_path / "b16")
+    layers = {n: m for n, m in b16.named_modules() if isinstance(m, QuantLinear)}
+    assert layers and all(m.lora_dtype == torch.bfloat16 for m in layers.values())
+    for n, m in f32.named_modules():
+        if isinstance(m, QuantLinear):
+            assert m.lora_dtype == torch.float32
+            # the same fit, rounded once to bf16 after every fold
+            assert torch.equal(layers[n].lora_up, m.lora_up.to(torch.bfloat16))
+            assert torch.equal(layers[n].lora_down, m.lora_down.to(torch.bfloat16))
+    cfg = json.loads((tmp_path / "b16" / "config.json").read_text())
+    assert cfg["quantization"]["config"]["lora"]["dtype"] == "bfloat16"
+    assert (tmp_path / "b16" / "model.safetensors").stat().st_size < (tmp_path / "f32" / "model.safetensors").stat().st_size
+    with pytest.raises(SystemExit) as exc:  # argparse's one-line usage error
+        main([*base, "--lora-dtype", "fp8", "--out", str(tmp_path / "bad")])
+    assert exc.value.code == 2 and not (tmp_path / "bad").exists()

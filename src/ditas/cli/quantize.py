@@ -50,6 +50,9 @@ def add_quant_arguments(p: argparse.ArgumentParser, with_bits: bool = True) -> N
     p.add_argument("--calib-sampler", choices=SAMPLERS, default=None, help=f"({r} {d.sampler})")
     p.add_argument("--lora-rank", type=int, default=None, help=f"LoRA rank ({r} {d.lora_rank})")
     p.add_argument("--lora-rounds", type=int, default=None, help=f"training-free LoRA rounds ({r} {d.lora_rounds})")
+    p.add_argument("--lora-dtype", choices=("float32", "bfloat16"), default=None,
+                   help=f"storage of the LoRA factors; bfloat16 halves them (DiT-XL/2 checkpoint 18.5 %% of fp32 "
+                        f"instead of 19.7 %%) at a measured -0.07 dB ({r} {d.lora_dtype})")
     p.add_argument("--alpha", type=float, default=None, help="fixed smoothing alpha (recipes without search)")
     p.add_argument("--search-weight", choices=SEARCH_WEIGHTS, default=None,
                    help="weight scored by the alpha search (default auto = exact: every LoRA round at every "
@@ -79,6 +82,7 @@ def config_from_args(args: argparse.Namespace, recipe: str, w_bits: int | None =
         weight_layout=args.weight_layout, group_size=args.group_size, act_granularity=args.act_granularity,
         calib_labels=parse_labels(args.calib_labels), steps=args.calib_steps, cfg_scale=args.calib_cfg,
         seed=args.calib_seed, sampler=args.calib_sampler, lora_rank=args.lora_rank, lora_rounds=args.lora_rounds,
+        lora_dtype=getattr(args, "lora_dtype", None),
         alpha=args.alpha, search_weight=args.search_weight, adaln=args.adaln,
         search_shortlist=args.search_shortlist, search_workers=args.search_workers,
         bias_correction=args.bias_correction)

@@ -264,6 +264,12 @@ def convert(model: nn.Module, calibration: Calibration, backend: str = "simulate
                     q.bias.copy_(r.bias[rows])
                 q.invalidate()
                 model.set_submodule(spec.name, q)
+    if cfg.lora_dtype != "float32":  # after every fold: the factors are rounded once, as stored
+        from .linear import LORA_DTYPES
+
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.set_lora_dtype(LORA_DTYPES[cfg.lora_dtype])
     if cfg.adaln == "int8":
         quantize_weight_only(model, adapter_for(model).weight_only_linears())
     use_kernels(model, backend)

@@ -28,6 +28,7 @@ SMOOTHINGS = ("none", "tas")
 SEARCH_WEIGHTS = ("auto", "plain", "approx", "shortlist", "exact")
 LORA_KEEPS = ("best", "last")
 LORA_SVDS = ("auto", "exact", "randomized")
+LORA_STORAGE = ("float32", "bfloat16")  # how the fitted LoRA factors are held and saved
 SAMPLERS = ("ddpm", "ddim")
 ADALN_MODES = ("int8", "float")
 
@@ -152,12 +153,15 @@ class SmoothingSpec:
 @dataclass
 class LoRASpec:
     """Training-free LoRA: ``rank`` (0: none), ``rounds`` of alternating fits, keep the ``best``
-    or the ``last`` round, SVD ``exact``/``randomized`` (``auto``: exact up to 1024)."""
+    or the ``last`` round, SVD ``exact``/``randomized`` (``auto``: exact up to 1024); ``dtype``:
+    the factors' storage, ``float32`` (as fitted) or ``bfloat16`` (rounded: half the LoRA bytes,
+    docs/performance.md measures the cost)."""
 
     rank: int = 32
     rounds: int = 10
     keep: str = "best"
     svd: str = "auto"
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         p = []
@@ -169,6 +173,8 @@ class LoRASpec:
             p.append(f"LoRA keep must be one of {LORA_KEEPS}, got {self.keep!r}")
         if self.svd not in LORA_SVDS:
             p.append(f"LoRA SVD must be one of {LORA_SVDS}, got {self.svd!r}")
+        if self.dtype not in LORA_STORAGE:
+            p.append(f"LoRA dtype must be one of {LORA_STORAGE}, got {self.dtype!r}")
         _check(p)
 
 
@@ -212,7 +218,7 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
                                   "fold_proj_into_v", "loss_steps", "search_tokens", "search_weight",
                                   "search_shortlist", "search_workers", "bias_correction")},
     "lora_rank": ("lora", "rank"), "lora_rounds": ("lora", "rounds"), "lora_keep": ("lora", "keep"),
-    "lora_svd": ("lora", "svd"),
+    "lora_svd": ("lora", "svd"), "lora_dtype": ("lora", "dtype"),
     "calib_labels": ("calibration", "labels"), "seed": ("calibration", "seed"), "steps": ("calibration", "steps"),
     "cfg_scale": ("calibration", "cfg_scale"), "sampler": ("calibration", "sampler"),
 }
@@ -244,7 +250,8 @@ class QuantConfig:
 
     LoRA: ``lora_rank`` (0: none) and ``lora_rounds`` of training-free alternating fits, keeping
     the ``best`` or the ``last`` round; ``lora_svd`` exact (LAPACK) or randomized (auto: exact
-    when the smaller side of the weight is at most 1024).
+    when the smaller side of the weight is at most 1024); ``lora_dtype`` the factors' storage
+    (``float32`` or ``bfloat16``).
 
     adaLN storage: ``adaln`` ``int8`` stores the adaLN modulation linears (after the smoothing
     folds) weight-only in int8 per output channel (``weight_only.WeightOnlyInt8Linear``; they are a
