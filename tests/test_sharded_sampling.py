@@ -132,7 +132,14 @@ def test_compare_under_torchrun_equals_one_process(tmp_path):
         return {k: {f: v for f, v in r.items() if f not in timing} for k, r in data["recipes"].items()}
 
     one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
-    assert list(two) == ["fp", "rtn@w4a8", "ditas@w4a8"] and two == one
+    assert list(two) == ["fp", "rtn@w4a8", "ditas@w4a8"]
+    for name in one:  # the same images; FIDs and calibration errors to the rounding of another thread count
+        assert set(two[name]) == set(one[name])
+        for field, value in one[name].items():
+            if isinstance(value, float):
+                assert two[name][field] == pytest.approx(value, rel=1e-4, abs=1e-9), (name, field)
+            else:
+                assert two[name][field] == value, (name, field)
     assert two["ditas@w4a8"]["psnr_db"] is not None and two["rtn@w4a8"]["fid"] is not None
     assert (tmp_path / "two" / "grid.png").read_bytes() == (tmp_path / "one" / "grid.png").read_bytes()
 
