@@ -22,7 +22,8 @@ Variants
   the LoRA branch routed as ``ROUTES`` says: the down-projection apart in fp32 from the codes
   (``lora_limbs=0``, what the layer did before), or inside the integer product as 3 int8 limbs
   per row (the default, same numerics) or 1 (plain int8, an approximation); the up-projection in
-  fp32 (``addmm_`` into the output) or bf16 (``lora_bf16``, an approximation);
+  fp32 (``addmm_`` into the output) or bf16 (``lora_bf16``, an approximation); the factors held in
+  bf16 (the ``ditas`` recipes' default storage) or fp32 (as fitted);
 - ``W4A8 +lora32 (int_mm kernel)``: the default route on ``torch._int_mm``;
 - ``W4A8 no LoRA``: the integer product alone (the ceiling the LoRA branch is measured against);
 - ``W8A8``: 8-bit weights, same kernel, no LoRA; in models the adaLN linears of every integer
@@ -60,7 +61,7 @@ import torch.nn as nn
 
 from ditas.model.dit import DiT, DiTConfig, DiT_models
 from ditas.quantization.int_kernels import DEFAULT_LORA_LIMBS, available_kernels
-from ditas.quantization.linear import QuantLinear
+from ditas.quantization.linear import LORA_DTYPES, QuantLinear
 from ditas.quantization.weight_only import WeightOnlyInt8Linear, quantize_adaln_weight_only
 
 LAYER_SHAPES = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}
@@ -221,14 +222,26 @@ class LoraRoute:
 
     limbs: int = DEFAULT_LORA_LIMBS  # int8 limbs of the down rows in the main product (0: fp32 apart)
     up: str = "fp32"                 # up-projection: fp32 (addmm_ into the output) or bf16
+    storage: str = "bfloat16"        # how the factors are held (the ditas recipes' default: bfloat16)
 
 
 def quant_linear(linear: nn.Linear, wbits: int, lora: dict | None, kernel: str | None = None,
                  route: LoraRoute = LoraRoute()) -> QuantLinear:
-    m = QuantLinear.from_linear(linear, wbits=wbits, abits=8, act_granularity="tensor", **(lora or {}))
+    m = QuantLinear.from_linear(linear, wbits=wbits, abits=8, act_granularity="tensor",
+                                lora_dtype=LORA_DTYPES[route.storage], **(lora or {}))
     m.lora_limbs, m.lora_bf16 = route.limbs, route.up == "bf16"
     m.set_kernel(kernel or available_kernels()[0])
     return m
+
+
+def have_torchao() -> bool:
+    """torchao is optional (not a ditas dependency): its rows are left out, with a note, without it."""
+    import importlib.util
+
+    found = importlib.util.find_spec("torchao") is not None
+    if not found:
+        print("note: torchao is not installed; its rows are left out (pip install torchao)", flush=True)
+    return found
 
 
 def torchao_int8(model: nn.Module) -> nn.Module:
@@ -270,8 +283,9 @@ def _randomize_zero_inits(model: DiT, seed: int = 0) -> None:
 
 
 ROUTES = {  # variant suffix -> LoRA route of the W4A8 +lora32 layer
-    "LoRA down fp32 apart (before)": LoraRoute(limbs=0),
-    "LoRA down in product, 3 limbs (default)": LoraRoute(limbs=3),
+    "LoRA down fp32 apart, fp32 factors (before)": LoraRoute(limbs=0, storage="float32"),
+    "LoRA down in product, 3 limbs, fp32 factors": LoraRoute(limbs=3, storage="float32"),
+    "LoRA down in product, 3 limbs, bf16 factors (default)": LoraRoute(limbs=3),
     "LoRA down in product, 1 limb": LoraRoute(limbs=1),
     "3 limbs, up bf16": LoraRoute(limbs=3, up="bf16"),
 }
@@ -296,9 +310,10 @@ def bench_layers(rounds: int, min_sample_s: float, tokens: int = 512) -> str:
             vs.append(Variant("W4A8 +lora32 (int_mm kernel)", partial(mm, x), mm))
         w4 = quant_linear(lin, 4, None)
         w8 = quant_linear(lin, 8, None)
-        ao = torchao_int8(nn.Sequential(copy.deepcopy(lin)))
-        vs += [Variant("W4A8 no LoRA", partial(w4, x), w4), Variant("W8A8", partial(w8, x), w8),
-               Variant("torchao int8dyn", lambda: ao(x), ao)]
+        vs += [Variant("W4A8 no LoRA", partial(w4, x), w4), Variant("W8A8", partial(w8, x), w8)]
+        if have_torchao():
+            ao = torchao_int8(nn.Sequential(copy.deepcopy(lin)))
+            vs.append(Variant("torchao int8dyn", lambda: ao(x), ao))
         with torch.inference_mode():
             ref = lin(x)
             for v in vs:
@@ -311,8 +326,6 @@ def bench_layers(rounds: int, min_sample_s: float, tokens: int = 512) -> str:
 
 def bench_adaln(rounds: int, min_sample_s: float, batch: int = 2) -> str:
     """The adaLN modulation linear (1152 -> 6 x 1152) on the conditioning vectors of a batch."""
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
     g = torch.Generator().manual_seed(0)
     lin = nn.Linear(1152, 6 * 1152)
     x = torch.randn(batch, 1152, generator=g)
@@ -320,12 +333,15 @@ def bench_adaln(rounds: int, min_sample_s: float, batch: int = 2) -> str:
     xb = x.bfloat16()
     wo = WeightOnlyInt8Linear.from_linear(lin)
     wo32 = WeightOnlyInt8Linear.from_linear(lin, compute="fp32")
-    ao = nn.Sequential(copy.deepcopy(lin))
-    quantize_(ao, Int8WeightOnlyConfig())
     vs = [Variant("fp32", lambda: lin(x), lin), Variant("bf16", lambda: lin_bf(xb), lin_bf),
           Variant("WeightOnlyInt8Linear (bf16 compute)", lambda: wo(x), wo),
-          Variant("WeightOnlyInt8Linear (fp32 compute)", lambda: wo32(x), wo32),
-          Variant("torchao Int8WeightOnlyConfig", lambda: ao(x), ao)]
+          Variant("WeightOnlyInt8Linear (fp32 compute)", lambda: wo32(x), wo32)]
+    if have_torchao():
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        ao = nn.Sequential(copy.deepcopy(lin))
+        quantize_(ao, Int8WeightOnlyConfig())
+        vs.append(Variant("torchao Int8WeightOnlyConfig", lambda: ao(x), ao))
     with torch.inference_mode():
         ref = lin(x)
         for v in vs:
@@ -340,7 +356,7 @@ def _model_variants(model: DiT, call: Callable[[nn.Module, torch.dtype], torch.T
     torchao: built from one random model. Routes that differ only in the up-projection share a model
     (the flags are read per call; their prepared extras are cached side by side)."""
     model_bf = copy.deepcopy(model).bfloat16()
-    by_limbs: dict[int, DiT] = {}
+    by_limbs: dict[tuple[int, str], DiT] = {}
     vs = [Variant("fp32", partial(call, model, torch.float32), model),
           Variant("bf16", partial(call, model_bf, torch.bfloat16), model_bf)]
 
@@ -351,17 +367,19 @@ def _model_variants(model: DiT, call: Callable[[nn.Module, torch.dtype], torch.T
         return call(m, torch.float32)
 
     for label, route in routes.items():
-        if route.limbs not in by_limbs:
-            by_limbs[route.limbs] = quantize_dit(copy.deepcopy(model), 4, lora=True, seed=1, route=route)
-        w4 = by_limbs[route.limbs]
+        key = (route.limbs, route.storage)
+        if key not in by_limbs:
+            by_limbs[key] = quantize_dit(copy.deepcopy(model), 4, lora=True, seed=1, route=route)
+        w4 = by_limbs[key]
         vs.append(Variant(f"W4A8 +lora32, {label}", partial(run, w4, route), w4))
     w4n = quantize_dit(copy.deepcopy(model), 4, lora=False, seed=1)
     w8 = quantize_dit(copy.deepcopy(model), 8, lora=False, seed=2)
-    ao = torchao_int8(copy.deepcopy(model))
-    gc.collect()
     vs += [Variant("W4A8 no LoRA", partial(call, w4n, torch.float32), w4n),
-           Variant("W8A8", partial(call, w8, torch.float32), w8),
-           Variant("torchao int8dyn (all Linear)", partial(call, ao, torch.float32), ao)]
+           Variant("W8A8", partial(call, w8, torch.float32), w8)]
+    if have_torchao():
+        ao = torchao_int8(copy.deepcopy(model))
+        vs.append(Variant("torchao int8dyn (all Linear)", partial(call, ao, torch.float32), ao))
+    gc.collect()
     return vs
 
 

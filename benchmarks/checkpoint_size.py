@@ -4,7 +4,8 @@ The model is built on the ``meta`` device (no memory, no weights); every tensor 
 storage precision a choice gives it:
 
 - block linears (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``): ``qweight`` packed to
-  ``wbits`` (``packing.packed_numel``), per-channel ``wscale``/``wzero`` and bias in fp32, the
+  ``wbits`` (``packing.packed_numel``), per-channel ``wscale`` and bias in fp32, ``wzero`` in uint8
+  (exact integers; checkpoint format 3), the
   unfoldable ``smooth`` vector of ``fc2`` in fp32, rank-``r`` LoRA factors in fp32 or bf16
   (``QuantLinear``'s ``lora_dtype``, recorded per layer since checkpoint format 2);
 - adaLN modulation linears: int8 weight-only (+ fp32 per-channel scale and bias), or fp32;
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 from ditas.model.dit import DiT_models
-from ditas.quantization.linear import DEFAULT_LORA_DTYPE, LORA_DTYPES
+from ditas.quantization.linear import LORA_DTYPES
 from ditas.quantization.packing import packed_numel
 
 BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
@@ -42,7 +43,7 @@ MB = 1e6
 def breakdown(model_name: str, wbits: int, rank: int, lora_bytes: int, adaln_int8: bool) -> dict[str, float]:
     with torch.device("meta"):
         model = DiT_models[model_name]()
-    sizes = {"packed qweight": 0.0, "wscale+wzero+bias (fp32)": 0.0, "smooth fc2 (fp32)": 0.0,
+    sizes = {"packed qweight": 0.0, "wscale+bias (fp32), wzero (uint8)": 0.0, "smooth fc2 (fp32)": 0.0,
              f"LoRA r={rank} ({'bf16' if lora_bytes == 2 else 'fp32'})": 0.0,
              "adaLN weights" + (" (int8)" if adaln_int8 else " (fp32)"): 0.0, "adaLN scale+bias (fp32)": 0.0,
              "embedders, pos_embed, final linear (fp32)": 0.0}
@@ -56,7 +57,7 @@ def breakdown(model_name: str, wbits: int, rank: int, lora_bytes: int, adaln_int
             lin = block.get_submodule(name)
             n, k = lin.weight.shape
             sizes[keys[0]] += packed_numel(n * k, wbits)
-            sizes[keys[1]] += (2 * n + n) * 4
+            sizes[keys[1]] += 2 * n * 4 + n  # checkpoint format 3 stores the integer zero points as uint8
             if name == "mlp.fc2":
                 sizes[keys[2]] += k * 4
             sizes[keys[3]] += rank * (n + k) * lora_bytes
@@ -93,7 +94,7 @@ def stored_parts(safetensors_file: Path) -> dict[str, int]:
             part = "adaLN weights (int8)" if leaf == "qweight" else "adaLN scale+bias (fp32)"
         elif any(f".{n}." in key for n in BLOCK_LINEARS) and leaf != "weight":
             part = {"qweight": "packed qweight", "smooth": "smooth fc2 (fp32)", "lora_down": lora,
-                    "lora_up": lora}.get(leaf, "wscale+wzero+bias (fp32)")
+                    "lora_up": lora}.get(leaf, "wscale+bias (fp32), wzero (uint8)")
         else:
             part = "embedders, pos_embed, final linear (fp32)"
         parts[part] = parts.get(part, 0) + nbytes
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lora-dtype", choices=sorted(LORA_DTYPES), default=None,
                     help="LoRA factors of the real W4A8 folder (default: what a new quantization uses)")
     args = ap.parse_args(argv)
-    configs = [("LoRA fp32, adaLN int8", 4, True), ("LoRA bf16, adaLN int8", 2, True),
+    configs = [("LoRA bf16, adaLN int8 (the ditas recipe's default)", 2, True), ("LoRA fp32, adaLN int8", 4, True),
                ("LoRA bf16, adaLN fp32", 2, False), ("LoRA fp32, adaLN fp32", 4, False)]
     for title, lora_bytes, adaln_int8 in configs:
         s = breakdown(args.model, args.wbits, args.rank, lora_bytes, adaln_int8)
@@ -169,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {k} | {v / MB:.1f} | {100 * v / fp32:.2f} |")
         print(f"| fp32 file | {fp32 / MB:.1f} | 100 |\n")
     if args.real:
-        default = next(k for k, v in LORA_DTYPES.items() if v == DEFAULT_LORA_DTYPE)
-        write_real(args.model, args.wbits, args.rank, args.real, args.lora_dtype or default)
+        from ditas.quantization.recipes import recipe_config
+
+        write_real(args.model, args.wbits, args.rank, args.real, args.lora_dtype or recipe_config("ditas").lora.dtype)
     return 0
 
 

@@ -8,8 +8,9 @@ ditas sampling run) for every row:
 
 1. ``fp``: the embedded default digit model in fp32;
 2. the model quantized ONCE with the ``ditas`` recipe (W4A8; the recipe's calibration settings, or
-   the lighter ones given on the command line), then for every option a fresh copy of it, the
-   option applied, its kernels chosen (``--kernel``, default ``auto``: what a loaded model runs),
+   the lighter ones given on the command line; LoRA factors kept in fp32 as fitted), then for every
+   option a fresh copy of it, the option applied (``ditas``: the default, factors held in bf16 as the
+   recipe stores them; ``lora_factors_fp32``: as fitted; every other option on top of the default), its kernels chosen (``--kernel``, default ``auto``: what a loaded model runs),
    and the same sampling run.
 
 Per row: PSNR of the uint8 samples against FP, and the digit-domain metrics of
@@ -56,7 +57,15 @@ Option = Callable[[nn.Module], None]
 
 
 def _default(model: nn.Module) -> None:
-    """Today's default: nothing changed."""
+    """The default: the fitted LoRA factors held (and saved) in bf16, as the ``ditas`` recipe stores them."""
+    for m in _quant_layers(model):
+        m.set_lora_dtype(torch.bfloat16)
+
+
+def lora_factors_fp32(model: nn.Module) -> None:
+    """The LoRA factors as fitted, in fp32 (the method's numerics; ``--lora-dtype float32``)."""
+    for m in _quant_layers(model):
+        m.set_lora_dtype(torch.float32)  # a no-op on factors fitted in fp32
 
 
 def _attention(mode: str) -> Option:
@@ -64,6 +73,7 @@ def _attention(mode: str) -> Option:
     from ditas.quantization.attention import use_attention
 
     def apply(model: nn.Module) -> None:
+        _default(model)
         use_attention(model, mode)
 
     apply.__doc__ = f"attention in {mode} (use_attention(model, {mode!r}))"
@@ -74,19 +84,10 @@ def _quant_layers(model: nn.Module) -> list[QuantLinear]:
     return [m for m in model.modules() if isinstance(m, QuantLinear)]
 
 
-def lora_factors_bf16(model: nn.Module) -> None:
-    """LoRA factors rounded to bf16 (what a checkpoint storing them in bf16 gives back)."""
-    with torch.no_grad():
-        for m in _quant_layers(model):
-            if m.lora_rank:
-                m.lora_down.copy_(m.lora_down.to(torch.bfloat16).float())
-                m.lora_up.copy_(m.lora_up.to(torch.bfloat16).float())
-                m.invalidate()
-
-
 def lora_down_int8(model: nn.Module) -> None:
     """The LoRA down rows in the integer product as ONE int8 limb per row (default: three, which
-    match fp32): plain per-row int8 LoRA down-projection."""
+    match the factors exactly): plain per-row int8 LoRA down-projection."""
+    _default(model)
     for m in _quant_layers(model):
         m.lora_limbs = 1
 
@@ -96,7 +97,7 @@ OPTIONS: dict[str, Option] = {
     "ditas": _default,
     "attn_bf16": _attention("bf16"),
     "attn_int8": _attention("int8"),
-    "lora_factors_bf16": lora_factors_bf16,
+    "lora_factors_fp32": lora_factors_fp32,
     "lora_down_int8": lora_down_int8,
 }
 
@@ -148,7 +149,9 @@ def evaluate_options(names: list[str], *, num: int = 500, steps: int = 50, cfg_s
     traj = eps_trajectory(fp, eps_labels, settings) if eps_labels else None
     finish("fp", fp_row, fp_images, None)
 
-    cfg = recipe_config("ditas", **(quant_overrides or {}))
+    # fitted once with fp32 factors; the default row holds them in bf16, as the recipe stores them
+    # (the recipe rounds the factors it fitted: the same values)
+    cfg = recipe_config("ditas", **{"lora_dtype": "float32", **(quant_overrides or {})})
     t0 = time.perf_counter()
     base, _ = quantize(fp, cfg, progress=False, backend="simulated")
     quantize_s = round(time.perf_counter() - t0, 1)

@@ -80,11 +80,11 @@ def test_compare_writes_json_grid_and_table(tmp_path, model_dir, capsys):
     assert rc == 2 and not (tmp_path / "c2").exists()
 
 
-def test_lora_dtype_bfloat16_is_stored_and_reloaded(tmp_path):
+def test_lora_dtype_bfloat16_is_the_default_stored_and_reloaded(tmp_path):
     base = ["quantize", "--recipe", "ditas", "--calib-steps", "2", "--calib-labels", "2", "--lora-rank", "4",
             "--lora-rounds", "1", "--no-progress"]
-    assert main([*base, "--out", str(tmp_path / "f32")]) == 0
-    assert main([*base, "--lora-dtype", "bfloat16", "--out", str(tmp_path / "b16")]) == 0
+    assert main([*base, "--lora-dtype", "float32", "--out", str(tmp_path / "f32")]) == 0
+    assert main([*base, "--out", str(tmp_path / "b16")]) == 0  # the recipe's default: bf16
     f32, b16 = ditas.load_dit(tmp_path / "f32"), ditas.load_dit(tmp_path / "b16")
     layers = {n: m for n, m in b16.named_modules() if isinstance(m, QuantLinear)}
     assert layers and all(m.lora_dtype == torch.bfloat16 for m in layers.values())

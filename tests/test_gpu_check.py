@@ -23,7 +23,8 @@ def test_gpu_check_on_cpu(capsys):
     rows = mod.run_checks(torch.device("cpu"), "DiT-S/8", quick=True)
     assert len(rows) == 5
     assert rows[0]["max_diff"] == 0 and rows[1]["max_diff"] == 0 and rows[2]["max_diff"] == 0  # CPU vs CPU
-    assert 0 < rows[3]["rel_diff"] < 1e-3  # int_mm vs simulated: float rounding (and rare code flips) only
+    # int_mm vs simulated: float rounding and the code flips it causes, as a 1e-6 input noise does
+    assert 0 < rows[3]["floor"] < 1e-2 and 0 < rows[3]["rel_diff"] <= 2 * rows[3]["floor"]
     assert rows[4]["max_diff"] == 0  # save + load is bit-exact
     mod.print_table(rows, torch.device("cpu"))
     assert capsys.readouterr().out.count("\n| ") == 5

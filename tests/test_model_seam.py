@@ -64,7 +64,7 @@ def test_folder_written_before_families_still_loads_and_computes_the_same(backen
     assert q.quant_family == "dit"
     from ditas.quantization.recipes import recipe_config  # the flat config it was saved with reads back
     assert q.quant_config == recipe_config("ditas", steps=2, calib_labels=2, lora_rank=4, lora_rounds=2,
-                                           alpha_grid=(0.3, 0.7))
+                                           alpha_grid=(0.3, 0.7), lora_dtype="float32")  # fp32 factors then
     with torch.no_grad():
         torch.manual_seed(0)
         out = q(ref["x"], ref["t"], ref["y"])
@@ -141,7 +141,8 @@ def test_dit_quantization_is_unchanged_by_the_seam():
     steps = len([k for k in traj if k.startswith("tokens.")])
     calib = CalibrationRecord([BlockCall((traj[f"tokens.{i}"], traj[f"cond.{i}"])) for i in range(steps)])
     m = random_dit(3, hidden=32, depth=2, heads=2)
-    cfg = recipe_config("ditas", steps=2, calib_labels=2, lora_rank=4, lora_rounds=2, alpha_grid=(0.3, 0.7))
+    cfg = recipe_config("ditas", steps=2, calib_labels=2, lora_rank=4, lora_rounds=2, alpha_grid=(0.3, 0.7),
+                        lora_dtype="float32")  # recorded when the recipe kept fp32 LoRA factors
     q, _ = quantize(m, cfg, calib, progress=False)
     ref = load_file(str(DATA / "legacy_quantized_v1_fake.safetensors"))
     with torch.no_grad():

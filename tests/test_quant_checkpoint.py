@@ -21,7 +21,7 @@ from quant_helpers import random_dit
 def quantized():
     m = random_dit(3, depth=2)
     cfg = recipe_config("ditas", w_bits=3, steps=2, calib_labels=2, lora_rank=4, lora_rounds=2,
-                        alpha_grid=(0.25, 0.75))
+                        alpha_grid=(0.25, 0.75), lora_dtype="float32")  # the tests below round to bf16 themselves
     q, report = quantize(m, cfg, progress=False)
     return q, cfg, report
 
@@ -51,6 +51,39 @@ def test_save_load_is_bit_exact(tmp_path, quantized):
     t, y = torch.tensor([10, 500]), torch.tensor([1, 2])
     with torch.no_grad():
         assert torch.equal(q(x, t, y), loaded(x, t, y))
+
+
+def test_zero_points_are_stored_as_uint8_and_read_back_exactly(tmp_path, quantized):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    q, cfg, _ = quantized
+    out = ckpt.save_quantized(q, tmp_path / "q", cfg)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys() if k.endswith(".wzero")}
+    assert len(stored) == len(ckpt.quant_layers(q)) and all(t.dtype == torch.uint8 for t in stored.values())
+    loaded = ditas.load_dit(out, backend="fake")
+    for name, m in ckpt.quant_layers(q).items():
+        back = loaded.get_submodule(name).wzero
+        assert back.dtype == torch.float32 and torch.equal(back, m.wzero)
+    # a zero point that is not an exact small integer keeps its float storage (nothing is rounded)
+    import copy
+
+    edited = copy.deepcopy(q)  # the fixture is shared
+    m = edited.blocks[0].attn.qkv
+    m.wzero[0, 0] = 2.5
+    m.invalidate()
+    assert ckpt._compact_zero_points(m.wzero).dtype == torch.float32
+    out2 = ckpt.save_quantized(edited, tmp_path / "q2", cfg)
+    assert load_file(str(out2 / "model.safetensors"))["blocks.0.attn.qkv.wzero"][0, 0] == 2.5
+    # a format-2 file (float32 zero points) still loads
+    state = load_file(str(out / "model.safetensors"))
+    save_file({k: (v.float() if k.endswith(".wzero") else v) for k, v in state.items()}, str(out / "model.safetensors"))
+    data = json.loads((out / "config.json").read_text())
+    data["quantization"]["format_version"] = 2
+    (out / "config.json").write_text(json.dumps(data))
+    again = ditas.load_dit(out, backend="fake")
+    assert torch.equal(again.blocks[1].mlp.fc2.wzero, loaded.blocks[1].mlp.fc2.wzero)
 
 
 def test_qweight_is_packed(tmp_path, quantized):
@@ -120,7 +153,7 @@ def test_bf16_lora_factors_round_trip_and_halve_their_bytes(tmp_path, quantized)
     out32 = ckpt.save_quantized(q, tmp_path / "q32", cfg)
     out16 = ckpt.save_quantized(q16, tmp_path / "q16", cfg)
     meta = json.loads((out16 / "config.json").read_text())["quantization"]
-    assert meta["format_version"] == ckpt.FORMAT_VERSION == 2
+    assert meta["format_version"] == ckpt.FORMAT_VERSION == 3
     assert {e["lora_dtype"] for e in meta["layers"].values()} == {"bfloat16"}
     b32, b16 = _lora_bytes(out32), _lora_bytes(out16)
     assert b32.keys() == b16.keys() and sum(b16.values()) * 2 == sum(b32.values()) > 0

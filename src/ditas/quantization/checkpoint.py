@@ -36,10 +36,12 @@ from .kernels import canonical, use_kernels
 from .linear import LORA_DTYPES, QuantLinear
 from .weight_only import WeightOnlyInt8Linear
 
+# 3: a layer's integer-valued weight zero points in 0..255 are stored as uint8 (lossless; the layer
+#    holds them as float32 again after loading);
 # 2: each layer entry says how its LoRA factors are stored ("lora_dtype": float32 or bfloat16);
 # 1 (read, never written): LoRA factors in float32
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 _QUANT_TENSORS = ("qweight", "wscale", "wzero", "bias", "smooth", "lora_down", "lora_up")
 
 
@@ -104,6 +106,8 @@ def write_quantized(model: nn.Module, folder: Path, quant_config: dict[str, Any]
             quant_keys.add(key)
             if t == "qweight":
                 v = packing.pack_codes(v, m.wbits)
+            elif t == "wzero":
+                v = _compact_zero_points(v)
             tensors[key] = v.detach().contiguous().cpu()
     for k, v in model.state_dict().items():
         if k not in quant_keys:
@@ -131,6 +135,14 @@ def write_quantized(model: nn.Module, folder: Path, quant_config: dict[str, Any]
                                                   "config.json"))
     if report is not None:
         (folder / "report.json").write_text(json_text(report, "report.json"))
+
+
+def _compact_zero_points(zero: torch.Tensor) -> torch.Tensor:
+    """Zero points as uint8 when that is exact (integers in 0..255: always, for <= 8-bit weights
+    quantized by ditas), else unchanged; a quarter of the bytes."""
+    if zero.is_floating_point() and zero.numel() and bool(((zero >= 0) & (zero <= 255) & (zero == zero.round())).all()):
+        return zero.to(torch.uint8)
+    return zero
 
 
 def _default_backend() -> str:
@@ -253,6 +265,10 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
             except ValueError as exc:
                 raise CheckpointError(f"{weights}: {key} does not hold the {meta['wbits']}-bit codes of a "
                                       f"{meta['in_features']}->{meta['out_features']} layer ({exc})") from None
+    for name in q["layers"]:
+        key = f"{name}.wzero"
+        if key in state and state[key].dtype == torch.uint8:  # format 3: exact integer zero points
+            state[key] = state[key].to(expected[key].dtype if key in expected else torch.float32)
     missing = sorted(set(expected) - set(state))
     unknown = sorted(set(state) - set(expected))
     if missing or unknown:

@@ -154,8 +154,8 @@ class SmoothingSpec:
 class LoRASpec:
     """Training-free LoRA: ``rank`` (0: none), ``rounds`` of alternating fits, keep the ``best``
     or the ``last`` round, SVD ``exact``/``randomized`` (``auto``: exact up to 1024); ``dtype``:
-    the factors' storage, ``float32`` (as fitted) or ``bfloat16`` (rounded: half the LoRA bytes,
-    docs/performance.md measures the cost)."""
+    the factors' storage, ``float32`` (as fitted) or ``bfloat16`` (rounded once, after every fold:
+    half the LoRA bytes, docs/performance.md measures the cost; the ``ditas`` recipes' choice)."""
 
     rank: int = 32
     rounds: int = 10
