@@ -25,25 +25,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import time
 
 import torch
 import torch.nn.functional as F
 
 from ditas.quantization.attention import bf16_attention, int8_attention
+from machine import cpu_name
 
 HEADS, HEAD_DIM, TOKENS = 16, 72, 256
-
-
-def cpu_name() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return "unknown"
 
 
 def qkv(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

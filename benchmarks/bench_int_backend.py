@@ -63,22 +63,11 @@ from ditas.model.dit import DiT, DiTConfig, DiT_models
 from ditas.quantization.int_kernels import DEFAULT_LORA_LIMBS, available_kernels
 from ditas.quantization.linear import LORA_DTYPES, QuantLinear
 from ditas.quantization.weight_only import WeightOnlyInt8Linear, quantize_adaln_weight_only
+from machine import cpu_name
 
 LAYER_SHAPES = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}
 BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 LORA_RANK = 32
-
-
-def cpu_name() -> str:
-    """The CPU's model name as ``lscpu`` gives it (every table is printed with it)."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown CPU"
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name:")),
-                "unknown CPU")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -50,7 +50,6 @@ import ctypes
 import gc
 import json
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -71,12 +70,12 @@ from ditas.quantization.attention import use_attention  # noqa: E402
 from ditas.quantization.kernels import use_kernels  # noqa: E402
 from ditas.quantization.linear import LORA_DTYPES, QuantLinear  # noqa: E402
 from ditas.quantization.recipes import recipe_config  # noqa: E402
-
-LORA_DTYPE = LORA_DTYPES[recipe_config("ditas").lora.dtype]  # the factors as the ditas recipe stores them
 from ditas.quantization.weight_only import quantize_adaln_weight_only  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 LORA_RANK = 32
+LORA_DTYPE = LORA_DTYPES[recipe_config("ditas").lora.dtype]  # the factors as the ditas recipe stores them
 SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
               layers_per_block=2, norm_num_groups=32, sample_size=256, scaling_factor=VAE_SCALE)
@@ -410,16 +409,6 @@ def _randomize_zero_inits(model: DiT, seed: int = 0) -> None:
                                                                       model.final_layer.linear]:
             lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.02)
             lin.bias.copy_(torch.randn(lin.bias.shape, generator=g) * 0.02)
-
-
-def cpu_name() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
-import subprocess
 import sys
 import time
 from typing import Callable
@@ -52,6 +50,7 @@ from ditas.quantization.apply import quantize
 from ditas.quantization.kernels import use_kernels
 from ditas.quantization.linear import QuantLinear
 from ditas.quantization.recipes import recipe_config
+from machine import cpu_name
 
 Option = Callable[[nn.Module], None]
 
@@ -100,18 +99,6 @@ OPTIONS: dict[str, Option] = {
     "lora_factors_fp32": lora_factors_fp32,
     "lora_down_int8": lora_down_int8,
 }
-
-
-def cpu_name() -> str:
-    """The CPU's model name (``lscpu``), for the record."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
 
 
 def sample_images(model: nn.Module, labels: np.ndarray, settings: SamplingSettings, batch_size: int) -> np.ndarray:

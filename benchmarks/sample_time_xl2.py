@@ -12,7 +12,6 @@ images. The VAE decode is not included (no VAE weights here). Prints the CPU (ls
 from __future__ import annotations
 
 import argparse
-import subprocess
 import time
 
 import numpy as np
@@ -20,14 +19,7 @@ import torch
 
 from ditas.diffusion.pipeline import generate
 from ditas.model.dit import DiT, DiTConfig
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return "unknown CPU"
+from machine import cpu_name
 
 
 def main() -> None:
