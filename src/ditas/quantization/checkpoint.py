@@ -5,7 +5,8 @@ written before families existed, which are all ``dit``), ``"model"`` (the adapte
 of the architecture, for DiT the DiTConfig) and ``"quantization"`` (format version, recipe,
 bits, layouts, the full QuantConfig and one entry per quantized layer). ``model.safetensors``
 holds, per ``QuantLinear``, ``<name>.qweight`` (codes packed to the weight bit width, 1-D uint8),
-``wscale``, ``wzero``, ``bias``, ``smooth``, ``lora_down``, ``lora_up`` as present (the LoRA factors
+``wscale``, ``wzero`` (uint8 since format version 3 when its values are integers in 0..255, as
+ditas makes them; fp32 otherwise and in older folders), ``bias``, ``smooth``, ``lora_down``, ``lora_up`` as present (the LoRA factors
 in the layer's ``lora_dtype``, recorded in its entry since format version 2; version 1 folders
 hold float32 factors and still load), and the float
 tensors of everything else. adaLN linears stored weight-only (``WeightOnlyInt8Linear``) are listed

@@ -38,8 +38,9 @@ from .quantizers import (ACT_GRANULARITIES, RANGE_MODES, WEIGHT_LAYOUTS, activat
 
 SIMULATED = "simulated"
 LORA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # storage of the LoRA factors
-# the LoRA factors' storage of a new quantization: rounding them to bf16 halves their bytes (66 of the
-# 533 MB of a W4A8 DiT-XL/2 folder) at a measured quality cost (docs/performance.md)
+# the LoRA factors' storage of a layer built by ``from_linear`` without ``lora_dtype``: as given. The
+# ditas recipes round them to bf16 (``LoRASpec.dtype``): half their bytes (66 of the 533 MB of a W4A8
+# DiT-XL/2 folder) at a measured -0.07 dB on the default model (docs/performance.md)
 DEFAULT_LORA_DTYPE = torch.float32
 
 
