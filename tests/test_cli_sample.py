@@ -106,3 +106,20 @@ def test_console_script_exit_code(tmp_path, tiny_weights_path):
     assert proc.stderr.strip().splitlines()[-1] == ("ditas sample: error: class label 99 is out of range: "
                                                     "this model has classes 0..9")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_quantized_dit_folder_samples_with_quantized_as_with_model(tmp_path, capsys):
+    """``--quantized DIR`` of a class-conditional DiT samples it as ``--model DIR`` does (it used to
+    ask for a text prompt); with a ``--model`` beside it, a one-line error."""
+    q = tmp_path / "q"
+    assert main(["quantize", "--calib-steps", "2", "--calib-labels", "2", "--lora-rank", "4", "--lora-rounds", "1",
+                 "--no-progress", "--out", str(q)]) == 0
+    common = ["--classes", "1,7", "--steps", "4", "--seed", "3", "--no-progress"]
+    assert _run("--model", str(q), *common, "--out", str(tmp_path / "a.png")) == 0
+    assert _run("--quantized", str(q), *common, "--out", str(tmp_path / "b.png")) == 0
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    capsys.readouterr()
+    assert _run("--quantized", str(q), "--model", str(q), *common, "--out", str(tmp_path / "c.png")) == 2
+    err = capsys.readouterr().err
+    assert "quantized class-conditional DiT" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "c.png").exists()

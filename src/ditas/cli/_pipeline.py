@@ -32,7 +32,8 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("diffusers pipelines (PixArt, SD3, Flux)")
-    g.add_argument("--quantized", help="quantized transformer folder written by 'ditas quantize --model PIPELINE_DIR'")
+    g.add_argument("--quantized", help="quantized transformer folder written by 'ditas quantize --model PIPELINE_DIR' "
+                                       "(a quantized DiT folder is sampled as with --model DIR)")
     g.add_argument("--prompt", action="append", help="text prompt (repeat for several images)")
     g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's own)")
     g.add_argument("--height", type=int, default=None, help="image height (default: the pipeline's)")

@@ -105,6 +105,25 @@ def check_attention(mode: str | None) -> None:
         raise DitasError(f"--attention must be one of {', '.join(ATTENTION_MODES)}, got {mode!r}")
 
 
+def _quantized_dit_as_model(args: argparse.Namespace) -> None:
+    """``--quantized DIR`` naming a quantized class-conditional DiT folder samples it as ``--model DIR``
+    does (``--quantized`` is otherwise the transformer of a text-to-image pipeline)."""
+    from ..quantization.checkpoint import read_config
+
+    if not getattr(args, "quantized", None) or getattr(args, "prompt", None):
+        return
+    try:
+        family = read_config(args.quantized).get("family", "dit")
+    except DitasError:
+        return  # not a quantized folder: the pipeline path says what is wrong
+    if family != "dit":
+        return
+    if args.model:
+        raise DitasError(f"{args.quantized} is a quantized class-conditional DiT: sample it with --model "
+                         f"{args.quantized} alone (--quantized goes with a text-to-image pipeline)")
+    args.model, args.quantized = args.quantized, None
+
+
 def run(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
     from ..diffusion.sharded import init_from_env, shutdown
@@ -127,6 +146,7 @@ def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
     from ..model.loading import load_dit
     from ..model.vae import load_vae
 
+    _quantized_dit_as_model(args)
     if _pipeline.wants_pipeline_sample(args):  # a diffusers text-to-image pipeline (PixArt, SD3, Flux)
         if args.attention not in (None, "fp32"):
             raise DitasError("--attention applies to ditas DiT models, not to diffusers pipelines")
