@@ -218,7 +218,7 @@ def markdown(rows: list[dict], domain: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
-    from ..diffusion.sharded import init_from_env, shutdown
+    from ..diffusion.sharded import init_from_env, leave_together, shutdown
     from ..fileio import check_writable, path_lock
     from ..validate import check_sampling_options
     from .compare import parse_recipes
@@ -250,9 +250,10 @@ def run(args: argparse.Namespace) -> int:
             with path_lock(out):
                 _open_folder(out, settings, args.overwrite)
                 _barrier()
-                return _benchmark(args, out, specs, configs, steps_list, domain, device, rank)
+                rc = _benchmark(args, out, specs, configs, steps_list, domain, device, rank)
+            return leave_together(rc)
         _barrier()  # process 0 has checked and opened the folder
-        return _benchmark(args, out, specs, configs, steps_list, domain, device, rank)
+        return leave_together(_benchmark(args, out, specs, configs, steps_list, domain, device, rank))
     finally:
         shutdown()
 

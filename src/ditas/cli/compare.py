@@ -134,7 +134,7 @@ def markdown_table(rows: dict[str, dict]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
-    from ..diffusion.sharded import barrier, init_from_env, shutdown
+    from ..diffusion.sharded import barrier, init_from_env, leave_together, shutdown
     from ..fileio import output_dir
     from ..validate import check_sampling_options
 
@@ -151,10 +151,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         if rank != 0:  # process 0 claims and writes the output; the others sample their share
             barrier()
-            return _compare(args, specs, configs, None, device)
+            return leave_together(_compare(args, specs, configs, None, device))
         with output_dir(args.out, "ditas-compare", overwrite=args.overwrite, inputs=[args.model]) as claim:
             barrier()
-            return _compare(args, specs, configs, claim, device)
+            rc = _compare(args, specs, configs, claim, device)
+        return leave_together(rc)  # after the output is published
     finally:
         shutdown()
 

@@ -126,13 +126,13 @@ def _quantized_dit_as_model(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
-    from ..diffusion.sharded import init_from_env, shutdown
+    from ..diffusion.sharded import init_from_env, leave_together, shutdown
 
     check_attention(args.attention)
     device = resolve_device(args.device)
     rank, world, device = init_from_env(device)
     try:
-        return _run(args, device, rank, world)
+        return leave_together(_run(args, device, rank, world))
     finally:
         shutdown()
 

@@ -291,3 +291,13 @@ def shutdown() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leave_together(result: int) -> int:
+    """Ends a successful multi-process command: every process waits for the others, then tears the
+    group down, and returns ``result``. A process that destroyed its gloo group while a peer was
+    still working (process 0 scoring and publishing) was seen to abort in C++ ("terminate called
+    without an active exception") in one CI run; on failure paths ``shutdown`` alone is used."""
+    barrier()
+    shutdown()
+    return result
