@@ -54,7 +54,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.nn as nn
@@ -223,6 +223,7 @@ def quant_linear(linear: nn.Linear, wbits: int, lora: dict | None, kernel: str |
     return m
 
 
+@cache
 def have_torchao() -> bool:
     """torchao is optional (not a ditas dependency): its rows are left out, with a note, without it."""
     import importlib.util

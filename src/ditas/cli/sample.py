@@ -99,10 +99,10 @@ def check_output_size(out: Path, n: int, config) -> None:
 
 def check_attention(mode: str | None) -> None:
     """A clear one-line error for an unknown ``--attention``, before any work."""
-    from ..quantization.attention import ATTENTION_MODES
+    from ..quantization.attention import check_attention_mode
 
-    if mode is not None and mode not in ATTENTION_MODES:
-        raise DitasError(f"--attention must be one of {', '.join(ATTENTION_MODES)}, got {mode!r}")
+    if mode is not None:
+        check_attention_mode(mode, "--attention")
 
 
 def _quantized_dit_as_model(args: argparse.Namespace) -> None:

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from ..diffusion.pipeline import decode_to_uint8, generate
-from ..errors import ConfigError
 from ..diffusion.run import SamplingSettings, eps_mse, eps_trajectory, sample_batch
 from ..diffusion.sharded import process_group
 from .metrics import psnr
@@ -63,10 +62,9 @@ def compare_recipes(model: nn.Module, configs: dict[str, object | None], labels:
     quantized models (``quantization.attention.use_attention``; the FP model keeps fp32).
     """
     from ..quantization.apply import quantize, record
-    from ..quantization.attention import ATTENTION_MODES, use_attention
+    from ..quantization.attention import check_attention_mode, use_attention
 
-    if attention not in ATTENTION_MODES:  # before the FP run
-        raise ConfigError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
+    check_attention_mode(attention)  # before the FP run
 
     labels = torch.as_tensor(labels, dtype=torch.long)
     m_eps = min(eps_samples, labels.numel())

@@ -31,11 +31,18 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["ATTENTION_MODES", "AttentionCore", "int8_attention", "int8_scores", "quantize_per_token",
-           "use_attention"]
+__all__ = ["ATTENTION_MODES", "AttentionCore", "check_attention_mode", "int8_attention", "int8_scores",
+           "quantize_per_token", "use_attention"]
 
 ATTENTION_MODES = ("fp32", "bf16", "int8")
 _HEADS_PER_CHUNK = 4  # 4 heads x 256 x 256 fp32 scores = 1 MiB: stays in L2 through softmax and P V
+
+
+def check_attention_mode(mode: str, name: str = "attention") -> None:
+    """``ConfigError`` naming ``name`` (an option, e.g. ``--attention``) unless ``mode`` is one of
+    ``ATTENTION_MODES``."""
+    if mode not in ATTENTION_MODES:
+        raise ConfigError(f"{name} must be one of {', '.join(ATTENTION_MODES)}, got {mode!r}")
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,8 +117,7 @@ class AttentionCore(nn.Module):
 
     def __init__(self, mode: str = "fp32"):
         super().__init__()
-        if mode not in ATTENTION_MODES:
-            raise ConfigError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {mode!r}")
+        check_attention_mode(mode)
         self.mode = mode
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -135,8 +141,7 @@ def use_attention(model: nn.Module, mode: str) -> nn.Module:
     """
     from ..model.adapters.registry import adapter_for
 
-    if mode not in ATTENTION_MODES:
-        raise ConfigError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {mode!r}")
+    check_attention_mode(mode)
     try:
         modules = adapter_for(model).attention_modules()
     except ConfigError:

@@ -259,6 +259,9 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
             model.set_submodule(name, new)
     expected = model.state_dict()
     for name, meta in q["layers"].items():
+        zkey = f"{name}.wzero"
+        if zkey in state and zkey in expected and state[zkey].dtype == torch.uint8:  # format 3: exact integers
+            state[zkey] = state[zkey].to(expected[zkey].dtype)
         key = f"{name}.qweight"
         if key in state:
             try:
@@ -266,10 +269,6 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
             except ValueError as exc:
                 raise CheckpointError(f"{weights}: {key} does not hold the {meta['wbits']}-bit codes of a "
                                       f"{meta['in_features']}->{meta['out_features']} layer ({exc})") from None
-    for name in q["layers"]:
-        key = f"{name}.wzero"
-        if key in state and state[key].dtype == torch.uint8:  # format 3: exact integer zero points
-            state[key] = state[key].to(expected[key].dtype if key in expected else torch.float32)
     missing = sorted(set(expected) - set(state))
     unknown = sorted(set(state) - set(expected))
     if missing or unknown:

@@ -44,6 +44,11 @@ LORA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # storage 
 DEFAULT_LORA_DTYPE = torch.float32
 
 
+def _check_lora_dtype(dtype: torch.dtype) -> None:
+    if dtype not in LORA_DTYPES.values():
+        raise ValueError(f"LoRA factors are stored as {' or '.join(LORA_DTYPES)}, got {dtype}")
+
+
 class QuantLinear(nn.Module):
     """Linear layer with ``wbits``-bit integer weights and ``abits``-bit dynamic activations."""
 
@@ -52,8 +57,7 @@ class QuantLinear(nn.Module):
                  range_mode: str = "levels", lora_rank: int = 0, has_smooth: bool = False,
                  lora_dtype: torch.dtype = torch.float32):
         super().__init__()
-        if lora_dtype not in LORA_DTYPES.values():
-            raise ValueError(f"LoRA factors are stored as {' or '.join(LORA_DTYPES)}, got {lora_dtype}")
+        _check_lora_dtype(lora_dtype)
         if not 2 <= wbits <= 8:
             raise ValueError(f"weight bits must be 2..8, got {wbits}")
         if not 4 <= abits <= 16:
@@ -159,8 +163,7 @@ class QuantLinear(nn.Module):
 
     def set_lora_dtype(self, dtype: torch.dtype) -> None:
         """Holds (and saves) the LoRA factors as ``dtype`` from now on; bf16 rounds them."""
-        if dtype not in LORA_DTYPES.values():
-            raise ValueError(f"LoRA factors are stored as {' or '.join(LORA_DTYPES)}, got {dtype}")
+        _check_lora_dtype(dtype)
         if self.lora_rank and self.lora_dtype != dtype:
             self.invalidate()
             self.lora_down = self.lora_down.to(dtype)
