@@ -1,4 +1,8 @@
-"""Shared fixtures: the reference tensors recorded from the published implementations."""
+"""Shared fixtures: the reference tensors recorded from the published implementations.
+
+They ship in ``tests/reference`` (a verbatim copy of the project's ``shared/reference``, so that a
+clone anywhere runs the tests; ``test_reference_copy.py`` checks the copy against ``shared/`` where
+it sits beside the checkout)."""
 
 from __future__ import annotations
 
@@ -8,12 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
+SHARED_REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"  # the source
 
 
 def reference_file(name: str) -> Path:
     path = REFERENCE_DIR / name
-    assert path.exists(), f"reference tensors missing: {path} (shared/ must sit beside the checkout)"
+    assert path.exists(), f"reference tensors missing: {path}"
     return path
 
 
