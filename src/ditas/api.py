@@ -35,7 +35,14 @@ def quantize_(model: nn.Module, config: QuantConfig | str = "ditas", calib: Cali
     returns the JSON-able report. ``config``: a ``QuantConfig`` or a recipe name. ``calib``: a
     ``record_calibration`` record (None: the model samples its own run, DiT families only)."""
     from .quantization.apply import quantize
+    from .quantization.kernels import canonical
+    from .validate import check_problems, type_problem
 
+    check_problems(type_problem(model, nn.Module, "model", "a torch.nn.Module"),
+                   calib is not None and type_problem(calib, CalibrationRecord, "calib",
+                                                      "a record of ditas.record_calibration (or None)"),
+                   type_problem(progress, bool, "progress", "True or False"))
+    canonical(backend)  # an unknown kernel fails before any layer is converted
     if isinstance(config, str):
         config = recipe_config(config)
     if not isinstance(config, QuantConfig):
@@ -49,7 +56,10 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, overwrite: bool = 
     """Writes a model quantized by ``quantize_`` as a folder (``config.json`` with the family,
     ``model.safetensors``, ``report.json``), atomically."""
     from .quantization.checkpoint import save_quantized as _save
+    from .validate import check_problems, path_problem, type_problem
 
+    check_problems(type_problem(model, nn.Module, "model", "a torch.nn.Module"), path_problem(path, "path"),
+                   type_problem(overwrite, bool, "overwrite", "True or False"))
     config = getattr(model, "quant_config", None)
     if config is None:
         raise CheckpointError("the model is not quantized: call ditas.quantize_(model, config) first")
@@ -58,6 +68,14 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, overwrite: bool = 
 
 def load_quantized(path: str | os.PathLike, device: Any = None, backend: str | None = None) -> nn.Module:
     """The quantized model of a ``save_quantized`` folder, in its family's class, on ``device``."""
+    from .devices import resolve_device
     from .quantization.checkpoint import load_quantized as _load
+    from .quantization.kernels import canonical
+    from .validate import check_problems, path_problem
 
+    check_problems(path_problem(path, "path"))
+    if device is not None:
+        device = resolve_device(device)  # as load_dit: a device that is not there is a one-line error
+    if backend is not None:
+        canonical(backend)
     return _load(path, None, backend=backend, device=device)

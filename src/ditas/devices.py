@@ -13,7 +13,7 @@ import torch
 
 from .errors import DitasError
 
-_PATTERN = re.compile(r"^(auto|cpu|cuda(?::\d+)?)$")
+_PATTERN = re.compile(r"^(auto|cpu|cuda(?::[0-9]+)?)\Z")
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -22,18 +22,23 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         device = str(device)
     name = "auto" if device is None else str(device).strip().lower()
     if not _PATTERN.match(name):
-        raise DitasError(f"--device {device!r} is not understood; use auto, cpu, cuda or cuda:N")
+        raise DitasError(f"--device {_short(repr(device))} is not understood; use auto, cpu, cuda or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda":
+    if name.startswith("cuda"):  # checked before torch.device, which overflows on a huge index
         if not torch.cuda.is_available():
-            raise DitasError(f"--device {name}: no CUDA device is available here (this torch "
+            raise DitasError(f"--device {_short(name)}: no CUDA device is available here (this torch "
                              f"{torch.__version__} sees none); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DitasError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here "
+        index = name.partition(":")[2]
+        if index and int(index) >= torch.cuda.device_count():
+            raise DitasError(f"--device {_short(name)}: only {torch.cuda.device_count()} CUDA device(s) here "
                              f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
-    return dev
+    return torch.device(name)
+
+
+def _short(name: str, limit: int = 40) -> str:
+    """A device name cut to ``limit`` characters for a one-line message."""
+    return name if len(name) <= limit else name[:limit] + "..."
 
 
 def add_device_argument(parser) -> None:

@@ -200,3 +200,120 @@ def check_scales(state: Mapping[str, torch.Tensor], source: str) -> None:
         if name.endswith(".wscale") and t.is_floating_point() and bool((t <= 0).any()):
             raise CheckpointError(f"{source}: tensor {name} holds {int((t <= 0).sum())} scale(s) <= 0 "
                                   f"(smallest {float(t.min()):g}); weight scales must be positive")
+
+
+# ----------------------------------------------------------------------------------------------
+#                      Arguments checked before the long work (issue 19)
+# ----------------------------------------------------------------------------------------------
+
+MAX_LABEL = 2 ** 31 - 1  # class labels become int64 tensors and embedding indices; larger is a typo
+ACTIVATION_COPIES = 8  # live (tokens x width) float tensors of one block call: input, qkv (3), MLP hidden (4)
+GiB = 2 ** 30
+
+
+def gib(nbytes: float) -> str:
+    return f"{nbytes / GiB:.1f} GiB"
+
+
+def finite_problem(value: Any, name: str, low: float | None = None) -> str | None:
+    """A number option that must be finite (and at least ``low``): None when it is, or unset."""
+    if value is None:
+        return None
+    if not is_number(value) or not math.isfinite(value) or (low is not None and value < low):
+        bound = f" >= {low:g}" if low is not None else ""
+        return f"{name} must be a finite number{bound}, got {value!r}"
+    return None
+
+
+def labels_problem(labels: Any, name: str = "--classes", num_classes: int | None = None) -> str | None:
+    """Class labels: integers in 0..num_classes-1 (0..MAX_LABEL when the model is not known yet)."""
+    top = MAX_LABEL if num_classes is None else num_classes - 1
+    for v in labels:
+        if not is_int(v) or not 0 <= v <= top:
+            what = f"the model has classes 0..{top}" if num_classes is not None else f"labels lie in 0..{top}"
+            return f"{name}: label {v!r} is out of range ({what})"
+    return None
+
+
+def min_samples_problem(num: int, k: int, name: str = "--num") -> str | None:
+    """Precision and recall with k nearest neighbours need more than k samples."""
+    if num <= k:
+        return f"{name} {num}: precision and recall (k={k} nearest neighbours) need at least {k + 1} images"
+    return None
+
+
+def available_memory(device: torch.device | str | None) -> tuple[int, str]:
+    """Bytes free for new tensors on ``device`` and where that number comes from (CUDA: the free
+    device memory; otherwise the kernel's MemAvailable, or the free physical pages)."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free), f"free on {dev}"
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "of RAM available"
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "of RAM free"
+
+
+def memory_problem(need: int, device: torch.device | str | None, what: str, how: str) -> str | None:
+    """``what`` needs about ``need`` bytes (estimated as ``how``): a problem when that is more than
+    ``device`` has free. The estimate is a lower bound, so a refused run could not have finished."""
+    limit, where = available_memory(device)
+    if need > limit:
+        return f"{what} needs at least {gib(need)} ({how}), more than the {gib(limit)} {where}"
+    return None
+
+
+def activation_bytes(batch: int, tokens: int, width: int, copies: int = ACTIVATION_COPIES) -> int:
+    """Float32 activations of one transformer block call: ``copies`` (tokens x width) tensors per sample."""
+    return batch * tokens * width * copies * 4
+
+
+def check_problems(*problems: str | None, error: type[DitasError] = ConfigError) -> None:
+    """Raises ``error`` naming every problem given (None entries are no problem)."""
+    found = [p for p in problems if p]
+    if found:
+        raise error("; ".join(found))
+
+
+def world_env_problem(env: Mapping[str, str]) -> str | None:
+    """``WORLD_SIZE`` > 1 must come with what ``torchrun`` sets beside it (RANK, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT); a stray ``WORLD_SIZE`` otherwise waits for peers that never come."""
+    text = env.get("WORLD_SIZE", "1")
+    if not text.strip().isdigit() or int(text) < 1:
+        return f"WORLD_SIZE={text!r} is not a process count; unset it or start the command with torchrun"
+    if int(text) == 1:
+        return None
+    missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if not env.get(k, "").strip()]
+    if missing:
+        return (f"WORLD_SIZE={text} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
+                "start several processes with torchrun, or unset WORLD_SIZE")
+    for key in ("RANK", "LOCAL_RANK"):
+        value = env[key].strip()
+        if not value.isdigit() or int(value) >= int(text):
+            return f"{key}={value!r} is not in 0..{int(text) - 1} (WORLD_SIZE={text})"
+    return None
+
+
+def path_problem(value: Any, name: str, optional: bool = False) -> str | None:
+    """A path argument of the Python API: a str or os.PathLike (None only when ``optional``)."""
+    import os
+
+    if value is None and optional:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or (isinstance(value, str) and not value.strip()):
+        return f"{name} must be a path (str or os.PathLike), got {value!r:.60}"
+    return None
+
+
+def type_problem(value: Any, types: type | tuple[type, ...], name: str, what: str) -> str | None:
+    """``value`` must be an instance of ``types`` (``what`` says which, for the message)."""
+    if not isinstance(value, types):
+        return f"{name} must be {what}, got {type(value).__name__}"
+    return None

@@ -268,6 +268,11 @@ def init_from_env(device: torch.device) -> tuple[int, int, torch.device]:
 
     import torch.distributed as dist
 
+    from ..validate import world_env_problem
+
+    problem = world_env_problem(os.environ)  # a stray WORLD_SIZE would wait for peers forever
+    if problem:
+        raise DitasError(problem)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, device

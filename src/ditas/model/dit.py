@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import ConfigError
+
 
 # ----------------------------------------------------------------------------------------------
 #                                        Configuration
@@ -69,18 +71,18 @@ class DiTConfig:
         if self.timestep_freq_shift not in (0, 1) or isinstance(self.timestep_freq_shift, bool):
             problems.append(f"timestep_freq_shift must be 0 or 1, got {self.timestep_freq_shift!r}")
         if problems:
-            raise ValueError("invalid DiT config: " + "; ".join(problems))
+            raise ConfigError("invalid DiT config: " + "; ".join(problems))
         if self.input_size % self.patch_size:
-            raise ValueError(f"invalid DiT config: input_size {self.input_size} is not a multiple "
+            raise ConfigError(f"invalid DiT config: input_size {self.input_size} is not a multiple "
                              f"of patch_size {self.patch_size}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"invalid DiT config: hidden_size {self.hidden_size} is not a multiple "
+            raise ConfigError(f"invalid DiT config: hidden_size {self.hidden_size} is not a multiple "
                              f"of num_heads {self.num_heads}")
         if self.hidden_size % 4:
-            raise ValueError("invalid DiT config: hidden_size must be a multiple of 4 "
+            raise ConfigError("invalid DiT config: hidden_size must be a multiple of 4 "
                              "(2-D sin-cos position embedding)")
         if self.space not in ("latent", "pixel"):
-            raise ValueError(f"invalid DiT config: space must be 'latent' or 'pixel', got {self.space!r}")
+            raise ConfigError(f"invalid DiT config: space must be 'latent' or 'pixel', got {self.space!r}")
 
     @property
     def out_channels(self) -> int:
@@ -449,8 +451,8 @@ for _size in _SIZES:
 
 def dit_config(name: str, **overrides: Any) -> DiTConfig:
     """The configuration of a registered model, e.g. ``dit_config("DiT-XL/2", input_size=64)``."""
-    if name not in DiT_models:
-        raise KeyError(f"unknown DiT model {name!r}; known: {', '.join(DiT_models)}")
+    if not isinstance(name, str) or name not in DiT_models:
+        raise ConfigError(f"unknown DiT model {name!r:.60}; known: {', '.join(DiT_models)}")
     size, patch = name[len("DiT-"):].split("/")
     depth, hidden, heads = _SIZES[size]
     return DiTConfig(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(patch), **overrides)

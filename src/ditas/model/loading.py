@@ -137,7 +137,10 @@ def load_dit(path: str | os.PathLike | None = None, config: DiTConfig | None = N
     the quantized-model loader (``backend=``: the kernel, ``"auto"`` by default; see ``quantization.kernels``).
     """
     from ..devices import resolve_device
+    from ..validate import check_problems, path_problem, type_problem
 
+    check_problems(path_problem(path, "path", optional=True),
+                   config is not None and type_problem(config, DiTConfig, "config", "a DiTConfig (or None)"))
     model = _load(path, config, resolve_device(device), **kwargs)
     release_freed_memory()  # the file's bytes, freed now (glibc keeps freed heap otherwise)
     return model
@@ -200,6 +203,10 @@ def save_dit(model: DiT, path: str | os.PathLike, extra: dict[str, Any] | None =
     from safetensors.torch import save_file
 
     from ..fileio import json_text, publish_dir
+    from ..validate import check_problems, path_problem, type_problem
+
+    check_problems(type_problem(model, DiT, "model", "a ditas DiT"), path_problem(path, "path"),
+                   type_problem(overwrite, bool, "overwrite", "True or False"))
 
     def write(folder: Path) -> None:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}

@@ -52,8 +52,8 @@ DEFAULT_RECIPE = "ditas"
 def recipe_config(name: str = DEFAULT_RECIPE, **overrides: Any) -> QuantConfig:
     """The preset ``name`` with ``overrides``; an explicit ``None`` is kept (``search_tokens=None``:
     every token), so callers that mean "the recipe's value" leave the key out."""
-    if name not in RECIPES:
-        raise ConfigError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    if not isinstance(name, str) or name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r:.60}; choose one of {', '.join(RECIPES)}")
     if "recipe" in overrides:
         raise ConfigError("the recipe name is the first argument, not an override")
     kwargs = {**RECIPES[name], **overrides}
