@@ -168,3 +168,90 @@ def read_pipeline_ref(folder: str | os.PathLike) -> dict[str, Any] | None:
     if not isinstance(ref, dict) or not isinstance(ref.get("pipeline"), str):
         raise CheckpointError(f"{p} does not name a pipeline folder")
     return ref
+
+
+# ----------------------------------------------------------------------------------------------
+#                 What a pipeline folder must hold, and the image sizes it takes
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_json_object(p: Path) -> dict[str, Any]:
+    """A JSON object file of a pipeline folder, or a one-line ``CheckpointError`` naming it."""
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise CheckpointError(f"{p} is not readable JSON ({why})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{p} holds a {type(data).__name__}, expected a JSON object")
+    return data
+
+
+def check_pipeline_components(path: str | os.PathLike, with_transformer: bool = True) -> dict[str, Any]:
+    """Refuses a pipeline folder that lacks a component its ``model_index.json`` lists (a deleted
+    ``tokenizer/`` made diffusers fall back to ``<unk>`` for every word, silently); returns the index.
+    ``with_transformer=False``: the transformer comes from elsewhere (a quantized folder)."""
+    path = Path(path)
+    index = _read_json_object(path / "model_index.json")
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or entry == [None, None]:
+            continue
+        if name == "transformer" and not with_transformer:
+            continue
+        if not (path / name).is_dir():
+            raise CheckpointError(f"{path}: the pipeline lists the component '{name}' ({entry[-1]}) but has no "
+                                  f"{name}/ folder; restore it (a pipeline without it would give wrong results)")
+    return index
+
+
+# Flux packs 2x2 latent patches itself; PixArt's pipeline wants multiples of 8 pixels whatever its VAE
+_PACKED_PATCH = {"FluxTransformer2DModel": 2}
+_PIXEL_MULTIPLE = {"PixArtTransformer2DModel": 8}
+_DEFAULT_SAMPLE = {"FluxTransformer2DModel": 128}
+
+
+def pipeline_geometry(path: str | os.PathLike, index: dict[str, Any]) -> dict[str, Any] | None:
+    """What the sizes of a pipeline's images depend on, read from its config files (nothing is
+    loaded): ``multiple`` (height and width must be multiples of it), ``default`` (the pipeline's
+    own size), ``max`` (largest side, or None), ``pixels_per_token`` (side of one token in pixels)
+    and ``width`` (the transformer's hidden size). None when the configs do not say."""
+    import math
+
+    path = Path(path)
+    entry = index.get("transformer")
+    cls = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+    tfile, vfile = path / "transformer" / "config.json", path / "vae" / "config.json"
+    if not tfile.is_file():
+        return None
+    t = _read_json_object(tfile)
+    blocks = _read_json_object(vfile).get("block_out_channels") if vfile.is_file() else None
+    scale = 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else 8
+    values = [t.get(k) for k in ("patch_size", "sample_size", "num_attention_heads", "attention_head_dim")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        return None
+    patch, sample, heads, head_dim = values
+    per_token = scale * _PACKED_PATCH.get(cls, patch)
+    multiple = math.lcm(per_token, _PIXEL_MULTIPLE.get(cls, 1))
+    max_pos = t.get("pos_embed_max_size")
+    return {"class": cls, "multiple": multiple, "default": _DEFAULT_SAMPLE.get(cls, sample) * scale,
+            "max": max_pos * per_token if isinstance(max_pos, int) and max_pos > 0 else None,
+            "pixels_per_token": per_token, "width": heads * head_dim}
+
+
+def image_size_problem(geometry: dict[str, Any], height: int | None, width: int | None) -> str | None:
+    """Height and width the pipeline can take (multiples of what its VAE and patches need)."""
+    for name, v in (("--height", height), ("--width", width)):
+        if v is None:
+            continue
+        if v < 1 or v % geometry["multiple"]:
+            return (f"{name} {v}: the {geometry['class']} pipeline takes multiples of {geometry['multiple']} pixels "
+                    f"(its default is {geometry['default']})")
+        if geometry["max"] is not None and v > geometry["max"]:
+            return f"{name} {v}: the {geometry['class']} takes at most {geometry['max']} pixels (its position embedding)"
+    return None
+
+
+def tokens_of(geometry: dict[str, Any], height: int | None, width: int | None) -> int:
+    """Image tokens of one transformer call at that size (None: the pipeline's default)."""
+    h, w = height or geometry["default"], width or geometry["default"]
+    return (h // geometry["pixels_per_token"]) * (w // geometry["pixels_per_token"])

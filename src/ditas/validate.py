@@ -277,7 +277,7 @@ def activation_bytes(batch: int, tokens: int, width: int, copies: int = ACTIVATI
 
 def check_problems(*problems: str | None, error: type[DitasError] = ConfigError) -> None:
     """Raises ``error`` naming every problem given (None entries are no problem)."""
-    found = [p for p in problems if p]
+    found = list(dict.fromkeys(p for p in problems if p))  # one recipe's problem said once
     if found:
         raise error("; ".join(found))
 
@@ -317,3 +317,38 @@ def type_problem(value: Any, types: type | tuple[type, ...], name: str, what: st
     if not isinstance(value, types):
         return f"{name} must be {what}, got {type(value).__name__}"
     return None
+
+
+def _dit_geometry(model: nn.Module) -> tuple[int, int, int] | None:
+    """(tokens, hidden size, image side in pixels) of a ditas DiT; None for other families."""
+    c = getattr(model, "config", None)
+    try:
+        tokens = (c.input_size // c.patch_size) ** 2
+        side = c.input_size * (8 if c.space == "latent" else 1)  # the SD VAE upsamples 8x
+        return tokens, c.hidden_size, side
+    except (AttributeError, TypeError, ZeroDivisionError):
+        return None
+
+
+def calibration_memory_problem(model: nn.Module, config: Any, device: Any) -> str | None:
+    """A DiT's self-calibration holds one block's inputs for every label (both guidance halves) at
+    every step: refused when that alone would not fit ``device`` (``--calib-labels 100000000``)."""
+    geometry = _dit_geometry(model)
+    if geometry is None or not hasattr(config, "calib_labels"):
+        return None
+    tokens, hidden, _ = geometry
+    labels = len(config.calib_labels) if isinstance(config.calib_labels, tuple) else config.calib_labels
+    images = labels * (2 if (config.cfg_scale or 0) > 1 else 1)
+    need = activation_bytes(images, tokens, hidden) + images * config.steps * tokens * hidden * 4
+    return memory_problem(need, device, f"calibration on {labels} labels",
+                          f"{images} images x {config.steps} steps x {tokens} tokens x {hidden} channels, float32")
+
+
+def images_memory_problem(model: nn.Module, num: int, copies: int, what: str) -> str | None:
+    """``copies`` sets of ``num`` uint8 RGB images held in RAM at once (compare keeps every recipe's)."""
+    geometry = _dit_geometry(model)
+    if geometry is None:
+        return None
+    side = geometry[2]
+    need = copies * num * side * side * 3
+    return memory_problem(need, "cpu", what, f"{copies} x {num} images of {side}x{side}x3 bytes")

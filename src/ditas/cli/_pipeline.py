@@ -53,11 +53,33 @@ def _check_sizes(args: argparse.Namespace) -> None:
             raise DitasError(f"--{name} must be positive, got {v}")
 
 
-def check_quantize_arguments(args: argparse.Namespace) -> None:
+def check_pipeline_run(path, height: int | None, width: int | None, device, batch: int, held: int = 0,
+                       with_transformer: bool = True, what: str = "this run") -> None:
+    """Before any loading: the folder has every component its pipeline lists, the image size suits
+    the pipeline (VAE scale x patch size), and the activations fit ``device``'s memory: ``batch``
+    images per transformer call, plus ``held`` images' worth of one block's inputs kept for
+    calibration (a lower bound, so a refused run could not have finished)."""
+    from ..pipelines import check_pipeline_components, image_size_problem, pipeline_geometry, tokens_of
+    from ..validate import activation_bytes, check_problems, memory_problem
+
+    geometry = pipeline_geometry(path, check_pipeline_components(path, with_transformer))
+    if geometry is None:
+        return  # the transformer's config does not say; diffusers reports what it lacks
+    check_problems(image_size_problem(geometry, height, width), error=DitasError)
+    tokens, hidden = tokens_of(geometry, height, width), geometry["width"]
+    need = activation_bytes(batch, tokens, hidden) + held * tokens * hidden * 4
+    how = (f"{tokens} tokens x {hidden} channels x {batch} image(s) per call"
+           + (f", and one block's inputs for {held} calibration image-steps" if held else ""))
+    check_problems(memory_problem(need, device, what, how), error=DitasError)
+
+
+def check_quantize_arguments(args: argparse.Namespace, cfg) -> None:
     """Refuses bad pipeline options before the output is claimed and before any work."""
     from ..pipelines import read_prompts
+    from ..validate import check_problems, finite_problem
 
     _check_sizes(args)
+    check_problems(finite_problem(args.calib_guidance, "--calib-guidance", 0.0))
     for flag, value in (("--calib-labels", args.calib_labels), ("--calib-sampler", args.calib_sampler)):
         if value is not None:
             raise DitasError(f"{flag} is for class-conditional DiT models; a pipeline calibrates from prompts "
@@ -66,7 +88,11 @@ def check_quantize_arguments(args: argparse.Namespace) -> None:
         raise DitasError("--calib-cfg and --calib-guidance disagree: give one (the calibration guidance scale)")
     if args.calib_prompts < 0 or args.calib_batch < 1:
         raise DitasError("--calib-prompts must be >= 0 and --calib-batch >= 1")
-    read_prompts(args.prompts)
+    prompts = len(read_prompts(args.prompts))
+    if args.calib_prompts:
+        prompts = min(prompts, args.calib_prompts)
+    check_pipeline_run(args.model, args.height, args.width, getattr(args, "device", None),
+                       min(args.calib_batch, prompts), prompts * cfg.steps, what="calibration")
 
 
 def quantize(args: argparse.Namespace, cfg, claim) -> int:
@@ -122,8 +148,8 @@ def sample(args: argparse.Namespace, device=None, world: int = 1) -> int:
     if not args.prompt:
         raise DitasError("give --prompt TEXT (repeat it for several images)")
     check_sampling_options(steps=args.steps, seed=args.seed)
-    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
-        raise DitasError(f"--guidance must be a non-negative number, got {args.guidance}")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and 0 <= args.guidance <= 100):
+        raise DitasError(f"--guidance must be a number in 0..100, got {args.guidance}")
     n = args.num or len(args.prompt)
     if n < 1:
         raise DitasError(f"--num must be at least 1, got {n}")
@@ -136,6 +162,8 @@ def sample(args: argparse.Namespace, device=None, world: int = 1) -> int:
             pipeline_dir = ref["pipeline"]
     if pipeline_dir is None:
         raise DitasError("give --model PIPELINE_DIR and/or --quantized DIR")
+    check_pipeline_run(pipeline_dir, args.height, args.width, device, n, with_transformer=not args.quantized,
+                       what=f"sampling {n} image(s) in one pipeline call")
     transformer = None
     if args.quantized:
         kwargs = {"backend": args.kernel} if getattr(args, "kernel", None) else {}

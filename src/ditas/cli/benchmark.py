@@ -37,6 +37,7 @@ import torch
 from ..errors import DitasError
 
 KIND = "ditas-benchmark"
+EVAL_K = 3  # neighbours of the precision/recall manifolds in both evaluators
 OWN_FILES = ["config.json", "samples", "evals", "grids", "ref_cache.npz", "results.json", "results.md"]
 
 # DiTAS (W4A8, DiT-XL/2, ImageNet, FID-10K, cfg 1.5), as published; keyed by (image size, steps).
@@ -220,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
     from ..diffusion.sharded import init_from_env, leave_together, shutdown
     from ..fileio import check_writable, path_lock
-    from ..validate import check_sampling_options
+    from ..validate import check_problems, check_sampling_options, min_samples_problem
     from .compare import parse_recipes
     from .eval import resolve_domain
     from .quantize import config_from_args
@@ -228,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
     for name in ("num", "batch_size", "eval_batch_size", "grid_count"):
         if getattr(args, name) < 1:
             raise DitasError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    check_problems(min_samples_problem(args.num, EVAL_K))  # before sampling, not after
     steps_list = _parse_steps(args.steps)
     for s in steps_list:
         check_sampling_options(steps=s, cfg_scale=args.cfg_scale, seed=args.seed)
@@ -246,14 +248,15 @@ def run(args: argparse.Namespace) -> int:
     settings = _settings(args, domain)
     rank, world, device = init_from_env(resolve_device(args.device))
     try:
+        model = _load_checked(args, out, configs, len(specs) * len(steps_list), domain, device)
         if rank == 0:
             with path_lock(out):
                 _open_folder(out, settings, args.overwrite)
                 _barrier()
-                rc = _benchmark(args, out, specs, configs, steps_list, domain, device, rank)
+                rc = _benchmark(args, out, specs, configs, steps_list, domain, device, rank, model)
             return leave_together(rc)
         _barrier()  # process 0 has checked and opened the folder
-        return leave_together(_benchmark(args, out, specs, configs, steps_list, domain, device, rank))
+        return leave_together(_benchmark(args, out, specs, configs, steps_list, domain, device, rank, model))
     finally:
         shutdown()
 
@@ -268,16 +271,39 @@ def _pair_name(label: str, steps: int) -> str:
     return f"{label.replace('@', '_')}_s{steps}"
 
 
-def _benchmark(args, out: Path, specs, configs, steps_list, domain, device, rank) -> int:
+def _load_checked(args, out: Path, configs, rows: int, domain: str, device) -> torch.nn.Module:
+    """The float model, once its sizes show that the run fits, before the folder is opened: every
+    recipe's calibration on ``device``, the rows' samples on the disk of ``out``, and (digit
+    evaluator) one row's images in RAM."""
+    import shutil
+
+    from ..model.loading import load_dit
+    from ..validate import calibration_memory_problem, check_problems, gib, images_memory_problem
+
+    model = load_dit(args.model).to(device)
+    check_problems(*(calibration_memory_problem(model, cfg, device) for cfg in configs.values()),
+                   domain == "digits" and images_memory_problem(model, args.num, 1, f"the digit evaluator on "
+                                                                                     f"--num {args.num} images"))
+    c = model.config
+    side = c.input_size * (8 if c.space == "latent" else 1)
+    need = rows * args.num * (side * side * 3 + 8)  # uint8 RGB images and int64 labels per row
+    kept = out / "samples"  # a resumed run has part of it already
+    need -= sum(p.stat().st_size for p in kept.glob("*.npz") if p.is_file()) if kept.is_dir() else 0
+    free = shutil.disk_usage(out.parent).free
+    if need > free:
+        raise DitasError(f"--num {args.num}: {rows} rows of samples need at least {gib(need)} on disk, but only "
+                         f"{gib(free)} are free in {out.parent}")
+    return model
+
+
+def _benchmark(args, out: Path, specs, configs, steps_list, domain, device, rank, model) -> int:
     from ..diffusion.pipeline import make_grid, save_png
     from ..evaluation.adm import NpzImages
     from ..fileio import atomic_file, json_text
-    from ..model.loading import load_dit
     from .eval import InceptionEvaluator, evaluate_digits
 
     progress = not args.no_progress and rank == 0
     t0 = time.perf_counter()
-    model = load_dit(args.model).to(device)
     if getattr(model, "quant_config", None) is not None:
         raise DitasError("--model is a quantized model: the benchmark starts from a float model")
     if domain == "digits" and (model.config.input_size, model.config.in_channels) != (32, 1):

@@ -149,29 +149,40 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)  # a missing device fails before the output folder is claimed
     rank, world, device = init_from_env(device)
     try:
+        model = _load_checked(args, configs, device)  # sizes and memory checked before the output is claimed
         if rank != 0:  # process 0 claims and writes the output; the others sample their share
             barrier()
-            return leave_together(_compare(args, specs, configs, None, device))
+            return leave_together(_compare(args, specs, configs, None, device, model))
         with output_dir(args.out, "ditas-compare", overwrite=args.overwrite, inputs=[args.model]) as claim:
             barrier()
-            rc = _compare(args, specs, configs, claim, device)
+            rc = _compare(args, specs, configs, claim, device, model)
         return leave_together(rc)  # after the output is published
     finally:
         shutdown()
 
 
-def _compare(args: argparse.Namespace, specs, configs, claim, device) -> int:
+def _load_checked(args: argparse.Namespace, configs, device):
+    """The float model, once its sizes show that the run fits: every recipe's calibration on
+    ``device``, and every row's images (compare keeps them all in RAM)."""
+    from ..model.loading import load_dit
+    from ..validate import calibration_memory_problem, check_problems, images_memory_problem
+
+    model = load_dit(args.model, device=device)
+    check_problems(images_memory_problem(model, args.num, len(configs), f"--num {args.num}"),
+                   *(calibration_memory_problem(model, cfg, device) for cfg in configs.values() if cfg is not None))
+    return model
+
+
+def _compare(args: argparse.Namespace, specs, configs, claim, device, model) -> int:
     """The work of ``run`` once the output folder is claimed; publishes into ``claim`` (None on the
     processes other than 0 under torchrun: they only sample)."""
     from ..diffusion.pipeline import make_grid
     from ..diffusion.run import SamplingSettings
     from ..evaluation.comparison import compare_recipes
     from ..fileio import json_text
-    from ..model.loading import load_dit
 
     progress = not args.no_progress
     settings = SamplingSettings(steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed)
-    model = load_dit(args.model, device=device)
     if getattr(model, "quant_config", None) is not None:
         raise DitasError("--model is a quantized model: compare starts from a float model")
     if args.space:

@@ -167,6 +167,9 @@ def evaluate_digits(samples: str | Path, reference: str = "test", classifier: st
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..devices import resolve_device
+
+    resolve_device(args.device)  # checked in every domain (the digit evaluator runs on the CPU)
     domain = resolve_domain(args.domain, args.ref)
     if args.json:
         check_new_file(args.json, args.overwrite)  # fail before the work

@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     args.device = resolve_device(args.device)  # a missing device fails before the output folder is claimed
     pipeline = is_pipeline_dir(args.model)  # a diffusers text-to-image pipeline (PixArt, SD3, Flux)
     if pipeline:
-        _pipeline.check_quantize_arguments(args)
+        _pipeline.check_quantize_arguments(args, cfg)
     with output_dir(args.out, "ditas-quantized", overwrite=args.overwrite, inputs=[args.model]) as claim:
         return _pipeline.quantize(args, cfg, claim) if pipeline else _quantize(args, cfg, claim)
 
@@ -132,6 +132,7 @@ def _quantize(args: argparse.Namespace, cfg, claim) -> int:
     from ..model.loading import load_dit
     from ..quantization.apply import quantize
     from ..quantization.checkpoint import write_quantized
+    from ..validate import calibration_memory_problem, check_problems
 
     out = claim.path
     t0 = time.perf_counter()
@@ -139,6 +140,7 @@ def _quantize(args: argparse.Namespace, cfg, claim) -> int:
     if getattr(model, "quant_config", None) is not None:
         raise DitasError(f"{args.model} is a quantized model already: quantize a float model")
     t_load = time.perf_counter() - t0
+    check_problems(calibration_memory_problem(model, cfg, args.device))  # before the calibration run
     qmodel, report = quantize(model, cfg, progress=not args.no_progress, inplace=True)
     t1 = time.perf_counter()
     report["model"] = str(args.model) if args.model else "default"

@@ -14,6 +14,7 @@ import torch
 from ..devices import add_device_argument
 from ..diffusion.sharded import DEFAULT_SHARD_SIZE
 from ..errors import DitasError
+from ..validate import labels_problem
 from . import _pipeline
 
 
@@ -26,6 +27,9 @@ def _parse_classes(text: str | None) -> list[int] | None:
         raise DitasError(f"--classes must be comma-separated integers, got {text!r}") from None
     if not values:
         raise DitasError("--classes is empty")
+    problem = labels_problem(values)  # 10**23 overflows the int64 label tensor
+    if problem:
+        raise DitasError(problem)
     return values
 
 
@@ -183,6 +187,8 @@ def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
                              "(a local diffusers AutoencoderKL folder)")
         vae = load_vae(vae_path).to(device)
     n = args.num or (len(classes) if classes else 16)
+    if classes and labels_problem(classes, num_classes=model.num_classes):
+        raise DitasError(labels_problem(classes, num_classes=model.num_classes))
     check_output_size(out, n, model.config)  # before sampling: a grid too large, or a disk too small
     if classes:
         labels = torch.tensor([classes[i % len(classes)] for i in range(n)])
