@@ -145,7 +145,8 @@ def test_huge_class_label(tmp_path, capsys, no_long_work):
     png = tmp_path / "x.png"
     refused(capsys, ["sample", "--classes", "99999999999999999999999", "--out", str(png)], "--classes",
             "out of range", absent=[png])
-    refused(capsys, ["sample", "--classes", "3,10", "--out", str(png)], "label 10", "classes 0..9", absent=[png])
+    refused(capsys, ["sample", "--classes", "3,10", "--out", str(png)], "class label 10 is out of range", "0..9",
+            absent=[png])
 
 
 def test_eval_device_checked_in_digits_mode(tmp_path, capsys, no_long_work):

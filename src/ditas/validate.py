@@ -225,13 +225,12 @@ def finite_problem(value: Any, name: str, low: float | None = None) -> str | Non
     return None
 
 
-def labels_problem(labels: Any, name: str = "--classes", num_classes: int | None = None) -> str | None:
-    """Class labels: integers in 0..num_classes-1 (0..MAX_LABEL when the model is not known yet)."""
-    top = MAX_LABEL if num_classes is None else num_classes - 1
+def labels_problem(labels: Any, name: str = "--classes") -> str | None:
+    """Class labels before the model is known: integers in 0..MAX_LABEL (a larger one overflows the
+    int64 label tensor; the model's own range is checked once it is loaded)."""
     for v in labels:
-        if not is_int(v) or not 0 <= v <= top:
-            what = f"the model has classes 0..{top}" if num_classes is not None else f"labels lie in 0..{top}"
-            return f"{name}: label {v!r} is out of range ({what})"
+        if not is_int(v) or not 0 <= v <= MAX_LABEL:
+            return f"{name}: label {v!r:.40} is out of range (labels lie in 0..{MAX_LABEL})"
     return None
 
 

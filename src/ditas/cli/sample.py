@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
-    from ..diffusion.pipeline import decode_to_uint8, generate, make_grid, save_png
+    from ..diffusion.pipeline import check_labels, decode_to_uint8, generate, make_grid, save_png
     from ..diffusion.run import SamplingSettings
     from ..diffusion.sharded import sample_npz
     from ..fileio import check_new_file
@@ -187,8 +187,8 @@ def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
                              "(a local diffusers AutoencoderKL folder)")
         vae = load_vae(vae_path).to(device)
     n = args.num or (len(classes) if classes else 16)
-    if classes and labels_problem(classes, num_classes=model.num_classes):
-        raise DitasError(labels_problem(classes, num_classes=model.num_classes))
+    if classes:
+        check_labels(model, classes)  # before the output size check and the sampling
     check_output_size(out, n, model.config)  # before sampling: a grid too large, or a disk too small
     if classes:
         labels = torch.tensor([classes[i % len(classes)] for i in range(n)])
