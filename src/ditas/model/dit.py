@@ -449,10 +449,17 @@ for _size in _SIZES:
         _register(_size, _patch)
 
 
+class UnknownModelError(ConfigError, KeyError):
+    """An unknown model name: a ``ConfigError`` (one line on the command line) that is still the
+    ``KeyError`` earlier versions raised, so callers catching that keep working."""
+
+    __str__ = ConfigError.__str__  # KeyError would quote the message
+
+
 def dit_config(name: str, **overrides: Any) -> DiTConfig:
     """The configuration of a registered model, e.g. ``dit_config("DiT-XL/2", input_size=64)``."""
     if not isinstance(name, str) or name not in DiT_models:
-        raise ConfigError(f"unknown DiT model {name!r:.60}; known: {', '.join(DiT_models)}")
+        raise UnknownModelError(f"unknown DiT model {name!r:.60}; known: {', '.join(DiT_models)}")
     size, patch = name[len("DiT-"):].split("/")
     depth, hidden, heads = _SIZES[size]
     return DiTConfig(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(patch), **overrides)
