@@ -13,8 +13,7 @@ from ditas.quantization.recipes import recipe_config
 from ditas.calibration.inputs import LayerInputs
 from ditas.quantization.search import quantize_layer
 from ditas.quantization.smoothing import fold_weight_rows
-from ditas.model.adapters.dit import v_rows
-from quant_helpers import random_dit
+from quant_helpers import random_dit, v_rows
 
 
 def _observe_layer(model, name, cfg, labels):

@@ -214,7 +214,7 @@ def test_default_model_draws_the_requested_classes(classifier):
     """The embedded model draws the digits it is asked for (20 samples, 20 DDIM steps: a quick
     version of docs/default_model.md's 500-sample, 50-step DDPM measurement)."""
     from ditas.diffusion.pipeline import decode_to_uint8, generate
-    from ditas.model.loading import load_dit
+    from ditas.loaders import load_dit
 
     model = load_dit(None)
     assert model.config.in_channels == 1 and model.config.num_classes == 10

@@ -149,12 +149,12 @@ def test_the_guard_names_the_step_where_the_prediction_breaks(float_dir):
 
 @pytest.fixture()
 def no_model_load(monkeypatch):
-    import ditas.model.loading as loading
+    import ditas.loaders as loaders
 
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the options were checked")
 
-    monkeypatch.setattr(loading, "load_dit", refuse)
+    monkeypatch.setattr(loaders, "load_dit", refuse)
 
 
 @pytest.mark.parametrize("argv, words", [

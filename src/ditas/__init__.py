@@ -9,7 +9,8 @@ alpha search, training-free LoRA, quantized linear, checkpoints), ``evaluation``
 
 from .errors import CheckpointError, ConfigError, DitasError
 from .model.dit import DiT, DiTConfig, DiT_models, dit_config
-from .model.loading import default_model_path, load_dit, save_dit
+from .loaders import load_dit
+from .model.loading import default_model_path, save_dit
 from .quantization.config import QuantConfig
 from .model.adapters.base import CalibrationRecord
 from .api import load_quantized, quantize_, record_calibration, recipe_config, save_quantized

@@ -272,7 +272,7 @@ def _benchmark(args, out: Path, specs, configs, steps_list, domain, device, rank
     from ..diffusion.pipeline import make_grid, save_png
     from ..evaluation.adm import NpzImages
     from ..fileio import atomic_file, json_text
-    from ..model.loading import load_dit
+    from ..loaders import load_dit
     from .eval import InceptionEvaluator, evaluate_digits
 
     progress = not args.no_progress and rank == 0

@@ -167,7 +167,7 @@ def _compare(args: argparse.Namespace, specs, configs, claim, device) -> int:
     from ..diffusion.run import SamplingSettings
     from ..evaluation.comparison import compare_recipes
     from ..fileio import json_text
-    from ..model.loading import load_dit
+    from ..loaders import load_dit
 
     progress = not args.no_progress
     settings = SamplingSettings(steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed)

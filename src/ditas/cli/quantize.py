@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
 def _quantize(args: argparse.Namespace, cfg, claim) -> int:
     """The work of ``run`` once the output folder is claimed; publishes into ``claim``."""
     from ..fileio import json_text
-    from ..model.loading import load_dit
+    from ..loaders import load_dit
     from ..quantization.apply import quantize
     from ..quantization.checkpoint import write_quantized
 

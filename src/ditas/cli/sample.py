@@ -143,7 +143,7 @@ def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
     from ..diffusion.sharded import sample_npz
     from ..fileio import check_new_file
     from ..validate import check_sampling_options
-    from ..model.loading import load_dit
+    from ..loaders import load_dit
     from ..model.vae import load_vae
 
     _quantized_dit_as_model(args)
