@@ -1,10 +1,12 @@
 """ditas: data-free W4A8 quantization of Diffusion Transformers (DiTAS).
 
-The pipeline, one package each: ``model`` (DiT and loading), ``diffusion`` (schedules, samplers,
-image generation), ``calibration`` (the FP model's own trajectory), ``quantization`` (smoothing,
-alpha search, training-free LoRA, quantized linear, checkpoints), ``evaluation`` (metrics) and
-``cli`` (the ``ditas`` command). ``api`` is the Python API: ``record_calibration``,
-``quantize_``, ``save_quantized``, ``load_quantized``, ``recipe_config`` (see ``docs/api.md``).
+The stages, one package each: ``model`` (DiT, float loading, adapters), ``diffusion`` (schedules,
+samplers, image generation), ``calibration`` (the FP model's own trajectory), ``quantization``
+(smoothing, alpha search, training-free LoRA, quantized linear, checkpoints), ``evaluation``
+(metrics) and ``cli`` (the ``ditas`` command); ``loaders.load_dit`` reads float and quantized
+models alike, ``pipelines`` wraps diffusers text-to-image pipelines. ``api`` is the Python API:
+``record_calibration``, ``quantize_``, ``save_quantized``, ``load_quantized``, ``recipe_config``
+(see ``docs/api.md``).
 """
 
 from .errors import CheckpointError, ConfigError, DitasError

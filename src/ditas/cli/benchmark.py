@@ -269,7 +269,7 @@ def _pair_name(label: str, steps: int) -> str:
 
 
 def _benchmark(args, out: Path, specs, configs, steps_list, domain, device, rank) -> int:
-    from ..diffusion.pipeline import make_grid, save_png
+    from ..diffusion.images import make_grid, save_png
     from ..evaluation.adm import NpzImages
     from ..fileio import atomic_file, json_text
     from ..loaders import load_dit

@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace, specs, configs, claim, device) -> int:
     """The work of ``run`` once the output folder is claimed; publishes into ``claim`` (None on the
     processes other than 0 under torchrun: they only sample)."""
-    from ..diffusion.pipeline import make_grid
+    from ..diffusion.images import make_grid
     from ..diffusion.run import SamplingSettings
     from ..evaluation.comparison import compare_recipes
     from ..fileio import json_text
