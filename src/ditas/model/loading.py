@@ -23,7 +23,7 @@ from ..errors import CheckpointError
 from ..validate import check_finite_state, state_config_problem
 from .diffusers_convert import read_diffusers_dit
 from .dit import DiT, DiTConfig
-from .state_files import read_pt, read_safetensors
+from .state_files import read_config_json, read_pt, read_safetensors
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL_DIR = ASSETS / "default_dit"
@@ -130,10 +130,7 @@ def read_folder_config(path: Path) -> tuple[Path, dict[str, Any]]:
         path, cfg_file = path / "transformer", path / "transformer" / "config.json"
     if not cfg_file.exists():
         raise CheckpointError(f"{path}: a model folder needs a config.json (none found)")
-    try:
-        data = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({exc})") from None
+    data = read_config_json(cfg_file)
     if not isinstance(data, dict):
         raise CheckpointError(f"{cfg_file}: holds a JSON {type(data).__name__}, expected an object")
     return path, data
