@@ -63,7 +63,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ditas  # noqa: E402
-from ditas.diffusion.pipeline import VAE_SCALE  # noqa: E402
+from ditas.diffusion.images import VAE_SCALE  # noqa: E402
 from ditas.diffusion.run import SamplingSettings, sampling_run  # noqa: E402
 from ditas.model.dit import DiT, DiTConfig  # noqa: E402
 from ditas.quantization.attention import use_attention  # noqa: E402

@@ -41,7 +41,7 @@ def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def run_checks(device: torch.device, big: str, quick: bool) -> list[dict]:
     import ditas
-    from ditas.diffusion.pipeline import decode_to_uint8, generate
+    from ditas.diffusion.images import decode_to_uint8, generate
     from ditas.model.dit import DiT_models
     from ditas.quantization.apply import quantize
     from ditas.quantization.checkpoint import save_quantized

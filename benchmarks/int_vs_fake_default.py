@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 import ditas
-from ditas.diffusion.pipeline import decode_to_uint8, generate, start_noise
+from ditas.diffusion.images import decode_to_uint8, generate, start_noise
 from ditas.evaluation.metrics import psnr
 from ditas.quantization.apply import quantize
 from ditas.quantization.checkpoint import save_quantized

@@ -17,7 +17,7 @@ Per row: PSNR of the uint8 samples against FP, and the digit-domain metrics of
 ``evaluation.digits.evaluate_digit_samples`` (class accuracy, domain FID against real digits, FID
 against the FP samples, precision, recall), plus the eps-prediction MSE along the FP model's own
 trajectory (``--eps-samples``, the metric of ``ditas compare``). Sampling goes through
-``diffusion.pipeline.generate`` (= ``diffusion.run``), so every row sees exactly the noise a user's
+``diffusion.images.generate`` (= ``diffusion.run``), so every row sees exactly the noise a user's
 run would.
 
 Adding an option: put ``name: function`` in :data:`OPTIONS`; the function gets a copy of the
@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 import ditas
-from ditas.diffusion.pipeline import decode_to_uint8, generate
+from ditas.diffusion.images import decode_to_uint8, generate
 from ditas.diffusion.run import SamplingSettings, eps_mse, eps_trajectory
 from ditas.evaluation.digits import evaluate_digit_samples, load_classifier
 from ditas.evaluation.metrics import psnr

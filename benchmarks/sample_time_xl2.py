@@ -2,7 +2,7 @@
 
 What ``ditas benchmark`` spends per row of the paper's table (FID-10K, 50 or 100 steps, cfg 1.5:
 every step runs the model on the conditional and the null-label half, 2N images): the sampling
-loop of ``ditas.diffusion.pipeline.generate`` with a random-weight DiT-XL/2 (depth 28, hidden
+loop of ``ditas.diffusion.images.generate`` with a random-weight DiT-XL/2 (depth 28, hidden
 1152, patch 2, 32x32x4 latent = 256 px), and the Inception network of ``ditas eval`` on 256x256
 images. The VAE decode is not included (no VAE weights here). Prints the CPU (lscpu) with the table.
 
@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from ditas.diffusion.pipeline import generate
+from ditas.diffusion.images import generate
 from ditas.model.dit import DiT, DiTConfig
 from machine import cpu_name
 

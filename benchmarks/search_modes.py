@@ -67,7 +67,7 @@ def compare_search_modes(model: nn.Module, base: QuantConfig, variants: dict[str
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ditas.model.loading import load_dit
+    from ditas.loaders import load_dit
     from ditas.quantization.recipes import recipe_config
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -96,3 +96,29 @@ def fold_smoothing_in_float(model, cal):
                 for m in grp.members:
                     model.get_submodule(m.name).weight.mul_(s[None, :])
     return model
+
+
+# DiT-specific folds by hand (the algorithms fold through the adapter's ``Fold`` descriptions;
+# these tests check that route against a direct fold)
+
+
+def v_rows(out_features: int) -> slice:
+    """Rows of a DiT's fused ``qkv`` weight that produce V (the last third)."""
+    d = out_features // 3
+    return slice(2 * d, 3 * d)
+
+
+def fold_into_adaln(block, role: str, s) -> None:
+    """Divides the modulated input of ``role`` (``qkv`` or ``fc1``) of a DiT block by ``s``."""
+    from ditas.model.adapters.dit import ADALN_CHUNKS
+    from ditas.quantization.smoothing import fold_into_modulation_linear
+
+    sh, sc = ADALN_CHUNKS[role]
+    fold_into_modulation_linear(block.adaLN_modulation[1], s, 6, sh, sc)
+
+
+def fold_into_v_rows(qkv, s) -> None:
+    """Divides the V rows of a fused ``qkv`` (float or ``QuantLinear``) by ``s``."""
+    from ditas.quantization.smoothing import fold_into_rows
+
+    fold_into_rows(qkv, s, v_rows(qkv.out_features))

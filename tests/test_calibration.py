@@ -13,8 +13,7 @@ from ditas.quantization.recipes import recipe_config
 from ditas.calibration.inputs import LayerInputs
 from ditas.quantization.search import quantize_layer
 from ditas.quantization.smoothing import fold_weight_rows
-from ditas.model.adapters.dit import v_rows
-from quant_helpers import random_dit
+from quant_helpers import random_dit, v_rows
 
 
 def _observe_layer(model, name, cfg, labels):
@@ -135,3 +134,15 @@ def test_search_mode_comparison_reports_exact_as_reference():
     assert pl["final_loss_ratio_vs_exact_mean"] >= 1.0 - 1e-6 and pl["final_loss_ratio_vs_exact_min"] >= 1.0 - 1e-6
     with pytest.raises(ValueError, match="reference"):
         compare_search_modes(m, cfg, {"plain": {"search_weight": "plain"}})
+
+
+def test_the_search_token_subsample_takes_every_valid_seed():
+    """A large valid calibration seed used to overflow torch's 64-bit generator seed (a ValueError
+    after the whole FP run); small seeds keep the subsample they always had."""
+    from ditas.validate import MAX_SEED
+
+    for seed in (MAX_SEED, 10 ** 14):
+        idx = subsample_index(100, 10, seed, 3)
+        assert idx.shape == (10,) and torch.equal(idx, subsample_index(100, 10, seed, 3))
+    g = torch.Generator().manual_seed(7 * 1_000_003 + 3)
+    assert torch.equal(subsample_index(100, 10, 7, 3), torch.randperm(100, generator=g)[:10].sort().values)

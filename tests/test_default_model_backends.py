@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import ditas
-from ditas.diffusion.pipeline import decode_to_uint8, generate, start_noise
+from ditas.diffusion.images import decode_to_uint8, generate, start_noise
 from ditas.evaluation.metrics import psnr
 from ditas.quantization.apply import quantize
 from ditas.quantization.checkpoint import save_quantized

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ditas.diffusion.pipeline import VAE_SCALE, decode_to_uint8, vae_scaling_factor
+from ditas.diffusion.images import VAE_SCALE, decode_to_uint8, vae_scaling_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -35,7 +35,7 @@ def _never(name: str):
 def no_long_work(monkeypatch):
     """Every long-work entry point of the commands fails the test if reached."""
     import ditas.cli.benchmark as bench
-    import ditas.diffusion.pipeline as dp
+    import ditas.diffusion.images as dp
     import ditas.diffusion.sharded as sharded
     import ditas.evaluation.comparison as comparison
     import ditas.evaluation.digits as digits

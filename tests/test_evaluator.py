@@ -11,7 +11,7 @@ import torch
 
 from ditas.cli.main import main
 from ditas.data.digits import load_digits
-from ditas.diffusion.pipeline import save_npz
+from ditas.diffusion.images import save_npz
 from ditas.errors import DitasError
 from ditas.evaluation.digits import (evaluate_digit_samples, extract_features, load_classifier, predict,
                                      reference_features)
@@ -213,8 +213,8 @@ def test_cli_eval_errors(tmp_path, capsys):
 def test_default_model_draws_the_requested_classes(classifier):
     """The embedded model draws the digits it is asked for (20 samples, 20 DDIM steps: a quick
     version of docs/default_model.md's 500-sample, 50-step DDPM measurement)."""
-    from ditas.diffusion.pipeline import decode_to_uint8, generate
-    from ditas.model.loading import load_dit
+    from ditas.diffusion.images import decode_to_uint8, generate
+    from ditas.loaders import load_dit
 
     model = load_dit(None)
     assert model.config.in_channels == 1 and model.config.num_classes == 10

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from ditas.errors import ConfigError
 from ditas.model.adapters.base import Fold
 from ditas.model.adapters.registry import adapter_for
-from ditas.model.loading import load_dit
+from ditas.loaders import load_dit
 from ditas.quantization.checkpoint import load_quantized
 from quant_helpers import random_dit
 
@@ -79,20 +79,58 @@ def test_folder_written_before_families_still_loads_and_computes_the_same(backen
     assert torch.equal(out, ref["out"])
 
 
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def _imports(path: Path) -> set[str]:
+    """The ditas modules ``path`` imports, at module level or inside functions (relative imports resolved)."""
+    package = _module_name(path).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
+        if isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            names.update(f"{module}.{a.name}" for a in node.names)
+            names.add(module)
         elif isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
-    return names
+    known = {_module_name(f) for f in SRC.rglob("*.py")}
+    return {n for n in names if n in known} - {_module_name(path)}
 
 
-def test_no_loader_cycle():
-    """model/loading.py picks the loader; quantization/checkpoint.py never imports it back."""
-    assert not any("loading" in n for n in _imports(SRC / "quantization" / "checkpoint.py"))
-    assert any(n.endswith("quantization.checkpoint") for n in _imports(SRC / "model" / "loading.py"))
+def test_the_model_layer_never_imports_the_algorithms():
+    """model/ and diffusion/ describe and run models; quantization/ and calibration/ act on them,
+    one layer up: no import climbs back (ditas.loaders picks float or quantized readers)."""
+    climbs = [(f.name, n) for layer in ("model", "diffusion") for f in (SRC / layer).rglob("*.py")
+              for n in _imports(f) if n.startswith(("ditas.quantization", "ditas.calibration"))]
+    assert climbs == []
+    assert "ditas.quantization.checkpoint" in _imports(SRC / "loaders.py")
+
+
+def test_no_import_cycle_between_files():
+    """Imports inside functions count too: a cycle hidden in a function is still a cycle."""
+    graph = {_module_name(f): _imports(f) for f in SRC.rglob("*.py")}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def cycle_from(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if nxt == "ditas" or node.startswith(nxt + "."):
+                continue  # a package's own __init__ (ditas.__init__ re-exports the public names)
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt]
+            if nxt not in state and (found := cycle_from(nxt, path + [nxt])):
+                return found
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state:
+            assert cycle_from(start, [start]) is None
 
 
 def test_algorithms_name_no_family_layer():

@@ -60,7 +60,7 @@ def test_round_trip_and_labels():
 
 
 def test_nested_specs_and_flat_names_are_one_config():
-    from ditas.quantization.config import CalibrationSpec, LoRASpec, WeightFormat
+    from ditas.quantization.config import FLAT_NAMES, CalibrationSpec, LoRASpec, WeightFormat
 
     cfg = QuantConfig(weights=WeightFormat(bits=3, layout="group", group_size=16), lora=LoRASpec(rank=8),
                       calibration=CalibrationSpec(steps=20), search_tokens=None)
@@ -70,7 +70,8 @@ def test_nested_specs_and_flat_names_are_one_config():
     nested = cfg.to_dict()
     assert set(nested) == {"recipe", "weights", "activations", "smooth", "lora", "calibration", "adaln"}
     assert nested["weights"] == {"bits": 3, "layout": "group", "group_size": 16, "range_mode": "levels"}
-    assert QuantConfig.from_dict(nested) == cfg == QuantConfig.from_dict(cfg.to_flat_dict())
+    flat = {"recipe": cfg.recipe, "adaln": cfg.adaln, **{n: getattr(cfg, n) for n in FLAT_NAMES}}  # older folders
+    assert QuantConfig.from_dict(nested) == cfg == QuantConfig.from_dict(flat)
     with pytest.raises(ConfigError, match="weight bits"):
         WeightFormat(bits=9)
     with pytest.raises(ConfigError, match="unknown keys in quantization config 'lora'"):

@@ -10,9 +10,8 @@ import torch
 from ditas.quantization.apply import calibrate, convert, record
 from ditas.quantization.linear import QuantLinear
 from ditas.quantization.recipes import recipe_config
-from ditas.model.adapters.dit import fold_into_adaln, fold_into_v_rows
 from ditas.quantization.smoothing import OnTheFlySmooth
-from quant_helpers import random_dit
+from quant_helpers import fold_into_adaln, fold_into_v_rows, random_dit
 
 
 def _inputs(m, n=3, seed=0):

@@ -11,7 +11,7 @@ from ditas.cli.main import main
 from ditas.data.digits import load_digits
 from ditas.errors import ConfigError
 from ditas.model.dit import DiTConfig
-from ditas.model.loading import load_dit
+from ditas.loaders import load_dit
 from ditas.training import TrainConfig, lr_at, train_dit
 
 TINY = dict(input_size=32, patch_size=8, in_channels=1, hidden_size=32, depth=2, num_heads=2,

@@ -116,7 +116,7 @@ def test_a_corrupt_quantized_tensor_is_one_line(tmp_path, quant_dir, key, edit, 
 
 
 def test_a_nan_prediction_stops_sampling_naming_step_and_layer(float_dir):
-    from ditas.diffusion.pipeline import generate
+    from ditas.diffusion.images import generate
 
     model = ditas.load_dit(float_dir)
     with torch.no_grad():
@@ -149,12 +149,12 @@ def test_the_guard_names_the_step_where_the_prediction_breaks(float_dir):
 
 @pytest.fixture()
 def no_model_load(monkeypatch):
-    import ditas.model.loading as loading
+    import ditas.loaders as loaders
 
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the options were checked")
 
-    monkeypatch.setattr(loading, "load_dit", refuse)
+    monkeypatch.setattr(loaders, "load_dit", refuse)
 
 
 @pytest.mark.parametrize("argv, words", [

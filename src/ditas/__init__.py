@@ -1,15 +1,18 @@
 """ditas: data-free W4A8 quantization of Diffusion Transformers (DiTAS).
 
-The pipeline, one package each: ``model`` (DiT and loading), ``diffusion`` (schedules, samplers,
-image generation), ``calibration`` (the FP model's own trajectory), ``quantization`` (smoothing,
-alpha search, training-free LoRA, quantized linear, checkpoints), ``evaluation`` (metrics) and
-``cli`` (the ``ditas`` command). ``api`` is the Python API: ``record_calibration``,
-``quantize_``, ``save_quantized``, ``load_quantized``, ``recipe_config`` (see ``docs/api.md``).
+The stages, one package each: ``model`` (DiT, float loading, adapters), ``diffusion`` (schedules,
+samplers, image generation), ``calibration`` (the FP model's own trajectory), ``quantization``
+(smoothing, alpha search, training-free LoRA, quantized linear, checkpoints), ``evaluation``
+(metrics) and ``cli`` (the ``ditas`` command); ``loaders.load_dit`` reads float and quantized
+models alike, ``pipelines`` wraps diffusers text-to-image pipelines. ``api`` is the Python API:
+``record_calibration``, ``quantize_``, ``save_quantized``, ``load_quantized``, ``recipe_config``
+(see ``docs/api.md``).
 """
 
 from .errors import CheckpointError, ConfigError, DitasError
 from .model.dit import DiT, DiTConfig, DiT_models, dit_config
-from .model.loading import default_model_path, load_dit, save_dit
+from .loaders import load_dit
+from .model.loading import default_model_path, save_dit
 from .quantization.config import QuantConfig
 from .model.adapters.base import CalibrationRecord
 from .api import load_quantized, quantize_, record_calibration, recipe_config, save_quantized

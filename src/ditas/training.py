@@ -110,7 +110,7 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 def _load_init(model: DiT, ema: DiT, folder: Path, mc: DiTConfig) -> None:
     """Starts ``model`` and ``ema`` from an earlier run's ``raw/`` and ``ema/``, or both from one
     model folder (e.g. ``r2/raw``, or a shipped model: a folder with its own ``config.json``)."""
-    from .model.loading import load_dit
+    from .loaders import load_dit
 
     single = (folder / "config.json").is_file()
     if not single and not ((folder / "raw").is_dir() and (folder / "ema").is_dir()):

@@ -18,7 +18,11 @@ from torch import nn
 from .errors import CheckpointError, ConfigError, DitasError
 
 NUM_TIMESTEPS = 1000  # the training schedule every DiT is respaced from
-MAX_SEED = 2 ** 63 - 2 ** 32  # generators take 64-bit seeds; samplers seed batches with seed + 1 + b
+# torch generators take seeds below 2**64. Sample noise goes through SeedSequence([seed, i]) (any size);
+# the seeds derived by adding to a seed (diffusers pipelines: seed + batch start; training and the
+# digit classifier: seed + 1) stay below 2**64 with this bound; the search's token subsample wraps
+# its seed to 64 bits (calibration/blockwise.subsample_index).
+MAX_SEED = 2 ** 63 - 2 ** 32
 
 
 def is_int(v: Any) -> bool:

@@ -21,10 +21,13 @@ from .inputs import LayerInputs
 
 
 def subsample_index(n: int, k: int | None, seed: int, step: int) -> torch.Tensor | None:
-    """Rows kept for the search loss at ``step`` (None: all). Deterministic in (seed, step)."""
+    """Rows kept for the search loss at ``step`` (None: all). Deterministic in (seed, step).
+
+    The generator seed wraps to 64 bits (torch's range), so every valid seed (``validate.MAX_SEED``)
+    works; below 2**64 / 1_000_003 (about 1.8e13) it is the unwrapped value of earlier versions."""
     if k is None or k >= n:
         return None
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) % 2 ** 64)
     return torch.randperm(n, generator=g)[:k].sort().values
 
 

@@ -5,6 +5,10 @@ each, classifier-free guidance, the inference step count). We record, per step, 
 block's call (for DiT: the tokens entering it and the conditioning vector ``c``, both CFG halves). Every layer's FP
 inputs are then recomputed block by block from these (``blockwise.py``), so calibration costs one
 sampling run plus about one more model pass, instead of one sampling run per layer.
+
+``self_calibration`` runs it for any family whose adapter describes the model as a
+class-conditional sampler (``ModelAdapter.calibration_sampler``); ``check_record`` checks a given
+trajectory against the config it is used with.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..diffusion.run import SamplingSettings, sampling_run
 from ..errors import CalibrationError
-from ..model.adapters.base import BlockCall, CalibrationRecord
+from ..model.adapters.base import BlockCall, CalibrationRecord, ModelAdapter
 
 
 @dataclass
@@ -33,7 +37,7 @@ class Trajectory(CalibrationRecord):
     final: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self.key = (tuple(self.labels), self.seed, len(self.calls), float(self.cfg_scale), self.sampler)
+        self.key = trajectory_key(self.labels, self.seed, len(self.calls), self.cfg_scale, self.sampler)
 
     @property
     def model_forward_calls(self) -> int:
@@ -48,6 +52,36 @@ class Trajectory(CalibrationRecord):
     def cond(self) -> list[torch.Tensor]:
         """The conditioning vector per step ((B, D))."""
         return [c.args[1] for c in self.calls]
+
+
+def trajectory_key(labels, seed: int, steps: int, cfg_scale: float | None, sampler: str) -> tuple:
+    """What identifies a self-calibration run: two runs with equal keys record the same calls."""
+    return tuple(labels), seed, steps, float(cfg_scale or 0.0), sampler
+
+
+def self_calibration(adapter: ModelAdapter, config, progress: bool = True) -> Trajectory:
+    """The model's own FP calibration run with ``config``'s labels, steps, guidance scale, sampler
+    and seed; a family that cannot sample on its own is a ``CalibrationError`` asking for a recording."""
+    own = adapter.calibration_sampler()
+    if own is None:
+        raise CalibrationError(f"a {adapter.family or type(adapter.model).__name__} model cannot sample its own "
+                               "calibration run: record one with ditas.record_calibration(model) around a run "
+                               "of your pipeline and pass it as calib")
+    return record_trajectory(own.model, config.labels_for(own.num_classes), config.steps, config.cfg_scale,
+                             config.sampler, config.seed, progress=progress, first_block=own.first_block,
+                             layer_names=[own.linear_prefix + s.name for s in adapter.linears()])
+
+
+def check_record(adapter: ModelAdapter, record: CalibrationRecord, config) -> None:
+    """A self-calibration trajectory (one with a ``key``) must have been sampled with ``config``'s
+    calibration settings; records of the user's pipeline (no key) are taken as they are."""
+    own = adapter.calibration_sampler() if record.key is not None else None
+    if own is None:
+        return
+    expected = trajectory_key(config.labels_for(own.num_classes), config.seed, config.steps, config.cfg_scale,
+                              config.sampler)
+    if record.key != expected:
+        raise CalibrationError("the given trajectory was recorded with other calibration settings")
 
 
 def _finite_guard(model: nn.Module, layer_names: list[str], step: list[int]) -> list:

@@ -277,7 +277,7 @@ def _load_checked(args, out: Path, configs, rows: int, domain: str, device) -> t
     evaluator) one row's images in RAM."""
     import shutil
 
-    from ..model.loading import load_dit
+    from ..loaders import load_dit
     from ..validate import calibration_memory_problem, check_problems, gib, images_memory_problem
 
     model = load_dit(args.model).to(device)
@@ -297,7 +297,7 @@ def _load_checked(args, out: Path, configs, rows: int, domain: str, device) -> t
 
 
 def _benchmark(args, out: Path, specs, configs, steps_list, domain, device, rank, model) -> int:
-    from ..diffusion.pipeline import make_grid, save_png
+    from ..diffusion.images import make_grid, save_png
     from ..evaluation.adm import NpzImages
     from ..fileio import atomic_file, json_text
     from .eval import InceptionEvaluator, evaluate_digits

@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
 def _load_checked(args: argparse.Namespace, configs, device):
     """The float model, once its sizes show that the run fits: every recipe's calibration on
     ``device``, and every row's images (compare keeps them all in RAM)."""
-    from ..model.loading import load_dit
+    from ..loaders import load_dit
     from ..validate import calibration_memory_problem, check_problems, images_memory_problem
 
     model = load_dit(args.model, device=device)
@@ -176,7 +176,7 @@ def _load_checked(args: argparse.Namespace, configs, device):
 def _compare(args: argparse.Namespace, specs, configs, claim, device, model) -> int:
     """The work of ``run`` once the output folder is claimed; publishes into ``claim`` (None on the
     processes other than 0 under torchrun: they only sample)."""
-    from ..diffusion.pipeline import make_grid
+    from ..diffusion.images import make_grid
     from ..diffusion.run import SamplingSettings
     from ..evaluation.comparison import compare_recipes
     from ..fileio import json_text

@@ -8,7 +8,7 @@ import time
 from ..devices import add_device_argument
 from ..errors import ConfigError, DitasError
 from ..pipelines import is_pipeline_dir
-from . import _pipeline
+from . import _text_to_image
 
 
 def parse_labels(text: str | None) -> int | tuple[int, ...] | None:
@@ -104,7 +104,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--model", help="DiT checkpoint or folder (default: the embedded default model)")
     p.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULT_RECIPE, help="quantization preset")
     add_quant_arguments(p)
-    _pipeline.add_quantize_arguments(p)
+    _text_to_image.add_quantize_arguments(p)
     add_device_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help="output model folder (new; written atomically)")
@@ -121,15 +121,15 @@ def run(args: argparse.Namespace) -> int:
     args.device = resolve_device(args.device)  # a missing device fails before the output folder is claimed
     pipeline = is_pipeline_dir(args.model)  # a diffusers text-to-image pipeline (PixArt, SD3, Flux)
     if pipeline:
-        _pipeline.check_quantize_arguments(args, cfg)
+        _text_to_image.check_quantize_arguments(args, cfg)
     with output_dir(args.out, "ditas-quantized", overwrite=args.overwrite, inputs=[args.model]) as claim:
-        return _pipeline.quantize(args, cfg, claim) if pipeline else _quantize(args, cfg, claim)
+        return _text_to_image.quantize(args, cfg, claim) if pipeline else _quantize(args, cfg, claim)
 
 
 def _quantize(args: argparse.Namespace, cfg, claim) -> int:
     """The work of ``run`` once the output folder is claimed; publishes into ``claim``."""
     from ..fileio import json_text
-    from ..model.loading import load_dit
+    from ..loaders import load_dit
     from ..quantization.apply import quantize
     from ..quantization.checkpoint import write_quantized
     from ..validate import calibration_memory_problem, check_problems

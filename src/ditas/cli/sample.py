@@ -15,7 +15,7 @@ from ..devices import add_device_argument
 from ..diffusion.sharded import DEFAULT_SHARD_SIZE
 from ..errors import DitasError
 from ..validate import labels_problem
-from . import _pipeline
+from . import _text_to_image
 
 
 def _parse_classes(text: str | None) -> list[int] | None:
@@ -78,7 +78,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="output .png (grid) or .npz (arr_0 uint8 NHWC + labels); new file")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    _pipeline.add_sample_arguments(p)
+    _text_to_image.add_sample_arguments(p)
     return p
 
 
@@ -142,19 +142,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
-    from ..diffusion.pipeline import check_labels, decode_to_uint8, generate, make_grid, save_png
+    from ..diffusion.images import check_labels, decode_to_uint8, generate, make_grid, save_png
     from ..diffusion.run import SamplingSettings
     from ..diffusion.sharded import sample_npz
     from ..fileio import check_new_file
     from ..validate import check_sampling_options
-    from ..model.loading import load_dit
+    from ..loaders import load_dit
     from ..model.vae import load_vae
 
     _quantized_dit_as_model(args)
-    if _pipeline.wants_pipeline_sample(args):  # a diffusers text-to-image pipeline (PixArt, SD3, Flux)
+    if _text_to_image.wants_pipeline_sample(args):  # a diffusers text-to-image pipeline (PixArt, SD3, Flux)
         if args.attention not in (None, "fp32"):
             raise DitasError("--attention applies to ditas DiT models, not to diffusers pipelines")
-        return _pipeline.sample(args, device, world)
+        return _text_to_image.sample(args, device, world)
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".npz"):
         raise DitasError(f"--out must end in .png or .npz, got {out}")

@@ -179,7 +179,7 @@ def sample_npz(model: nn.Module, labels: Sequence[int] | torch.Tensor | np.ndarr
     Every process of the group must call this with the same arguments; rank 0 returns the npz
     path, the others None once their shards are written.
     """
-    from .pipeline import check_labels, decode_to_uint8
+    from .images import check_labels, decode_to_uint8
 
     settings = settings or SamplingSettings()
     labels_t = check_labels(model, torch.as_tensor(np.asarray(labels), dtype=torch.long))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..diffusion.pipeline import decode_to_uint8, generate
+from ..diffusion.images import decode_to_uint8, generate
 from ..diffusion.run import SamplingSettings, eps_mse, eps_trajectory, sample_batch
 from ..diffusion.sharded import process_group
 from .metrics import psnr

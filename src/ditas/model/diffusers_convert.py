@@ -17,23 +17,21 @@ import torch
 from ..errors import CheckpointError
 from ..validate import is_int
 from .dit import DiTConfig, get_2d_sincos_pos_embed
-from .loading import build_from_state
+from .state_files import read_pt, read_safetensors
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from .state_files import read_pt as _read_pt, read_safetensors as _read_safetensors
-
     st = sorted(folder.glob("*.safetensors"))
     if st:
         state: dict[str, torch.Tensor] = {}
         for f in st:
-            state.update(_read_safetensors(f)[0])
+            state.update(read_safetensors(f)[0])
         return state
     bins = sorted(folder.glob("*.bin"))
     if bins:
         state = {}
         for f in bins:
-            state.update(_read_pt(f))
+            state.update(read_pt(f))
         return state
     raise CheckpointError(f"{folder}: no *.safetensors or *.bin weights next to config.json")
 
@@ -114,8 +112,9 @@ def convert_diffusers_state(d: dict[str, torch.Tensor], config: DiTConfig, sourc
     return out
 
 
-def load_diffusers_dit(folder: Path, cfg: dict[str, Any]) -> torch.nn.Module:
+def read_diffusers_dit(folder: Path, cfg: dict[str, Any]) -> tuple[dict[str, torch.Tensor], DiTConfig]:
+    """The published-layout state dict and ``DiTConfig`` of a diffusers DiT folder (``cfg``: its
+    parsed ``config.json``); ``model/loading.py`` builds the model from them."""
     source = str(folder)
     config = diffusers_config_to_dit(cfg, source)
-    state = convert_diffusers_state(_read_weights(folder), config, source)
-    return build_from_state(state, config, source)
+    return convert_diffusers_state(_read_weights(folder), config, source), config

@@ -1,10 +1,11 @@
-"""``load_dit``: a DiT from whatever the user has, without executing code from the file.
+"""Float DiT files and folders, read without executing code from the file.
 
 Accepted: a published ``.pt`` checkpoint (a state dict, or a dict holding one under ``model``,
-``ema`` or ``state_dict``), a ``.safetensors`` state dict, a ditas model folder (``config.json``
-+ ``model.safetensors``, float or quantized), or a diffusers DiT folder (``DiTTransformer2DModel``
+``ema`` or ``state_dict``), a ``.safetensors`` state dict, a ditas float model folder
+(``config.json`` + ``model.safetensors``), or a diffusers DiT folder (``DiTTransformer2DModel``
 or a ``DiTPipeline`` with ``transformer/``). The configuration comes from metadata when present,
-otherwise it is inferred from the tensor shapes.
+otherwise it is inferred from the tensor shapes. Quantized folders are read one layer up
+(``ditas.loaders.load_dit`` picks the reader), so this module never imports ``quantization/``.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from ..memory import release_freed_memory
-from ..quantization.checkpoint import load_quantized
 from ..validate import check_finite_state, state_config_problem
+from .diffusers_convert import read_diffusers_dit
 from .dit import DiT, DiTConfig
-from .state_files import read_pt as _read_pt, read_safetensors as _read_safetensors  # noqa: F401
+from .state_files import read_config_json, read_pt, read_safetensors
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL_DIR = ASSETS / "default_dit"
@@ -39,11 +39,6 @@ def default_model_path() -> Path:
             f"the embedded default model is missing from this installation ({DEFAULT_MODEL_DIR}); "
             "give --model PATH")
     return DEFAULT_MODEL_DIR
-
-
-# ----------------------------------------------------------------------------------------------
-#                                   Reading state dicts
-# ----------------------------------------------------------------------------------------------
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,7 +108,7 @@ def build_from_state(state: dict[str, torch.Tensor], config: DiTConfig | None, s
 
 
 # ----------------------------------------------------------------------------------------------
-#                                        Entry point
+#                                    Files and folders
 # ----------------------------------------------------------------------------------------------
 
 
@@ -127,59 +122,45 @@ def _config_from_meta(meta: dict[str, str], source: str) -> DiTConfig | None:
         raise CheckpointError(f"{source}: bad config metadata ({exc})") from None
 
 
-def load_dit(path: str | os.PathLike | None = None, config: DiTConfig | None = None,
-             device: str | torch.device | None = "cpu", **kwargs: Any) -> torch.nn.Module:
-    """Loads a DiT (float or ditas-quantized) in eval mode. ``None``: the embedded default model.
-
-    ``device``: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or ``"auto"`` / None (CUDA when
-    available); a device that is not there is a ``DitasError``. The model is built on the meta
-    device and its weights are materialised on ``device`` directly. Extra keyword arguments go to
-    the quantized-model loader (``backend=``: the kernel, ``"auto"`` by default; see ``quantization.kernels``).
-    """
-    from ..devices import resolve_device
-    from ..validate import check_problems, path_problem, type_problem
-
-    check_problems(path_problem(path, "path", optional=True),
-                   config is not None and type_problem(config, DiTConfig, "config", "a DiTConfig (or None)"))
-    model = _load(path, config, resolve_device(device), **kwargs)
-    release_freed_memory()  # the file's bytes, freed now (glibc keeps freed heap otherwise)
-    return model
-
-
-def _load(path, config: DiTConfig | None, device: torch.device, **kwargs: Any) -> torch.nn.Module:
-    path = default_model_path() if path is None else Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
-    if path.is_dir():
-        return _load_folder(path, config, device, **kwargs)
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        state, meta = _read_safetensors(path)
-        return build_from_state(state, config or _config_from_meta(meta, str(path)), str(path), device)
-    if suffix in (".pt", ".pth", ".ckpt", ".bin"):
-        return build_from_state(_read_pt(path), config, str(path), device)
-    raise CheckpointError(f"{path}: unsupported file type {suffix or '(none)'}; expected a .pt/.pth "
-                          "checkpoint, a .safetensors file or a model folder")
-
-
-def _load_folder(path: Path, config: DiTConfig | None, device: torch.device, **kwargs: Any) -> torch.nn.Module:
+def read_folder_config(path: Path) -> tuple[Path, dict[str, Any]]:
+    """The folder that holds the model's ``config.json`` (a diffusers pipeline's ``transformer/``)
+    and that config, parsed: read once, it tells the caller which reader the folder needs."""
     cfg_file = path / "config.json"
     if (path / "transformer" / "config.json").exists() and not cfg_file.exists():
         path, cfg_file = path / "transformer", path / "transformer" / "config.json"
     if not cfg_file.exists():
         raise CheckpointError(f"{path}: a model folder needs a config.json (none found)")
-    try:
-        data = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({exc})") from None
+    data = read_config_json(cfg_file)
     if not isinstance(data, dict):
         raise CheckpointError(f"{cfg_file}: holds a JSON {type(data).__name__}, expected an object")
-    if data.get("_class_name") == "DiTTransformer2DModel":
-        from .diffusers_convert import load_diffusers_dit
+    return path, data
 
-        return load_diffusers_dit(path, data).to(device)
+
+def load_float_dit(path: Path, config: DiTConfig | None, device: torch.device,
+                   data: dict[str, Any] | None = None) -> DiT:
+    """A float DiT from a file or a folder (``data``: the folder's ``config.json`` when the caller
+    has read it already). ``path`` must exist; a quantized folder is refused (``ditas.load_dit``)."""
+    if path.is_dir():
+        if data is None:
+            path, data = read_folder_config(path)
+        return _load_folder(path, data, config, device)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        state, meta = read_safetensors(path)
+        return build_from_state(state, config or _config_from_meta(meta, str(path)), str(path), device)
+    if suffix in (".pt", ".pth", ".ckpt", ".bin"):
+        return build_from_state(read_pt(path), config, str(path), device)
+    raise CheckpointError(f"{path}: unsupported file type {suffix or '(none)'}; expected a .pt/.pth "
+                          "checkpoint, a .safetensors file or a model folder")
+
+
+def _load_folder(path: Path, data: dict[str, Any], config: DiTConfig | None, device: torch.device) -> DiT:
+    cfg_file = path / "config.json"
+    if data.get("_class_name") == "DiTTransformer2DModel":
+        state, converted = read_diffusers_dit(path, data)
+        return build_from_state(state, converted, str(path), device)
     if "quantization" in data:
-        return load_quantized(path, data, device=device, **kwargs)
+        raise CheckpointError(f"{path}: a quantized model folder: load it with ditas.load_dit")
     if "model" not in data:
         raise CheckpointError(f"{cfg_file}: not a ditas or diffusers DiT config (no 'model' or '_class_name')")
     try:
@@ -189,7 +170,7 @@ def _load_folder(path: Path, config: DiTConfig | None, device: torch.device, **k
     weights = path / "model.safetensors"
     if not weights.exists():
         raise CheckpointError(f"{path}: model.safetensors is missing")
-    state, _ = _read_safetensors(weights)
+    state, _ = read_safetensors(weights)
     return build_from_state(state, cfg, str(weights), device)
 
 

@@ -1,4 +1,5 @@
-"""Reading state dicts from files without executing code (safetensors, ``weights_only`` torch.load).
+"""Reading state dicts from files without executing code (safetensors, ``weights_only`` torch.load),
+and a folder's ``config.json``.
 
 A leaf module: the float loader (``model/loading.py``) and the quantized loader
 (``quantization/checkpoint.py``) both read through it, so neither imports the other's module for it.
@@ -6,12 +7,22 @@ A leaf module: the float loader (``model/loading.py``) and the quantized loader
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..errors import CheckpointError
+
+
+def read_config_json(cfg_file: Path) -> Any:
+    """The parsed ``config.json`` of a model folder; unreadable JSON is a ``CheckpointError``."""
+    try:
+        return json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({exc})") from None
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -6,7 +6,8 @@
 Nothing here names a family's layers: the model's adapter (``model/adapters``) says which linears
 exist, how they group, where each smoothing factor folds and how a block is called.
 ``calibrate`` never changes the model (it only reads the FP model); ``convert`` changes it in
-place. A ``Trajectory`` can be shared between recipes with the same calibration settings.
+place. A self-calibration ``Trajectory`` (``calibration/trajectory.py``) can be shared between recipes
+with the same calibration settings.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration.blockwise import block_layer_inputs
-from ..calibration.trajectory import Trajectory  # noqa: F401  (the DiT self-calibration's record)
+from ..calibration.trajectory import check_record, self_calibration
 from ..errors import CalibrationError, ConfigError
 from ..model.adapters.base import ON_THE_FLY, BlockSpec, CalibrationRecord, Fold, LinearSpec, SmoothGroup
 from ..model.adapters.registry import adapter_for
@@ -31,8 +32,6 @@ from .kernels import use_kernels
 from .search import LayerQuant, quantize_layer
 from .smoothing import apply_fold, fold_weight_rows, row_slice
 from .weight_only import quantize_weight_only
-
-LayerSpec = LinearSpec  # the seam's description of one quantizable linear
 
 
 @dataclass
@@ -102,7 +101,7 @@ def record(model: nn.Module, config: QuantConfig, progress: bool = True) -> Cali
     """The model's own FP calibration run (DiT: shareable between configs with the same
     ``calibration_key``); families that cannot sample on their own raise ``CalibrationError``."""
     prepare(model, config)
-    return adapter_for(model).self_calibration(config, progress)
+    return self_calibration(adapter_for(model), config, progress)
 
 
 def _peak_rss_mb() -> float:
@@ -167,13 +166,13 @@ def calibrate(model: nn.Module, config: QuantConfig, trajectory: CalibrationReco
     specs = [lin for b in plan for lin in b.linears]
     timings: dict[str, float] = {}
     if trajectory is None:
-        trajectory = adapter.self_calibration(config, progress)
+        trajectory = self_calibration(adapter, config, progress)
         timings["calibration_run_s"] = trajectory.wall_time_s
     else:
         if not isinstance(trajectory, CalibrationRecord):
             raise CalibrationError(f"calib must be a calibration record (ditas.record_calibration), got "
                                    f"{type(trajectory).__name__}")
-        adapter.check_record(trajectory, config)
+        check_record(adapter, trajectory, config)
         timings["calibration_run_s"] = 0.0
     if not trajectory.calls:
         raise CalibrationError("the calibration record holds no calls of the model: run the model inside "

@@ -17,7 +17,6 @@ float weight is ever created for a quantized layer. Save then load is bit-exact.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from ..errors import CheckpointError, ConfigError
 from ..fileio import json_text, publish_dir
 from ..model.adapters.registry import adapter_class, adapter_for
 from ..model.empty import empty_parameters
-from ..model.state_files import read_safetensors
+from ..model.state_files import read_config_json, read_safetensors
 from ..memory import release_freed_memory
 from ..validate import check_finite_state, check_layer_table, check_scales, state_config_problem
 from . import packing
@@ -155,10 +154,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     cfg_file = Path(path) / "config.json"
     if not cfg_file.exists():
         raise CheckpointError(f"{path}: not a quantized model folder (no config.json)")
-    try:
-        data = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({exc})") from None
+    data = read_config_json(cfg_file)
     if not isinstance(data, dict) or "quantization" not in data:
         raise CheckpointError(f"{path}: not a ditas quantized model folder (config.json has no 'quantization')")
     return data

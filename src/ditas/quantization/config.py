@@ -347,12 +347,6 @@ class QuantConfig:
         return {"recipe": self.recipe, **{spec: plain(asdict(getattr(self, spec))) for spec in _SPECS},
                 "adaln": self.adaln}
 
-    def to_flat_dict(self) -> dict[str, Any]:
-        """The flat form of earlier versions (one key per choice)."""
-        d = {name: getattr(self, name) for name in FLAT_NAMES}
-        return {"recipe": self.recipe, **{k: list(v) if isinstance(v, tuple) else v for k, v in d.items()},
-                "adaln": self.adaln}
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
         """Reads the nested form, or the flat form older quantized folders hold."""

@@ -18,7 +18,8 @@ ask the family's ``ModelAdapter`` (one subclass per family, picked by ``registry
   recorded per step; ``next_call`` turns a block's call and output into the next block's call
   (including the transition between stacks);
 - for families that can sample their own calibration trajectory (class-conditional DiT), the
-  conditioning and its null, through ``self_calibration``.
+  model seen as a class-conditional sampler (``calibration_sampler``); the run itself is
+  ``calibration/trajectory.py``'s (adapters describe, they never run an algorithm).
 
 Roles (``LinearSpec.role``, ``SmoothGroup.role``) are the generic kinds of input a linear reads,
 shared by every family so that recipes (``smooth_roles``) mean the same everywhere:
@@ -33,7 +34,7 @@ shared by every family so that recipes (``smooth_roles``) mean the same everywhe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -158,12 +159,28 @@ def _detach(v: Any) -> Any:
     return v
 
 
+@dataclass(frozen=True)
+class CalibrationSampler:
+    """A class-conditional family seen as ditas' samplers need it, for its own calibration run.
+
+    ``model``: ``forward(x, t, y)``, ``forward_with_cfg``, ``config.in_channels``/``input_size``/
+    ``learn_sigma`` (the model itself for ditas' DiT, a view for diffusers' DiT); ``num_classes``:
+    the label count (the null label for guidance is ``num_classes``); ``first_block``: whose calls
+    are recorded; ``linear_prefix``: what the adapter's linear names need in front, seen from ``model``.
+    """
+
+    model: nn.Module
+    num_classes: int
+    first_block: nn.Module
+    linear_prefix: str = ""
+
+
 @dataclass
 class CalibrationRecord:
     """What block-wise calibration needs: the first block's call at every recorded step.
 
-    Returned by ``ditas.record_calibration`` (any code that calls the model) and by a family's
-    ``self_calibration`` (DiT samples its own trajectory). ``key`` identifies the settings it
+    Returned by ``ditas.record_calibration`` (any code that calls the model) and by
+    ``calibration.trajectory.self_calibration`` (DiT samples its own trajectory). ``key`` identifies the settings it
     was recorded with, when known (a DiT self-calibration checks it against the config).
     """
 
@@ -187,7 +204,7 @@ class ModelAdapter:
     """The family's knowledge. Subclasses are stateless apart from ``model``.
 
     Required: ``family``, ``matches``, ``blocks``, ``next_call``, ``model_config``, ``build``.
-    Optional: ``weight_only_linears`` (default none), ``self_calibration`` (default: refuse, a
+    Optional: ``weight_only_linears`` (default none), ``calibration_sampler`` (default none: a
     recording is needed), ``block_output_tensors`` (default: the output, or its tensors if a tuple).
     """
 
@@ -239,18 +256,11 @@ class ModelAdapter:
         return []
 
     # -- calibration without a recording ----------------------------------------------------------
-    def self_calibration(self, config: Any, progress: bool = True) -> CalibrationRecord:
-        """Samples a calibration trajectory with the model itself (class-conditional DiT: the
-        calibration labels with their null label for guidance). Families that need the user's
-        pipeline raise ``CalibrationError`` asking for ``ditas.record_calibration``."""
-        from ...errors import CalibrationError
-
-        raise CalibrationError(f"a {self.family or type(self.model).__name__} model cannot sample its own "
-                               "calibration run: record one with ditas.record_calibration(model) around a run "
-                               "of your pipeline and pass it as calib")
-
-    def check_record(self, record: CalibrationRecord, config: Any) -> None:
-        """Raises ``CalibrationError`` if ``record`` does not fit ``config`` (default: accepts)."""
+    def calibration_sampler(self) -> CalibrationSampler | None:
+        """The model as a class-conditional sampler of its own calibration run (class-conditional
+        DiT: the calibration labels with their null label for guidance); None (the default): the
+        family needs the user's pipeline, recorded with ``ditas.record_calibration``."""
+        return None
 
     # -- checkpoints ------------------------------------------------------------------------------
     def model_config(self) -> dict[str, Any]:
@@ -262,6 +272,3 @@ class ModelAdapter:
         """An un-initialised model of the architecture ``config`` (called under the meta device)."""
         raise NotImplementedError
 
-
-BlockOrder = Sequence[BlockSpec]
-NextCall = Callable[[BlockSpec, BlockCall, Any], BlockCall]

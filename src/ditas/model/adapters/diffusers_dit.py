@@ -24,7 +24,7 @@ from torch import nn
 
 from ...errors import CalibrationError
 from ._diffusers import DiffusersAdapter
-from .base import ON_THE_FLY, BlockCall, BlockSpec, CalibrationRecord, Fold, LinearSpec, SmoothGroup
+from .base import ON_THE_FLY, BlockCall, BlockSpec, CalibrationSampler, Fold, LinearSpec, SmoothGroup
 from .registry import register
 
 
@@ -68,22 +68,9 @@ class DiffusersDiTAdapter(DiffusersAdapter):
     def next_call(self, block: BlockSpec, call: BlockCall, output: Any) -> BlockCall:
         return replace_hidden_states(call, output)
 
-    def self_calibration(self, config: Any, progress: bool = True) -> CalibrationRecord:
-        from ...calibration.trajectory import record_trajectory
-
-        sampler = ClassConditionalView(self.model)
-        labels = config.labels_for(sampler.num_classes)
-        return record_trajectory(sampler, labels, config.steps, config.cfg_scale, config.sampler, config.seed,
-                                 layer_names=[f"transformer.{s.name}" for s in self.linears()], progress=progress,
-                                 first_block=self.model.transformer_blocks[0])
-
-    def check_record(self, record: CalibrationRecord, config: Any) -> None:
-        if record.key is None:
-            return
-        expected = (tuple(config.labels_for(ClassConditionalView(self.model).num_classes)), config.seed,
-                    config.steps, float(config.cfg_scale or 0.0), config.sampler)
-        if record.key != expected:
-            raise CalibrationError("the given trajectory was recorded with other calibration settings")
+    def calibration_sampler(self) -> CalibrationSampler:
+        view = ClassConditionalView(self.model)
+        return CalibrationSampler(view, view.num_classes, self.model.transformer_blocks[0], "transformer.")
 
 
 class ClassConditionalView(nn.Module):

@@ -6,7 +6,7 @@ Per block ``blocks.i``: ``attn.qkv`` (fused q/k/v: one group of one), ``attn.pro
 ``attn.qkv``; ``fc2`` (after GELU) -> on the fly. Weight-only: every ``adaLN_modulation.1`` and
 ``final_layer.adaLN_modulation.1``. A block is called as ``block(x, c)``; the next block gets
 ``(output, c)``. The model samples its own calibration run: the calibration labels, with the null
-label ``num_classes`` for guidance.
+label ``num_classes`` for guidance (``calibration_sampler``: the DiT itself).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Any
 
 from torch import nn
 
-from ...errors import CalibrationError
 from ..dit import DiT, DiTConfig
 from .registry import register
-from .base import ON_THE_FLY, BlockCall, BlockSpec, CalibrationRecord, Fold, LinearSpec, ModelAdapter, SmoothGroup
+from .base import (ON_THE_FLY, BlockCall, BlockSpec, CalibrationSampler, Fold, LinearSpec, ModelAdapter,
+                   SmoothGroup)
 
 # adaLN chunk indices (shift, scale) of the modulation each role reads, out of 6
 ADALN_CHUNKS = {"qkv": (0, 1), "fc1": (3, 4)}
@@ -66,21 +66,8 @@ class DiTAdapter(ModelAdapter):
     def next_call(self, block: BlockSpec, call: BlockCall, output: Any) -> BlockCall:
         return BlockCall((output,) + tuple(call.args[1:]), dict(call.kwargs))
 
-    def self_calibration(self, config: Any, progress: bool = True) -> CalibrationRecord:
-        from ...calibration.trajectory import record_trajectory
-
-        labels = config.labels_for(self.model.num_classes)
-        return record_trajectory(self.model, labels, config.steps, config.cfg_scale, config.sampler, config.seed,
-                                 layer_names=[s.name for s in self.linears()], progress=progress,
-                                 first_block=self.model.blocks[0])
-
-    def check_record(self, record: CalibrationRecord, config: Any) -> None:
-        if record.key is None:
-            return
-        expected = (tuple(config.labels_for(self.model.num_classes)), config.seed, config.steps,
-                    float(config.cfg_scale or 0.0), config.sampler)
-        if record.key != expected:
-            raise CalibrationError("the given trajectory was recorded with other calibration settings")
+    def calibration_sampler(self) -> CalibrationSampler:
+        return CalibrationSampler(self.model, self.model.num_classes, self.model.blocks[0])
 
     def model_config(self) -> dict[str, Any]:
         return self.model.config.to_dict()
@@ -89,28 +76,3 @@ class DiTAdapter(ModelAdapter):
     def build(cls, config: dict[str, Any]) -> nn.Module:
         return DiT(DiTConfig.from_dict(config))
 
-
-# ----------------------------------------------------------------------------------------------
-#               DiT-specific fold helpers (used by tests that check the folds by hand)
-# ----------------------------------------------------------------------------------------------
-
-
-def v_rows(out_features: int) -> slice:
-    """Rows of the fused ``qkv`` weight that produce V (the last third)."""
-    d = out_features // 3
-    return slice(2 * d, 3 * d)
-
-
-def fold_into_adaln(block: nn.Module, role: str, s) -> None:
-    """Divides the modulated input of ``role`` (``qkv`` or ``fc1``) of a DiT block by ``s``."""
-    from ...quantization.smoothing import fold_into_modulation_linear
-
-    sh, sc = ADALN_CHUNKS[role]
-    fold_into_modulation_linear(block.adaLN_modulation[1], s, 6, sh, sc)
-
-
-def fold_into_v_rows(qkv: nn.Module, s) -> None:
-    """Divides the V rows of a fused ``qkv`` (float or ``QuantLinear``) by ``s``."""
-    from ...quantization.smoothing import fold_into_rows
-
-    fold_into_rows(qkv, s, v_rows(qkv.out_features))

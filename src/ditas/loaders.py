@@ -1,0 +1,53 @@
+"""``load_dit``: a DiT from whatever the user has, float or quantized.
+
+It sits above both readers so that neither climbs to the other: ``model/loading.py`` reads float
+files and folders (published ``.pt``, ``.safetensors``, ditas and diffusers folders) and
+``quantization/checkpoint.py`` reads quantized folders. This module reads a folder's
+``config.json`` once and hands it to the reader it names.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .devices import resolve_device
+from .errors import CheckpointError
+from .memory import release_freed_memory
+from .model.dit import DiTConfig
+from .model.loading import default_model_path, load_float_dit, read_folder_config
+from .quantization.checkpoint import load_quantized
+
+
+def load_dit(path: str | os.PathLike | None = None, config: DiTConfig | None = None,
+             device: str | torch.device | None = "cpu", **kwargs: Any) -> torch.nn.Module:
+    """Loads a DiT (float or ditas-quantized) in eval mode. ``None``: the embedded default model.
+
+    ``device``: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or ``"auto"`` / None (CUDA when
+    available); a device that is not there is a ``DitasError``. The model is built on the meta
+    device and its weights are materialised on ``device`` directly. Extra keyword arguments go to
+    the quantized-model loader (``backend=``: the kernel, ``"auto"`` by default; see ``quantization.kernels``).
+    """
+    from .validate import check_problems, path_problem, type_problem
+
+    check_problems(path_problem(path, "path", optional=True),
+                   config is not None and type_problem(config, DiTConfig, "config", "a DiTConfig (or None)"))
+    model = _load(path, config, resolve_device(device), **kwargs)
+    release_freed_memory()  # the file's bytes, freed now (glibc keeps freed heap otherwise)
+    return model
+
+
+def _load(path, config: DiTConfig | None, device: torch.device, **kwargs: Any) -> torch.nn.Module:
+    """Picks the reader: a folder whose config has a ``quantization`` table is quantized."""
+    path = default_model_path() if path is None else Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if not path.is_dir():
+        return load_float_dit(path, config, device)
+    folder, data = read_folder_config(path)
+    if "quantization" in data and data.get("_class_name") != "DiTTransformer2DModel":
+        return load_quantized(folder, data, device=device, **kwargs)
+    return load_float_dit(folder, config, device, data)
