@@ -22,7 +22,7 @@ def quantized():
     m = random_dit(3, depth=2)
     cfg = recipe_config("ditas", w_bits=3, steps=2, calib_labels=2, lora_rank=4, lora_rounds=2,
                         alpha_grid=(0.25, 0.75), lora_dtype="float32")  # the tests below round to bf16 themselves
-    q, report = quantize(m, cfg, progress=False)
+    q, report = quantize(m, cfg, progress=False, kernel="simulated")  # as the loads below
     return q, cfg, report
 
 
@@ -207,8 +207,8 @@ def test_adaln_float_option_keeps_float_adaln_and_int8_stays_close(tmp_path):
     """``adaln="float"`` leaves the adaLN linears alone; the int8 model computes nearly the same."""
     m = random_dit(5, depth=2)
     common = dict(w_bits=4, steps=2, calib_labels=2, lora_rank=4, lora_rounds=2, alpha_grid=(0.25, 0.75))
-    q8, _ = quantize(m, recipe_config("ditas", **common), progress=False)
-    qf, _ = quantize(m, recipe_config("ditas_fp_adaln", **common), progress=False)
+    q8, _ = quantize(m, recipe_config("ditas", **common), progress=False, kernel="simulated")
+    qf, _ = quantize(m, recipe_config("ditas_fp_adaln", **common), progress=False, kernel="simulated")
     assert isinstance(q8.blocks[1].adaLN_modulation[1], WeightOnlyInt8Linear)
     assert type(qf.blocks[1].adaLN_modulation[1]) is torch.nn.Linear
     out = ckpt.save_quantized(qf, tmp_path / "qf")
