@@ -119,7 +119,7 @@ def test_quantized_folder_records_its_family(tmp_path):
 
     m = random_dit(1, hidden=32, depth=1, heads=2)
     cfg = recipe_config("rtn", steps=2, calib_labels=1)
-    q, _ = quantize(m, cfg, progress=False)
+    q, _ = quantize(m, cfg, progress=False, kernel="simulated")
     save_quantized(q, tmp_path / "q", cfg)
     data = read_config(tmp_path / "q")
     assert data["family"] == "dit" and data["model"] == m.config.to_dict()
@@ -143,7 +143,7 @@ def test_dit_quantization_is_unchanged_by_the_seam():
     m = random_dit(3, hidden=32, depth=2, heads=2)
     cfg = recipe_config("ditas", steps=2, calib_labels=2, lora_rank=4, lora_rounds=2, alpha_grid=(0.3, 0.7),
                         lora_dtype="float32")  # recorded when the recipe kept fp32 LoRA factors
-    q, _ = quantize(m, cfg, calib, progress=False)
+    q, _ = quantize(m, cfg, calib, progress=False, kernel="simulated")  # as the _fake file
     ref = load_file(str(DATA / "legacy_quantized_v1_fake.safetensors"))
     with torch.no_grad():
         torch.manual_seed(0)
