@@ -18,7 +18,7 @@ Variants
 - ``fp32``, ``bf16``: ``nn.Linear`` / the whole model in that dtype (bf16 input pre-cast);
 - ``W4A8 +lora32, <route>``: ``QuantLinear.from_linear(..., wbits=4, abits=8)`` on the fastest
   integer kernel (``set_kernel``; oneDNN here), per-channel weights, per-tensor dynamic activations,
-  random rank-32 LoRA factors, run by ``QuantLinear.forward`` (= ``int_kernels.int_forward``), with
+  random rank-32 LoRA factors, run by ``QuantLinear.forward`` (= the kernel entry's ``forward``, ``kernels/integer.py``), with
   the LoRA branch routed as ``ROUTES`` says: the down-projection apart in fp32 from the codes
   (``lora_limbs=0``, what the layer did before), or inside the integer product as 3 int8 limbs
   per row (the default, same numerics) or 1 (plain int8, an approximation); the up-projection in
@@ -60,10 +60,17 @@ import torch
 import torch.nn as nn
 
 from ditas.model.dit import DiT, DiTConfig, DiT_models
-from ditas.quantization.int_kernels import DEFAULT_LORA_LIMBS, available_kernels
+from ditas.quantization.kernels import KERNELS
+from ditas.quantization.kernels.integer import DEFAULT_LORA_LIMBS
 from ditas.quantization.linear import LORA_DTYPES, QuantLinear
 from ditas.quantization.weight_only import WeightOnlyInt8Linear, quantize_adaln_weight_only
 from machine import cpu_name
+
+
+def available_kernels() -> tuple[str, ...]:
+    """The integer kernels of the registry this torch build runs on the CPU, most preferred first."""
+    return tuple(k.name for k in sorted(KERNELS.values(), key=lambda k: k.preference)
+                 if k.holds_codes and k.available() and "cpu" in k.devices)
 
 LAYER_SHAPES = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}
 BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
@@ -126,8 +133,8 @@ def model_bytes(model: nn.Module) -> int:
             total += tensor_bytes(t)
     for m in model.modules():
         if isinstance(m, QuantLinear):
-            if m._int_state is not None:
-                total += m._int_state.nbytes()
+            if m.kernel_state is not None and hasattr(m.kernel_state, "nbytes"):
+                total += m.kernel_state.nbytes()
             if m._wcache is not None:
                 total += tensor_bytes(m._wcache)
         if isinstance(m, WeightOnlyInt8Linear) and m._kernel_args is not None:
@@ -207,7 +214,7 @@ def _lora(linear: nn.Linear, g: torch.Generator) -> dict[str, torch.Tensor]:
 
 @dataclass(frozen=True)
 class LoraRoute:
-    """How an integer layer runs its LoRA branch (``QuantLinear`` attributes, see ``int_kernels``)."""
+    """How an integer layer runs its LoRA branch (``QuantLinear`` attributes, see ``kernels/integer.py``)."""
 
     limbs: int = DEFAULT_LORA_LIMBS  # int8 limbs of the down rows in the main product (0: fp32 apart)
     up: str = "fp32"                 # up-projection: fp32 (addmm_ into the output) or bf16

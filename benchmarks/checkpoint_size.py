@@ -137,7 +137,7 @@ def write_real(model_name: str, wbits: int, rank: int, out: Path, lora_dtype: st
     # load in a fresh process so its peak RSS is the load's own
     # VmHWM, not ru_maxrss: on Linux ru_maxrss survives exec, so a child would report this process's peak
     hwm = "print(int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1024)"
-    code = ("import torch, ditas; m = ditas.load_dit(%r, backend='auto'); c = m.config; "
+    code = ("import torch, ditas; m = ditas.load_dit(%r, kernel='auto'); c = m.config; "
             "x = torch.randn(2, c.in_channels, c.input_size, c.input_size); "
             "torch.set_grad_enabled(False); m(x, torch.tensor([1, 500]), torch.tensor([1, 2])); " + hwm) % str(out / "w4a8")
     def peak_mb(snippet: str) -> float:

@@ -386,7 +386,7 @@ def part_default(args, names: list[str], option_names: list[str]) -> tuple[str, 
         over = dict(steps=args.calib_steps, calib_labels=args.calib_labels)
         cfg = recipe_config("ditas", w_bits=wbits, a_bits=8, **over) if lora else \
             recipe_config("ditas", w_bits=wbits, a_bits=8, lora_rank=0, **over)
-        q, _ = quantize(fp, cfg, progress=False, backend="simulated")
+        q, _ = quantize(fp, cfg, progress=False, kernel="simulated")
         return q
 
     variants = build_variants(fp, make, names, option_names)

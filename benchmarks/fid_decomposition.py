@@ -64,7 +64,7 @@ def main() -> None:
     for name in [r.strip() for r in args.recipes.split(",") if r.strip()]:
         t0 = time.perf_counter()
         q, _ = quantize(fp, recipe_config(name, w_bits=args.w_bits, a_bits=args.a_bits), progress=False,
-                        backend="int")
+                        kernel="auto")
         images[name] = decode_to_uint8(q, generate(q, labels, **kw))
         print(f"{name}: quantized and sampled in {time.perf_counter() - t0:.0f} s", flush=True)
     feats = {k: extract_features(clf, v) for k, v in images.items()}

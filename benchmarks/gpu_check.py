@@ -111,7 +111,7 @@ def run_checks(device: torch.device, big: str, quick: bool) -> list[dict]:
     # 4. save and load on the device: bit-exact
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_quantized(qm[device.type], Path(tmp) / "q", cfg)
-        back, t_load = timed(lambda: ditas.load_dit(folder, device=device, backend="int_mm"), device)
+        back, t_load = timed(lambda: ditas.load_dit(folder, device=device, kernel="int_mm"), device)
         again = fwd(back, device)
     rows.append({"check": "save + load on the device (int_mm)", "device_s": t_load, "cpu_s": float("nan"),
                  "max_diff": _maxdiff(again, int_d), "note": "must be 0"})

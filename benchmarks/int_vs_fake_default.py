@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/int_vs_fake_default.py --num 100 --steps 50
 
 Quantizes the embedded default model with the ``ditas`` recipe (W4A8; 16 calibration labels, 50
-steps), saves it, loads it with ``backend="int"`` and ``backend="fake"`` and samples both from the
+steps), saves it, loads it with ``kernel="auto"`` and ``kernel="simulated"`` and samples both from the
 same noise and labels (cfg 4.0, DDPM). Prints the PSNR between them next to two yardsticks: the
 simulated model against itself from the start noise scaled by (1 + 1e-6) (how chaotic sampling of
 a quantized model is: a change of one ulp flips activation codes), and the simulated model
@@ -51,12 +51,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = save_quantized(q, f"{tmp}/q", cfg, report)
         t0 = time.perf_counter()
-        fake = run(ditas.load_dit(path, backend="fake"), z)
+        fake = run(ditas.load_dit(path, kernel="simulated"), z)
         t_fake = time.perf_counter() - t0
         t0 = time.perf_counter()
-        real = run(ditas.load_dit(path, backend="int"), z)
+        real = run(ditas.load_dit(path, kernel="auto"), z)
         t_int = time.perf_counter() - t0
-        fake_pert = run(ditas.load_dit(path, backend="fake"), z * (1 + 1e-6))
+        fake_pert = run(ditas.load_dit(path, kernel="simulated"), z * (1 + 1e-6))
     ref = run(fp, z)
     out = {"num": args.num, "steps": args.steps, "cfg": args.cfg,
            "psnr_int_vs_fake_db": psnr(real, fake),

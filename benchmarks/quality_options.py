@@ -140,7 +140,7 @@ def evaluate_options(names: list[str], *, num: int = 500, steps: int = 50, cfg_s
     # (the recipe rounds the factors it fitted: the same values)
     cfg = recipe_config("ditas", **{"lora_dtype": "float32", **(quant_overrides or {})})
     t0 = time.perf_counter()
-    base, _ = quantize(fp, cfg, progress=False, backend="simulated")
+    base, _ = quantize(fp, cfg, progress=False, kernel="simulated")
     quantize_s = round(time.perf_counter() - t0, 1)
     for name in names:
         model = copy.deepcopy(base)

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in dtypes:
         for kernel in [k.strip() for k in args.kernels.split(",") if k.strip()]:
             rows.append((f"W4A8, LoRA {dtype}, kernel {kernel}",
-                         measure(forward_snippet(args.dir / w4a8_name(dtype), f", backend={kernel!r}"))))
+                         measure(forward_snippet(args.dir / w4a8_name(dtype), f", kernel={kernel!r}"))))
     if args.before:
         rows.append(("W4A8, before (backend='int', onednn)",
                      measure(forward_snippet(args.dir / "w4a8", ", backend='int'"), args.before)))

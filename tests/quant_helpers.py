@@ -122,3 +122,28 @@ def fold_into_v_rows(qkv, s) -> None:
     from ditas.quantization.smoothing import fold_into_rows
 
     fold_into_rows(qkv, s, v_rows(qkv.out_features))
+
+
+# the integer kernels of the registry this torch build runs on the CPU, most preferred first
+def integer_kernels() -> tuple[str, ...]:
+    from ditas.quantization.kernels import KERNELS
+
+    return tuple(k.name for k in sorted(KERNELS.values(), key=lambda k: k.preference)
+                 if k.holds_codes and k.available() and "cpu" in k.devices)
+
+
+def int_linear(layer, codes, a_scale, a_zero, kernel: str | None = None):
+    """The integer product of ``kernel``'s entry (default: the most preferred), the layer switched to it."""
+    from ditas.quantization.kernels import KERNELS
+
+    kernel = kernel or integer_kernels()[0]
+    if layer.kernel != kernel:
+        layer.set_kernel(kernel)
+    return KERNELS[kernel].linear(layer, codes, a_scale, a_zero)
+
+
+def int_forward(layer, x, kernel: str | None = None, lora_bf16: bool | None = None):
+    """The fused forward of ``kernel``'s entry (default: the most preferred) on ``layer`` as it is."""
+    from ditas.quantization.kernels import KERNELS
+
+    return KERNELS[kernel or integer_kernels()[0]].forward(layer, x, lora_bf16=lora_bf16)

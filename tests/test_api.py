@@ -36,7 +36,7 @@ def test_quantize_save_load_without_calib_is_bit_exact(tmp_path):
         out = m(x, t, y)
         assert 0 < _rel(out, fp(x, t, y)) < 0.5
     ditas.save_quantized(m, tmp_path / "q")
-    back = ditas.load_quantized(tmp_path / "q", device="cpu", backend="fake")
+    back = ditas.load_quantized(tmp_path / "q", device="cpu")  # the same (default) kernels as quantize_
     with torch.no_grad():
         assert torch.equal(back(x, t, y), out)
 
@@ -104,3 +104,32 @@ def test_table_fold_is_exact(seed, width_mult, num_chunks):
     fold_into_modulation_table(table, s, sh, sc)
     after = x * (1 + table[sc]) + table[sh]
     torch.testing.assert_close(after, before / s, rtol=1e-12, atol=1e-12)
+
+
+def test_quantize_runs_the_kernels_that_sample_runs_on_the_saved_folder(tmp_path, monkeypatch):
+    """One default (auto): a model quantized in memory computes with the kernels ``ditas sample``
+    gives its saved folder, so the two agree bit for bit."""
+    import ditas.model.loading as loading
+    from ditas.cli.main import main
+    from ditas.quantization.kernels import KERNELS
+    from ditas.quantization.linear import QuantLinear
+
+    m = random_dit(4, hidden=32, heads=2, depth=1)
+    ditas.quantize_(m, ditas.recipe_config("ditas", steps=2, calib_labels=2, lora_rank=4, lora_rounds=2,
+                                           alpha_grid=(0.5,)))  # the "ditas" recipe, small: default kernel
+    ditas.save_quantized(m, tmp_path / "q")
+    loaded = []
+    real_load = loading.load_dit
+    monkeypatch.setattr(loading, "load_dit", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    assert main(["sample", "--model", str(tmp_path / "q"), "--num", "1", "--steps", "2", "--no-progress",
+                 "--out", str(tmp_path / "x.png")]) == 0
+    sampled = loaded[0]
+
+    def kernels(model):
+        return {n: mod.kernel for n, mod in model.named_modules() if isinstance(mod, QuantLinear)}
+
+    assert kernels(m) == kernels(sampled) and len(kernels(m)) == 4
+    assert all(KERNELS[k].holds_codes for k in kernels(m).values())  # auto on the CPU: an integer kernel
+    x, t, y = _inputs(5)
+    with torch.no_grad():
+        assert torch.equal(m(x, t, y), sampled(x, t, y))

@@ -145,15 +145,15 @@ def test_use_attention_swaps_every_block_and_back(mode, tol):
     assert all(b.attn.core is None for b in model.blocks)
 
 
-@pytest.mark.parametrize("backend", ["fake", "int"])
-def test_int8_attention_in_a_quantized_model(backend):
+@pytest.mark.parametrize("kernel", ["simulated", "auto"])
+def test_int8_attention_in_a_quantized_model(kernel):
     from ditas.quantization.apply import quantize
     from ditas.quantization.recipes import recipe_config
 
     model = random_dit(hidden=64, heads=4, depth=2)
     cfg = recipe_config("ditas", w_bits=4, a_bits=8)
     cfg.steps, cfg.num_calib_labels = 3, 2
-    qmodel, _ = quantize(model, cfg, progress=False, backend=backend)
+    qmodel, _ = quantize(model, cfg, progress=False, kernel=kernel)
     x, t, y = _inputs(model)
     with torch.no_grad():
         ref = qmodel(x, t, y)

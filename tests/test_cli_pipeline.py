@@ -65,7 +65,7 @@ def test_quantized_transformer_drops_into_the_users_pipeline(tmp_path, pipeline_
     q = tmp_path / "q"
     assert main(["quantize", "--model", str(pipeline_dir), "--out", str(q), "--recipe", "rtn", *QUANT_ARGS]) == 0
     pipe = load_pipeline(pipeline_dir)
-    pipe.transformer = load_quantized(q, backend="fake")
+    pipe.transformer = load_quantized(q, kernel="simulated")
     assert isinstance(pipe.transformer.transformer_blocks[0].attn1.to_q, QuantLinear)
     images = generate_images(pipe, "a cat", steps=2, seed=0, progress=False)
     assert len(images) == 1 and images[0].size == (8, 8)
@@ -92,6 +92,11 @@ def test_bad_pipeline_input_is_a_clear_error(tmp_path, pipeline_dir, capsys):
     assert main(["sample", "--model", str(pipeline_dir), "--prompt", "x", "--guidance", "-1",
                  "--out", str(tmp_path / "x.png")]) == 2
     assert "--guidance" in capsys.readouterr().err
+    for guidance in ("1e30", "nan"):  # checked like --cfg-scale, before any work
+        assert main(["sample", "--quantized", str(pipeline_dir), "--prompt", "x", "--guidance", guidance,
+                     "--out", str(tmp_path / "x.png")]) == 2
+        err = capsys.readouterr().err
+        assert "--guidance must be a number in 0..100" in err and len(err.strip().splitlines()) == 1
     flux = tmp_path / "flux"
     fm.save_tiny_flux_pipeline(flux)
     qf = tmp_path / "qf"
@@ -124,7 +129,7 @@ def test_public_api_with_the_users_pipeline(tmp_path, pipeline_dir):
     assert report["num_layers"] == 14 and isinstance(pipe.transformer.transformer_blocks[1].ff.net[2], QuantLinear)
     in_place = generate_images(pipe, "a cat", steps=2, seed=3, progress=False)[0]
     ditas.save_quantized(pipe.transformer, tmp_path / "q")
-    pipe.transformer = ditas.load_quantized(tmp_path / "q", backend="fake")
+    pipe.transformer = ditas.load_quantized(tmp_path / "q", kernel="simulated")
     loaded = generate_images(pipe, "a cat", steps=2, seed=3, progress=False)[0]
     assert np.array_equal(np.asarray(in_place), np.asarray(loaded))
 

@@ -33,9 +33,9 @@ def test_quantize_writes_a_loadable_folder_and_report(tmp_path, model_dir, capsy
     assert len(report["layers"]) == 8 and all("alpha" in v for v in report["layers"].values())
     assert {"calibration_run_s", "blockwise_search_s", "convert_s", "save_s"} <= set(report["wall_time_s"])
     assert report["peak_memory_mb"] > 0
-    m = ditas.load_dit(out, backend="fake")
+    m = ditas.load_dit(out, kernel="simulated")
     assert isinstance(m.blocks[1].mlp.fc2, QuantLinear) and m.blocks[1].mlp.fc2.lora_rank == 4
-    rc = main(["sample", "--model", str(out), "--backend", "fake", "--num", "2", "--steps", "2",
+    rc = main(["sample", "--model", str(out), "--kernel", "simulated", "--num", "2", "--steps", "2",
                "--out", str(tmp_path / "s.png")])
     assert rc == 0 and (tmp_path / "s.png").exists()
 

@@ -32,7 +32,6 @@ MARGIN_DB = 3.0
 
 @pytest.fixture(scope="module")
 def default_w4a8(tmp_path_factory):
-    pytest.importorskip("ditas.quantization.int_kernels")
     cfg = recipe_config("ditas", calib_labels=2, steps=5, lora_rank=8, lora_rounds=3,
                         alpha_grid=(0.3, 0.5, 0.7))
     q, report = quantize(ditas.load_dit(), cfg, progress=False)
@@ -47,8 +46,8 @@ def _samples(model, z):
 
 
 def test_int_backend_samples_match_the_simulated_path(default_w4a8):
-    fake = ditas.load_dit(default_w4a8, backend="fake")
-    real = ditas.load_dit(default_w4a8, backend="int")
+    fake = ditas.load_dit(default_w4a8, kernel="simulated")
+    real = ditas.load_dit(default_w4a8, kernel="auto")
     fp = ditas.load_dit()
     z = start_noise(fp, 10, seed=3)
     sim = _samples(fake, z)

@@ -105,15 +105,15 @@ def test_w4a8_ditas_beats_rtn_and_smoothquant():
     assert errs["ditas"] < errs["rtn"] and errs["ditas"] < errs["smoothquant"], errs
 
 
-@pytest.mark.parametrize("backend", ["fake", "int"])
-def test_save_load_forward_is_bit_exact(tmp_path, backend):
+@pytest.mark.parametrize("kernel", ["simulated", "auto"])
+def test_save_load_forward_is_bit_exact(tmp_path, kernel):
     m = tiny_diffusers_dit(4)
     cfg = ditas.recipe_config("ditas", steps=3, calib_labels=2, lora_rank=4, lora_rounds=2, alpha_grid=(0.3, 0.6))
-    report = ditas.quantize_(m, cfg, backend=backend)  # no calib: the model samples its own run
+    report = ditas.quantize_(m, cfg, kernel=kernel)  # no calib: the model samples its own run
     assert report["forward_passes"]["batch_per_pass"] == 4  # 2 labels + their null labels
     assert type(m.transformer_blocks[0].norm1.linear).__name__ == "WeightOnlyInt8Linear"
     ditas.save_quantized(m, tmp_path / "q")
-    back = ditas.load_quantized(tmp_path / "q", device="cpu", backend=backend)
+    back = ditas.load_quantized(tmp_path / "q", device="cpu", kernel=kernel)
     assert type(back) is type(m)
     inputs = _held_out(9)
     assert torch.equal(_out(back, inputs), _out(m, inputs))
@@ -122,16 +122,15 @@ def test_save_load_forward_is_bit_exact(tmp_path, backend):
 
 
 def test_int_kernel_agrees_with_the_simulated_path(tmp_path):
-    pytest.importorskip("ditas.quantization.int_kernels")
     m = tiny_diffusers_dit(5)
     fp = copy.deepcopy(m)
     with ditas.record_calibration(m) as calib:
         class_loop_calls(m, steps=3, seed=5)
     ditas.quantize_(m, ditas.recipe_config("ditas", lora_rank=4, lora_rounds=2, alpha_grid=(0.3, 0.6)), calib)
     ditas.save_quantized(m, tmp_path / "q")
-    fake = ditas.load_quantized(tmp_path / "q", backend="fake")
-    real = ditas.load_quantized(tmp_path / "q", backend="int")
-    assert any(isinstance(mod, QuantLinear) and mod.kernel in ("onednn", "int_mm") and mod.int_supported() for mod in real.modules())
+    fake = ditas.load_quantized(tmp_path / "q", kernel="simulated")
+    real = ditas.load_quantized(tmp_path / "q", kernel="auto")
+    assert any(isinstance(mod, QuantLinear) and mod.kernel in ("onednn", "int_mm") and mod.kernel_entry.supports(mod) is None for mod in real.modules())
     inputs = _held_out(11)
     a, b, ref = _out(real, inputs), _out(fake, inputs), _out(fp, inputs)
     # much closer to each other than either is to FP (the quantization error)

@@ -260,7 +260,7 @@ def test_load_quantized_validates_the_device(quant_dir, device):
     (lambda: ditas.recipe_config(None), "unknown recipe"),
     (lambda: ditas.save_quantized(None, "x"), "model must be"),
     (lambda: ditas.load_quantized(None), "path must be a path"),
-    (lambda: ditas.load_quantized("x", backend="nope"), "unknown kernel"),
+    (lambda: ditas.load_quantized("x", kernel="nope"), "unknown kernel"),
     (lambda: ditas.load_dit(5), "path must be a path"),
     (lambda: ditas.load_dit(config="DiT-S/2"), "config must be a DiTConfig"),
     (lambda: ditas.save_dit(None, "x"), "model must be a ditas DiT"),
@@ -274,11 +274,11 @@ def test_public_functions_raise_one_line_config_errors(call, text):
     assert "\n" not in str(info.value)
 
 
-def test_quantize_unknown_backend_leaves_the_model_untouched():
+def test_quantize_unknown_kernel_leaves_the_model_untouched():
     model = random_dit(2, depth=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ConfigError, match="unknown kernel"):
-        ditas.quantize_(model, ditas.recipe_config("rtn", steps=2, calib_labels=1), backend="xyz")
+        ditas.quantize_(model, ditas.recipe_config("rtn", steps=2, calib_labels=1), kernel="xyz")
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 

@@ -181,15 +181,13 @@ def test_quantized_in_place_inside_the_diffusers_class(quantized_family):
         assert out.shape == ref.shape and rel(out, ref) < 0.5
 
 
-@pytest.mark.parametrize("backend", ["fake", "int"])
-def test_save_load_forward_is_bit_exact(tmp_path, quantized_family, backend):
+@pytest.mark.parametrize("kernel", ["simulated", "auto"])
+def test_save_load_forward_is_bit_exact(tmp_path, quantized_family, kernel):
     family, _, q = quantized_family
-    if backend == "int":
-        pytest.importorskip("ditas.quantization.int_kernels")
     out = save_quantized(q, tmp_path / family)
-    loaded = load_quantized(out, backend=backend)
+    loaded = load_quantized(out, kernel=kernel)
     assert type(loaded) is type(q)
-    use_kernels(q, backend)
+    use_kernels(q, kernel)
     try:
         for a, b in zip(_outputs(loaded), _outputs(q)):
             assert torch.equal(a, b)
@@ -198,11 +196,10 @@ def test_save_load_forward_is_bit_exact(tmp_path, quantized_family, backend):
 
 
 def test_int_kernel_agrees_with_the_simulated_path(tmp_path, quantized_family):
-    pytest.importorskip("ditas.quantization.int_kernels")
     family, fp, q = quantized_family
     out = save_quantized(q, tmp_path / family)
-    fake, real = load_quantized(out, backend="fake"), load_quantized(out, backend="int")
-    assert any(isinstance(mod, QuantLinear) and mod.kernel in ("onednn", "int_mm") and mod.int_supported()
+    fake, real = load_quantized(out, kernel="simulated"), load_quantized(out, kernel="auto")
+    assert any(isinstance(mod, QuantLinear) and mod.kernel in ("onednn", "int_mm") and mod.kernel_entry.supports(mod) is None
                for mod in real.modules())
     for a, b, ref in zip(_outputs(real), _outputs(fake), _outputs(fp)):
         # much closer to each other than either is to FP (the quantization error)

@@ -1,4 +1,4 @@
-"""Integer backend: exact integer core, int_linear vs the simulated path, QuantLinear int vs fake."""
+"""Integer kernels: exact integer core, their product vs the simulated kernel, QuantLinear int vs simulated."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ditas.quantization.int_kernels import (available_kernels, int8_matmul_zp, int_forward, int_linear,
-                                            prepare_int_weight)
+from ditas.errors import ConfigError
+from ditas.quantization.kernels import KERNELS as REGISTRY, canonical
+from ditas.quantization.kernels.int_mm import int8_matmul_zp
 from ditas.quantization.linear import QuantLinear
 from ditas.quantization.quantizers import activation_codes
+from quant_helpers import int_forward, int_linear, integer_kernels
 
-KERNELS = available_kernels()
+KERNELS = integer_kernels()
 SHAPES = [(1, 8, 8), (3, 13, 11), (17, 24, 40), (33, 57, 19)]  # (M, K, N), odd sizes included
 
 
@@ -93,7 +95,7 @@ def test_int_linear_matches_simulated(kernel, gran, m, k, n, wbits, abits) -> No
     y = int_linear(layer, codes, scale, zero, kernel=kernel)
     assert y.dtype == torch.float32 and y.shape == (m, n)
     assert _rel(y, _simulated(layer, codes, scale, zero)) < 2e-6
-    assert layer._int_state is not None and layer._int_state.kernel == kernel
+    assert layer.kernel_state is not None and layer.kernel_state.kernel == kernel
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -107,7 +109,7 @@ def test_rows_whose_zero_point_does_not_fit_int8(kernel, gran) -> None:
     x = torch.randn(9, 40) + 3.0  # all-positive inputs: activation zero point outside [0, 255]
     codes, scale, zero = activation_codes(x, 8, gran)
     y = int_linear(layer, codes, scale, zero, kernel=kernel)
-    assert layer._int_state.residual is not None
+    assert layer.kernel_state.residual is not None
     assert _rel(y, _simulated(layer, codes, scale, zero)) < 1e-5
 
 
@@ -117,16 +119,16 @@ def test_no_bias_and_cache_reuse(kernel) -> None:
     x = torch.randn(5, 32)
     c, s, z = activation_codes(x, 8)
     y1 = int_linear(layer, c, s, z, kernel=kernel)
-    state = layer._int_state
+    state = layer.kernel_state
     y2 = int_linear(layer, c, s, z, kernel=kernel)
-    assert layer._int_state is state and torch.equal(y1, y2)
+    assert layer.kernel_state is state and torch.equal(y1, y2)
     assert _rel(y1, _simulated(layer, c, s, z)) < 2e-6
 
 
 def test_prepared_state_holds_no_float_weight() -> None:
     layer = _layer(48, 20, 4, 8, "tensor", seed=2)
     for kernel in KERNELS:
-        st = prepare_int_weight(layer, kernel)
+        st = REGISTRY[kernel].prepare(layer)
         floats = [t for t in vars(st).values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
         assert all(t.numel() <= 20 for t in floats)  # per-channel vectors only
         if st.w_int8 is not None:
@@ -138,7 +140,7 @@ def test_prepared_state_holds_no_float_weight() -> None:
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("gran", ["tensor", "token"])
 @pytest.mark.parametrize("lora_rank", [0, 4])
-def test_quantlinear_int_vs_fake_backend(kernel, gran, lora_rank) -> None:
+def test_quantlinear_int_vs_simulated_kernel(kernel, gran, lora_rank) -> None:
     layer = _layer(36, 20, 4, 8, gran, seed=11, lora_rank=lora_rank)
     layer.smooth = torch.rand(36) + 0.5
     x = torch.randn(2, 7, 36)
@@ -170,8 +172,8 @@ def test_unsupported_layers_rejected() -> None:
     layer = _layer(64, 32, 4, 8, "tensor", seed=0)
     with pytest.raises(ValueError, match=r"codes must be \(M, 64\)"):
         int_linear(layer, c[:, :10], s, z)
-    with pytest.raises(ValueError, match="kernel must be one of"):
-        int_linear(layer, c, s, z, kernel="cuda")
+    with pytest.raises(ConfigError, match="unknown kernel"):
+        canonical("cuda")
     with pytest.raises(ValueError, match="a_scale/a_zero"):
         int_linear(layer, c, torch.ones(3, 1), z)
 

@@ -8,8 +8,8 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from ditas.errors import ConfigError
-from ditas.quantization.int_kernels import onednn_works
 from ditas.quantization.kernels import KERNELS, canonical, choose, use_kernels
+from ditas.quantization.kernels.onednn import onednn_works
 from ditas.quantization.linear import QuantLinear
 
 
@@ -30,8 +30,10 @@ def test_choices():
     ch, grouped, a16 = _layer(), _layer(layout="group"), _layer(abits=16)
     assert choose(ch) == ("onednn" if onednn_works() else "int_mm")
     assert choose(grouped) == "simulated" and choose(a16) == "simulated"
-    assert choose(ch, "int_mm") == "int_mm" and choose(ch, "fake") == "simulated"
-    assert choose(ch, "int") == choose(ch)
+    assert choose(ch, "int_mm") == "int_mm" and choose(ch, "simulated") == "simulated"
+    for former, now in (("fake", "simulated"), ("int", "auto")):  # the former backend names are refused
+        with pytest.raises(ConfigError, match=f"now called '{now}'"):
+            choose(ch, former)
     assert choose(ch, device="cuda") == "int_mm"  # what auto picks for a CUDA layer
     with pytest.raises(ConfigError, match="runs on cpu, not cuda"):
         choose(ch, "onednn", device="cuda")
@@ -78,5 +80,81 @@ def test_one_copy_of_the_weight_and_exact_codes(seed, kernel, rank):
 
 def test_registry_entries_state_their_support():
     for k in KERNELS.values():
-        assert k.devices and k.layouts and k.summary
-    assert KERNELS["simulated"].problem(_layer(layout="reference32", n=32), torch.device("cpu")) is None
+        assert k.devices and k.layouts and k.summary and k.name
+    assert KERNELS["simulated"].supports(_layer(layout="reference32", n=32), torch.device("cpu")) is None
+
+
+# ------------------------------------------------------------------------------------------------
+#                 Each registry entry: supports / prepare / forward vs the simulated kernel
+# ------------------------------------------------------------------------------------------------
+
+RUNNABLE = [k for k in KERNELS if KERNELS[k].available()]
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+@pytest.mark.parametrize("gran", ["tensor", "token"])
+@pytest.mark.parametrize("rank", [0, 4])
+def test_each_entry_prepares_and_computes_the_simulated_function(name, gran, rank):
+    entry = KERNELS[name]
+    layer = _layer(seed=7, lora_rank=rank)
+    layer.act_granularity = gran
+    x = torch.randn(3, 6, 40, generator=torch.Generator().manual_seed(3))
+    sim = layer(x)  # a new layer runs the simulated kernel
+    assert layer.kernel == "simulated"
+    assert entry.supports(layer) is None
+    state = entry.prepare(layer)  # the entry alone, without the layer's bookkeeping
+    assert state is not None
+    layer.set_kernel(name)
+    assert layer.kernel_entry is entry and type(layer.kernel_state) is type(state)
+    y = entry.forward(layer, x)
+    assert y.shape == sim.shape and torch.equal(layer(x), y)
+    assert float((y - sim).norm() / sim.norm()) < 2e-6
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_each_entry_states_what_it_does_not_support(name):
+    entry = KERNELS[name]
+    for layer in (_layer(layout="group"), _layer(abits=16), _layer(layout="reference32", n=32)):
+        problem = entry.supports(layer)
+        ok = layer.layout in entry.layouts and layer.abits <= entry.max_abits
+        assert (problem is None) == ok, (layer.layout, layer.abits, problem)
+    if "cuda" not in entry.devices:
+        assert "not cuda" in entry.supports(_layer(), "cuda")
+
+
+@pytest.mark.parametrize("name", list(KERNELS))
+@pytest.mark.parametrize("tensor,value", [("wzero", 1e30), ("wscale", 1e38), ("wscale", float("nan")),
+                                          ("wzero", 0.5), ("wscale", -1.0)])
+def test_every_kernel_refuses_garbage_scales_and_zero_points(name, tensor, value):
+    layer = _layer(seed=2)
+    with torch.no_grad():
+        getattr(layer, tensor)[3] = value
+    layer.invalidate()
+    assert KERNELS[name].supports(layer) is not None
+    model = nn.Sequential(layer)
+    with pytest.raises(ConfigError, match="^0: kernel .*wscale/wzero"):
+        use_kernels(model, name)
+    with pytest.raises(ConfigError, match="^0: no kernel runs"):
+        use_kernels(model)  # auto finds none either
+
+
+@pytest.mark.parametrize("name", [k for k in RUNNABLE if KERNELS[k].holds_codes])
+def test_integer_prepare_validates_what_it_prepares(name):
+    layer = _layer(seed=4)
+    with torch.no_grad():
+        layer.wzero[0] = 1e30
+    with pytest.raises(ConfigError, match="zero point"):
+        KERNELS[name].prepare(layer)
+
+
+def test_cli_kernel_choices_are_the_registry():
+    from ditas.cli.main import build_parser
+    from ditas.quantization.kernels import kernel_names
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.choices and "sample" in a.choices).choices
+    for command in ("sample", "compare", "benchmark"):
+        action = next(a for a in sub[command]._actions if "--kernel" in a.option_strings)
+        assert tuple(action.choices) == kernel_names() == ("auto", *KERNELS)
+        assert action.default == "auto"
+        assert not any("--backend" in a.option_strings for a in sub[command]._actions)

@@ -1,4 +1,4 @@
-"""The LoRA down-projection inside the integer product (``int_kernels.lora_limbs``).
+"""The LoRA down-projection inside the integer product (``kernels.integer.lora_limbs``).
 
 The down rows of the low-rank branch are appended to the prepared int8 weight as ``limbs`` int8
 rows each, so one integer product gives the layer's outputs and the rank-r intermediate. Checked
@@ -16,12 +16,13 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from ditas.errors import ConfigError
-from ditas.quantization.int_kernels import (LIMB_BASE, MAX_LORA_LIMBS, available_kernels, int_forward, int_linear,
-                                            lora_limbs, onednn_works)
 from ditas.quantization.kernels import use_kernels
+from ditas.quantization.kernels.integer import LIMB_BASE, MAX_LORA_LIMBS, lora_limbs
+from ditas.quantization.kernels.onednn import onednn_works
 from ditas.quantization.linear import QuantLinear
+from quant_helpers import int_forward, int_linear, integer_kernels
 
-KERNELS = available_kernels()
+KERNELS = integer_kernels()
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -101,7 +102,7 @@ def _integer_layer(kernel: str, limbs: int, gran: str, seed: int):
 @pytest.mark.parametrize("gran", ["tensor", "token"])
 def test_exact_on_small_integer_cases(kernel, limbs, gran):
     layer, x, exact = _integer_layer(kernel, limbs, gran, seed=limbs + 5)
-    assert layer._int_state.lora_limbs == limbs and layer._int_state.product_features == 10 + 3 * limbs
+    assert layer.kernel_state.lora_limbs == limbs and layer.kernel_state.product_features == 10 + 3 * limbs
     assert int(exact.abs().max()) < 2 ** 24  # every partial result is exact in float32
     y = layer(x)
     assert y.shape == (7, 10) and torch.equal(y.double(), exact.double())
@@ -115,7 +116,7 @@ def test_default_limbs_agree_with_the_simulated_path(kernel, gran):
     x = torch.randn(3, 11, 72)
     sim = layer(x)
     layer.set_kernel(kernel)
-    st = layer._int_state
+    st = layer.kernel_state
     assert st.lora_limbs == MAX_LORA_LIMBS and st.lora_down_sum is None  # down rows live in the product
     y = layer(x)
     assert y.shape == sim.shape and _rel(y, sim) < 2e-6
@@ -149,7 +150,7 @@ def test_use_kernels_sets_and_checks_the_limbs():
         use_kernels(model, lora_limbs=MAX_LORA_LIMBS + 1)
     assert [m.kernel for m in model] == ["simulated", "simulated"]
     use_kernels(model, lora_limbs=1)
-    assert all(m._int_state.lora_limbs == 1 for m in model)
+    assert all(m.kernel_state.lora_limbs == 1 for m in model)
     assert "lora_down=int8x1" in repr(model[0])
 
 
@@ -162,5 +163,5 @@ def test_changing_the_limbs_reprepares_and_keeps_the_codes():
     y3 = layer(x)
     layer.lora_limbs = 0
     y0 = int_forward(layer, x)
-    assert layer._int_state.lora_limbs == 0 and _rel(y0, y3) < 2e-6
+    assert layer.kernel_state.lora_limbs == 0 and _rel(y0, y3) < 2e-6
     assert torch.equal(layer.qweight, codes) and "qweight" not in layer._buffers

@@ -60,7 +60,7 @@ def test_folder_written_before_families_still_loads_and_computes_the_same(backen
     folder = DATA / "legacy_quantized_v1"
     assert "family" not in (folder / "config.json").read_text()
     ref = load_file(str(DATA / f"legacy_quantized_v1_{backend}.safetensors"))
-    q = load_dit(folder, backend=backend)
+    q = load_dit(folder, kernel={"fake": "simulated", "int": "auto"}[backend])  # the data files' names
     assert q.quant_family == "dit"
     from ditas.quantization.recipes import recipe_config  # the flat config it was saved with reads back
     assert q.quant_config == recipe_config("ditas", steps=2, calib_labels=2, lora_rank=4, lora_rounds=2,
@@ -157,11 +157,11 @@ def test_quantized_folder_records_its_family(tmp_path):
 
     m = random_dit(1, hidden=32, depth=1, heads=2)
     cfg = recipe_config("rtn", steps=2, calib_labels=1)
-    q, _ = quantize(m, cfg, progress=False)
+    q, _ = quantize(m, cfg, progress=False, kernel="simulated")
     save_quantized(q, tmp_path / "q", cfg)
     data = read_config(tmp_path / "q")
     assert data["family"] == "dit" and data["model"] == m.config.to_dict()
-    back = load_quantized(tmp_path / "q", device="cpu", backend="fake")
+    back = load_quantized(tmp_path / "q", device="cpu", kernel="simulated")
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 4]), torch.tensor([0, 1])
     with torch.no_grad():
         assert torch.equal(back(x, t, y), q(x, t, y))
@@ -181,7 +181,7 @@ def test_dit_quantization_is_unchanged_by_the_seam():
     m = random_dit(3, hidden=32, depth=2, heads=2)
     cfg = recipe_config("ditas", steps=2, calib_labels=2, lora_rank=4, lora_rounds=2, alpha_grid=(0.3, 0.7),
                         lora_dtype="float32")  # recorded when the recipe kept fp32 LoRA factors
-    q, _ = quantize(m, cfg, calib, progress=False)
+    q, _ = quantize(m, cfg, calib, progress=False, kernel="simulated")  # as the _fake file
     ref = load_file(str(DATA / "legacy_quantized_v1_fake.safetensors"))
     with torch.no_grad():
         torch.manual_seed(0)

@@ -323,7 +323,7 @@ def test_quantize_killed_during_the_save_loses_nothing(tmp_path, model_dir):
                  "--overwrite"]) == 0
     assert json.loads((out / "config.json").read_text())["quantization"]["config"]["calibration"]["seed"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "ready"]
-    ditas.load_dit(out, backend="fake")
+    ditas.load_dit(out, kernel="simulated")
 
 
 @pytest.mark.parametrize("command", ["sample", "eval"])

@@ -22,7 +22,7 @@ def quantized():
     m = random_dit(3, depth=2)
     cfg = recipe_config("ditas", w_bits=3, steps=2, calib_labels=2, lora_rank=4, lora_rounds=2,
                         alpha_grid=(0.25, 0.75), lora_dtype="float32")  # the tests below round to bf16 themselves
-    q, report = quantize(m, cfg, progress=False)
+    q, report = quantize(m, cfg, progress=False, kernel="simulated")  # as the loads below
     return q, cfg, report
 
 
@@ -32,7 +32,7 @@ def test_save_load_is_bit_exact(tmp_path, quantized):
     data = json.loads((out / "config.json").read_text())
     assert data["quantization"]["recipe"] == "ditas" and data["quantization"]["bits"] == {"weights": 3, "activations": 8}
     assert data["model"]["depth"] == 2 and (out / "report.json").exists()
-    loaded = ditas.load_dit(out, backend="fake")
+    loaded = ditas.load_dit(out, kernel="simulated")
     a, b = q.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys()
     for k in a:
@@ -62,7 +62,7 @@ def test_zero_points_are_stored_as_uint8_and_read_back_exactly(tmp_path, quantiz
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         stored = {k: f.get_tensor(k) for k in f.keys() if k.endswith(".wzero")}
     assert len(stored) == len(ckpt.quant_layers(q)) and all(t.dtype == torch.uint8 for t in stored.values())
-    loaded = ditas.load_dit(out, backend="fake")
+    loaded = ditas.load_dit(out, kernel="simulated")
     for name, m in ckpt.quant_layers(q).items():
         back = loaded.get_submodule(name).wzero
         assert back.dtype == torch.float32 and torch.equal(back, m.wzero)
@@ -82,7 +82,7 @@ def test_zero_points_are_stored_as_uint8_and_read_back_exactly(tmp_path, quantiz
     data = json.loads((out / "config.json").read_text())
     data["quantization"]["format_version"] = 2
     (out / "config.json").write_text(json.dumps(data))
-    again = ditas.load_dit(out, backend="fake")
+    again = ditas.load_dit(out, kernel="simulated")
     assert torch.equal(again.blocks[1].mlp.fc2.wzero, loaded.blocks[1].mlp.fc2.wzero)
 
 
@@ -159,14 +159,14 @@ def test_bf16_lora_factors_round_trip_and_halve_their_bytes(tmp_path, quantized)
     assert b32.keys() == b16.keys() and sum(b16.values()) * 2 == sum(b32.values()) > 0
     g = torch.Generator().manual_seed(1)
     x, t, y = torch.randn(3, 1, 8, 8, generator=g), torch.tensor([3, 400, 999]), torch.tensor([0, 5, 9])
-    for backend in ("fake", "int"):
-        loaded = ditas.load_dit(out16, backend=backend)
+    for kernel in ("simulated", "auto"):
+        loaded = ditas.load_dit(out16, kernel=kernel)
         a, b = q16.state_dict(), loaded.state_dict()
         assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
         with torch.no_grad():
             want = q16(x, t, y)  # simulated
             got = loaded(x, t, y)
-            if backend == "fake":
+            if kernel == "simulated":
                 assert torch.equal(got, want)
             else:
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -180,7 +180,7 @@ def test_format_1_folders_read_as_float32_lora_and_bad_dtypes_are_refused(tmp_pa
     for entry in data["quantization"]["layers"].values():
         del entry["lora_dtype"]
     (out / "config.json").write_text(json.dumps(data))
-    loaded = ditas.load_dit(out, backend="fake")
+    loaded = ditas.load_dit(out, kernel="simulated")
     assert loaded.blocks[0].mlp.fc1.lora_dtype == torch.float32
     assert torch.equal(loaded.blocks[0].mlp.fc1.lora_up, q.blocks[0].mlp.fc1.lora_up)
     data["quantization"]["format_version"] = 2
@@ -191,10 +191,9 @@ def test_format_1_folders_read_as_float32_lora_and_bad_dtypes_are_refused(tmp_pa
 
 
 def test_int_backend_agrees_with_the_simulated_path(tmp_path, quantized):
-    pytest.importorskip("ditas.quantization.int_kernels")
     q, cfg, _ = quantized
     out = ckpt.save_quantized(q, tmp_path / "q", cfg)
-    fake, real = ditas.load_dit(out, backend="fake"), ditas.load_dit(out, backend="int")
+    fake, real = ditas.load_dit(out, kernel="simulated"), ditas.load_dit(out, kernel="auto")
     assert real.blocks[0].mlp.fc1.kernel in ("onednn", "int_mm")
     assert fake.blocks[0].mlp.fc1.kernel == "simulated"
     g = torch.Generator().manual_seed(1)
@@ -208,13 +207,13 @@ def test_adaln_float_option_keeps_float_adaln_and_int8_stays_close(tmp_path):
     """``adaln="float"`` leaves the adaLN linears alone; the int8 model computes nearly the same."""
     m = random_dit(5, depth=2)
     common = dict(w_bits=4, steps=2, calib_labels=2, lora_rank=4, lora_rounds=2, alpha_grid=(0.25, 0.75))
-    q8, _ = quantize(m, recipe_config("ditas", **common), progress=False)
-    qf, _ = quantize(m, recipe_config("ditas_fp_adaln", **common), progress=False)
+    q8, _ = quantize(m, recipe_config("ditas", **common), progress=False, kernel="simulated")
+    qf, _ = quantize(m, recipe_config("ditas_fp_adaln", **common), progress=False, kernel="simulated")
     assert isinstance(q8.blocks[1].adaLN_modulation[1], WeightOnlyInt8Linear)
     assert type(qf.blocks[1].adaLN_modulation[1]) is torch.nn.Linear
     out = ckpt.save_quantized(qf, tmp_path / "qf")
     assert json.loads((out / "config.json").read_text())["quantization"]["weight_only_layers"] == {}
-    loaded = ditas.load_dit(out, backend="fake")
+    loaded = ditas.load_dit(out, kernel="simulated")
     assert type(loaded.final_layer.adaLN_modulation[1]) is torch.nn.Linear
     g = torch.Generator().manual_seed(2)
     x = torch.randn(4, 1, 8, 8, generator=g)

@@ -77,7 +77,7 @@ def _edit_tensor(folder: Path, key: str, edit) -> Path:
 
 def _one_line_load_error(folder, match: str) -> str:
     with pytest.raises(DitasError, match=match) as info:
-        ditas.load_dit(folder, **({"backend": "fake"} if (Path(folder) / "config.json").exists() and
+        ditas.load_dit(folder, **({"kernel": "simulated"} if (Path(folder) / "config.json").exists() and
                                   "quantization" in (Path(folder) / "config.json").read_text() else {}))
     assert "\n" not in str(info.value)
     return str(info.value)
@@ -325,7 +325,7 @@ def test_randomly_corrupted_configs_give_only_one_line_ditas_errors(tmp_path_fac
             shutil.rmtree(folder)
         _copy(sources[kind], folder)
         _edit_config(folder, _drop(path) if delete else _set(path, value))
-        kwargs = {"backend": "fake"} if kind == "quant" else {}
+        kwargs = {"kernel": "simulated"} if kind == "quant" else {}
         try:
             ditas.load_dit(folder, **kwargs)
         except DitasError as exc:
@@ -352,3 +352,32 @@ def test_a_nan_training_loss_is_a_one_line_error(tmp_path):
     images[:, 0, 5, 5] = float("nan")  # a bad pixel in every training image
     with pytest.raises(DitasError, match=r"training loss became nan at step 1"):
         train_dit(cfg, images, torch.zeros(8, dtype=torch.long), tmp_path / "run", progress=False)
+
+
+# ----------------------------------------------------------------------------------------------
+#                 Scales and zero points that would give garbage on some kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tensor, value, match", [
+    ("wzero", 1e30, r"layer blocks\.0\.attn\.qkv: tensor blocks\.0\.attn\.qkv\.wzero holds zero point"),
+    ("wscale", 1e38, r"layer blocks\.0\.attn\.qkv: tensor blocks\.0\.attn\.qkv\.wscale holds scale.*overflow"),
+    ("wzero", 2.5, r"blocks\.0\.attn\.qkv\.wzero holds zero point\(s\) that are not integers"),
+])
+def test_scales_and_zero_points_are_refused_on_every_kernel(tmp_path, quant_dir, tensor, value, match, capsys):
+    import re
+
+    from ditas.cli.main import main
+    from ditas.quantization.kernels import kernel_names
+
+    folder = _edit_tensor(_copy(quant_dir, tmp_path / "q"), f"blocks.0.attn.qkv.{tensor}",
+                          lambda t: t.float().index_fill_(0, torch.tensor([1]), value))
+    for kernel in kernel_names():  # refused at load whichever kernel would run it
+        with pytest.raises(DitasError, match=match) as info:
+            ditas.load_quantized(folder, kernel=kernel)
+        assert "\n" not in str(info.value)
+        out = tmp_path / f"{kernel}.png"
+        assert main(["sample", "--model", str(folder), "--kernel", kernel, "--num", "1", "--steps", "2",
+                     "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert re.search(match, err) and len(err.strip().splitlines()) == 1 and not out.exists()

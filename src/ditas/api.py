@@ -30,10 +30,12 @@ __all__ = ["record_calibration", "quantize_", "save_quantized", "load_quantized"
 
 
 def quantize_(model: nn.Module, config: QuantConfig | str = "ditas", calib: CalibrationRecord | None = None, *,
-              progress: bool = False, backend: str = "fake") -> dict[str, Any]:
+              progress: bool = False, kernel: str = "auto") -> dict[str, Any]:
     """Quantizes ``model`` in place (its linears become ``QuantLinear``, smoothing factors folded);
     returns the JSON-able report. ``config``: a ``QuantConfig`` or a recipe name. ``calib``: a
-    ``record_calibration`` record (None: the model samples its own run, DiT families only)."""
+    ``record_calibration`` record (None: the model samples its own run, DiT families only).
+    ``kernel``: ``auto`` (the kernels ``load_quantized`` gives the saved folder) or a name in
+    ``ditas.quantization.kernels.KERNELS``."""
     from .quantization.apply import quantize
     from .quantization.kernels import canonical
     from .validate import check_problems, type_problem
@@ -42,12 +44,12 @@ def quantize_(model: nn.Module, config: QuantConfig | str = "ditas", calib: Cali
                    calib is not None and type_problem(calib, CalibrationRecord, "calib",
                                                       "a record of ditas.record_calibration (or None)"),
                    type_problem(progress, bool, "progress", "True or False"))
-    canonical(backend)  # an unknown kernel fails before any layer is converted
+    canonical(kernel)  # an unknown kernel fails before any layer is converted
     if isinstance(config, str):
         config = recipe_config(config)
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be a QuantConfig or a recipe name, got {type(config).__name__}")
-    _, report = quantize(model, config, calib, progress=progress, backend=backend, inplace=True)
+    _, report = quantize(model, config, calib, progress=progress, kernel=kernel, inplace=True)
     model.quant_report = report
     return report
 
@@ -66,8 +68,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, overwrite: bool = 
     return _save(model, path, config, getattr(model, "quant_report", None), overwrite=overwrite)
 
 
-def load_quantized(path: str | os.PathLike, device: Any = None, backend: str | None = None) -> nn.Module:
-    """The quantized model of a ``save_quantized`` folder, in its family's class, on ``device``."""
+def load_quantized(path: str | os.PathLike, device: Any = None, kernel: str = "auto") -> nn.Module:
+    """The quantized model of a ``save_quantized`` folder, in its family's class, on ``device``,
+    its layers on ``kernel`` (``auto``: the most preferred kernel that supports each layer there)."""
     from .devices import resolve_device
     from .quantization.checkpoint import load_quantized as _load
     from .quantization.kernels import canonical
@@ -76,6 +79,5 @@ def load_quantized(path: str | os.PathLike, device: Any = None, backend: str | N
     check_problems(path_problem(path, "path"))
     if device is not None:
         device = resolve_device(device)  # as load_dit: a device that is not there is a one-line error
-    if backend is not None:
-        canonical(backend)
-    return _load(path, None, backend=backend, device=device)
+    canonical(kernel)
+    return _load(path, None, kernel=kernel, device=device)

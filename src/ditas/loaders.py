@@ -29,7 +29,7 @@ def load_dit(path: str | os.PathLike | None = None, config: DiTConfig | None = N
     ``device``: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or ``"auto"`` / None (CUDA when
     available); a device that is not there is a ``DitasError``. The model is built on the meta
     device and its weights are materialised on ``device`` directly. Extra keyword arguments go to
-    the quantized-model loader (``backend=``: the kernel, ``"auto"`` by default; see ``quantization.kernels``).
+    the quantized-model loader (``kernel=``: ``"auto"`` by default; see ``quantization.kernels``).
     """
     from .validate import check_problems, path_problem, type_problem
 

@@ -198,12 +198,57 @@ def check_layer_table(q: Any, source: str) -> None:
         _check_entry(_WEIGHT_ONLY_FIELDS, name, meta, source, "weight-only layer")
 
 
+# A quantized layer's dequantized weights ``(code - zero) * scale`` must stay far from float32's
+# overflow: with |w| <= 2^40, inputs up to 2^40 and K <= 2^17 a product sum stays below 2^97 (float32
+# ends at 2^128). Trained weights are O(1); no ditas quantizer comes near either bound.
+MAX_WEIGHT_MAGNITUDE = 2.0 ** 40
+# zero points are integers within int32 (a constant row of value v gets z = -v / 1e-8, so |z| can
+# exceed the codes by far); the integer kernels' corrections in int64 cannot overflow then
+MAX_ZERO_POINT = 2 ** 31 - 1
+_MAX_CODE = 255  # codes of <= 8-bit weights
+
+
+def quant_params_problem(scale: torch.Tensor, zero: torch.Tensor | None = None) -> str | None:
+    """What makes a layer's weight scales / zero points give garbage on some kernel (None: nothing).
+
+    Every kernel must compute the same function, so the bounds are those of the strictest one:
+    scales finite and positive, zero points integers within ``MAX_ZERO_POINT``, and every
+    dequantized weight within ``MAX_WEIGHT_MAGNITUDE``. Called on a folder's tensors at load and
+    by the kernels on what they prepare."""
+    s = scale.detach().double()
+    if not bool(torch.isfinite(s).all()):
+        return f"holds non-finite scale(s) (first: {s[~torch.isfinite(s)].flatten()[0].item():g})"
+    if bool((s <= 0).any()):
+        return f"holds {int((s <= 0).sum())} scale(s) <= 0 (smallest {float(s.min()):g}); scales must be positive"
+    reach = torch.full_like(s, float(_MAX_CODE))
+    if zero is not None:
+        z = zero.detach().double()
+        if z.shape != s.shape:
+            return None  # the loader's shape check names it
+        bad = ~torch.isfinite(z) | (z != z.round()) | (z.abs() > MAX_ZERO_POINT)
+        if bool(bad.any()):
+            return (f"holds zero point(s) that are not integers within +-{MAX_ZERO_POINT} "
+                    f"(first: {z[bad].flatten()[0].item():g})")
+        reach = reach + z.abs()
+    big = s * reach > MAX_WEIGHT_MAGNITUDE
+    if bool(big.any()):
+        return (f"holds scale(s) that make dequantized weights exceed {MAX_WEIGHT_MAGNITUDE:g} "
+                f"(largest scale {float(s.max()):g}): products would overflow")
+    return None
+
+
 def check_scales(state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Weight scales of quantized layers must be positive (zero maps every weight to zero or NaN)."""
+    """Weight scales and zero points of quantized layers (``quant_params_problem``), named by
+    layer and tensor, so a folder that would give garbage on one kernel is refused on all."""
     for name, t in state.items():
-        if name.endswith(".wscale") and t.is_floating_point() and bool((t <= 0).any()):
-            raise CheckpointError(f"{source}: tensor {name} holds {int((t <= 0).sum())} scale(s) <= 0 "
-                                  f"(smallest {float(t.min()):g}); weight scales must be positive")
+        if not name.endswith(".wscale") or not t.is_floating_point():
+            continue
+        layer = name[: -len(".wscale")]
+        zero = state.get(f"{layer}.wzero")
+        problem = quant_params_problem(t, zero)
+        if problem:
+            tensor = name if zero is None or "scale" in problem else f"{layer}.wzero"
+            raise CheckpointError(f"{source}: layer {layer}: tensor {tensor} {problem}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ quantized transformer in, and write the images of ``--prompt``.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
@@ -136,7 +135,7 @@ def sample(args: argparse.Namespace, device=None, world: int = 1) -> int:
     (``--device``; ``--kernel auto`` picks the quantized layers' kernels for that device)."""
     from ..fileio import check_new_file
     from ..pipelines import generate_images, load_pipeline, read_pipeline_ref, save_image_grid
-    from ..validate import check_sampling_options
+    from ..validate import cfg_scale_problem, check_sampling_options
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
@@ -148,8 +147,9 @@ def sample(args: argparse.Namespace, device=None, world: int = 1) -> int:
     if not args.prompt:
         raise DitasError("give --prompt TEXT (repeat it for several images)")
     check_sampling_options(steps=args.steps, seed=args.seed)
-    if args.guidance is not None and not (math.isfinite(args.guidance) and 0 <= args.guidance <= 100):
-        raise DitasError(f"--guidance must be a number in 0..100, got {args.guidance}")
+    problem = cfg_scale_problem(args.guidance, "--guidance")
+    if problem:
+        raise DitasError(problem)
     n = args.num or len(args.prompt)
     if n < 1:
         raise DitasError(f"--num must be at least 1, got {n}")
@@ -166,10 +166,9 @@ def sample(args: argparse.Namespace, device=None, world: int = 1) -> int:
                        what=f"sampling {n} image(s) in one pipeline call")
     transformer = None
     if args.quantized:
-        kwargs = {"backend": args.kernel} if getattr(args, "kernel", None) else {}
         from ..quantization.checkpoint import load_quantized
 
-        transformer = load_quantized(args.quantized, device=device, **kwargs)  # auto: kernels for that device
+        transformer = load_quantized(args.quantized, device=device, kernel=args.kernel)  # auto: for that device
     pipe = load_pipeline(pipeline_dir, transformer=transformer)
     if device is not None:
         pipe = pipe.to(device)

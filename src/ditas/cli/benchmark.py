@@ -60,6 +60,7 @@ def _parse_steps(text: str) -> list[int]:
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from ..devices import add_device_argument
+    from ..quantization.kernels import add_kernel_argument
     from .quantize import add_quant_arguments
 
     p = sub.add_parser("benchmark", help="the paper's table: quantize, sample and evaluate recipes x step counts",
@@ -83,7 +84,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
     p.add_argument("--seed", type=int, default=0, help="seed of the labels and noise (the same for every row)")
     p.add_argument("--batch-size", type=int, default=64, help="sampling batch size (per process)")
-    p.add_argument("--backend", choices=("fake", "int"), default="fake", help="quantized layers' backend")
+    add_kernel_argument(p, "the quantized models' layers")
     add_device_argument(p)
     p.add_argument("--inception", metavar="PATH", help="pytorch-fid's pt_inception-2015-12-05 state dict, for IS")
     p.add_argument("--eval-batch-size", type=int, default=50, help="images per Inception batch")
@@ -110,7 +111,7 @@ def _settings(args: argparse.Namespace, domain: str) -> dict[str, Any]:
                                            "bias_correction", "adaln", "search_tokens") if hasattr(args, k)}
     return {"model": path(args.model) or "default", "vae": path(args.vae), "ref": path(args.ref), "domain": domain,
             "num": args.num, "cfg_scale": args.cfg_scale, "sampler": args.sampler, "seed": args.seed,
-            "backend": args.backend, "quantization": quant,
+            "kernel": args.kernel, "quantization": quant,
             "inception_head": path(args.inception)}
 
 
@@ -155,12 +156,12 @@ def _open_folder(out: Path, settings: dict, overwrite: bool) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def quantized_copy(model: torch.nn.Module, config, progress: bool, backend: str) -> tuple[torch.nn.Module, dict]:
+def quantized_copy(model: torch.nn.Module, config, progress: bool, kernel: str) -> tuple[torch.nn.Module, dict]:
     """A quantized copy of the float ``model`` (data-free: the model's own calibration run)."""
     from ..api import quantize_
 
     qmodel = copy.deepcopy(model)
-    report = quantize_(qmodel, config, progress=progress, backend=backend)
+    report = quantize_(qmodel, config, progress=progress, kernel=kernel)
     return qmodel, report
 
 
@@ -329,7 +330,7 @@ def _benchmark(args, out: Path, specs, configs, steps_list, domain, device, rank
         qmodel, qreport = model, None
         if todo and recipe != "fp":
             t1 = time.perf_counter()
-            qmodel, qreport = quantized_copy(model, configs[label], progress, args.backend)
+            qmodel, qreport = quantized_copy(model, configs[label], progress, args.kernel)
             if rank == 0:
                 print(f"{label}: quantized in {time.perf_counter() - t1:.1f}s", flush=True)
         for s in steps_list:

@@ -23,6 +23,7 @@ import torch
 
 from ..devices import add_device_argument
 from ..errors import ConfigError, DitasError
+from ..quantization.kernels import add_kernel_argument
 from .quantize import add_quant_arguments, config_from_args
 from .sample import check_attention
 
@@ -73,9 +74,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--vae", help="local diffusers AutoencoderKL folder (latent-space models)")
     p.add_argument("--space", choices=("latent", "pixel"), default=None,
                    help="'pixel' compares a latent model's raw outputs as images (no VAE)")
-    p.add_argument("--kernel", "--backend", dest="kernel", default="simulated",
-                   choices=("auto", "onednn", "int_mm", "simulated", "int", "fake"),
-                   help="kernel of the quantized layers (default simulated; int = auto, fake = simulated)")
+    add_kernel_argument(p, "the quantized models' layers")
     p.add_argument("--attention", default="fp32", metavar="{fp32,bf16,int8}",
                    help="attention core of the quantized models (default fp32; bf16 and int8 are faster "
                         "approximations, see docs/sampling.md)")
@@ -207,7 +206,7 @@ def _compare(args: argparse.Namespace, specs, configs, claim, device, model) -> 
               flush=True)
 
     rows, images = compare_recipes(model, configs, labels, settings, batch_size=args.batch_size,
-                                   eps_samples=args.eps_samples, vae=vae, domain=domain, backend=args.kernel,
+                                   eps_samples=args.eps_samples, vae=vae, domain=domain, kernel=args.kernel,
                                    attention=args.attention,
                                    progress=progress, on_row=print_row)
     if claim is None:

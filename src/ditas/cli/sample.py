@@ -14,6 +14,7 @@ import torch
 from ..devices import add_device_argument
 from ..diffusion.sharded import DEFAULT_SHARD_SIZE
 from ..errors import DitasError
+from ..quantization.kernels import add_kernel_argument
 from ..validate import labels_problem
 from . import _text_to_image
 
@@ -68,10 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--space", choices=("latent", "pixel"), default=None,
                    help="override the model's space; 'pixel' writes a latent model's raw output as images "
                         "(inspection without a VAE)")
-    p.add_argument("--kernel", "--backend", dest="kernel", default=None,
-                   choices=("auto", "onednn", "int_mm", "simulated", "int", "fake"),
-                   help="quantized models: the kernel of the quantized layers (default auto: the fastest one that "
-                        "supports each layer on --device; int = auto, fake = simulated)")
+    add_kernel_argument(p, "a quantized model's layers")
     p.add_argument("--attention", default=None, metavar="{fp32,bf16,int8}",
                    help="attention core of a ditas DiT (default fp32: scaled_dot_product_attention as the model "
                         "was built; bf16 and int8 are faster approximations, see docs/sampling.md)")
@@ -169,8 +167,7 @@ def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
     classes = _parse_classes(args.classes)
     settings = SamplingSettings(steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler, eta=args.eta,
                                 seed=args.seed, guide_channels=None if args.guide_all_channels else 3)
-    kwargs = {"backend": args.kernel} if args.kernel else {}
-    model = load_dit(args.model, device=device, **kwargs)
+    model = load_dit(args.model, device=device, kernel=args.kernel)
     if args.attention:
         from ..quantization.attention import use_attention
 

@@ -51,7 +51,7 @@ def _sample(model: nn.Module, labels: torch.Tensor, settings: SamplingSettings, 
 
 def compare_recipes(model: nn.Module, configs: dict[str, object | None], labels: torch.Tensor,
                     settings: SamplingSettings, *, batch_size: int = 100, eps_samples: int = 32, vae=None,
-                    domain: Callable | None = None, backend: str = "fake", attention: str = "fp32",
+                    domain: Callable | None = None, kernel: str = "auto", attention: str = "fp32",
                     progress: bool = True, on_row: Callable[[str, dict], None] | None = None) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
     """Rows of metrics and the uint8 samples per recipe label (``None`` config: the FP model).
 
@@ -59,12 +59,15 @@ def compare_recipes(model: nn.Module, configs: dict[str, object | None], labels:
     called as each row is done (the CLI prints it). Under ``torchrun`` every process must call this
     with the same arguments: each quantizes every recipe (data-free, the same result) and samples its
     share; process 0 returns the rows and images, the others empty dicts. ``attention`` is the attention core of the
-    quantized models (``quantization.attention.use_attention``; the FP model keeps fp32).
+    quantized models (``quantization.attention.use_attention``; the FP model keeps fp32); ``kernel``
+    that of their layers (``auto``: what ``ditas sample`` of a saved folder runs).
     """
     from ..quantization.apply import quantize, record
     from ..quantization.attention import check_attention_mode, use_attention
+    from ..quantization.kernels import canonical
 
     check_attention_mode(attention)  # before the FP run
+    canonical(kernel)
 
     labels = torch.as_tensor(labels, dtype=torch.long)
     m_eps = min(eps_samples, labels.numel())
@@ -89,7 +92,7 @@ def compare_recipes(model: nn.Module, configs: dict[str, object | None], labels:
             key = cfg.calibration_key()
             if key not in trajectories:
                 trajectories[key] = record(model, cfg, progress)
-            qmodel, rep = quantize(model, cfg, trajectory=trajectories[key], progress=progress, backend=backend)
+            qmodel, rep = quantize(model, cfg, trajectory=trajectories[key], progress=progress, kernel=kernel)
             if attention != "fp32":
                 use_attention(qmodel, attention)
                 row["attention"] = attention

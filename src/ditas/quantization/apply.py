@@ -28,7 +28,7 @@ from ..model.adapters.base import ON_THE_FLY, BlockSpec, CalibrationRecord, Fold
 from ..model.adapters.registry import adapter_for
 from .config import QuantConfig
 from .linear import QuantLinear
-from .kernels import use_kernels
+from .kernels import AUTO, canonical, use_kernels
 from .search import LayerQuant, quantize_layer
 from .smoothing import apply_fold, fold_weight_rows, row_slice
 from .weight_only import quantize_weight_only
@@ -232,9 +232,9 @@ def _split_codes(codes, rows: slice, layout: str):
 
 
 @torch.no_grad()
-def convert(model: nn.Module, calibration: Calibration, backend: str = "simulated") -> nn.Module:
+def convert(model: nn.Module, calibration: Calibration, kernel: str = AUTO) -> nn.Module:
     """Replaces the layers by ``QuantLinear`` and folds the smoothing factors (in place); then
-    ``kernels.use_kernels(model, backend)`` (a kernel name; ``fake``/``int`` as before).
+    ``kernels.use_kernels(model, kernel)`` (``auto``: what loading the saved folder gives).
 
     With ``adaln="int8"`` the adapter's weight-only layers (adaLN modulation linears), once every
     fold is in them, become ``WeightOnlyInt8Linear``.
@@ -271,20 +271,21 @@ def convert(model: nn.Module, calibration: Calibration, backend: str = "simulate
                 m.set_lora_dtype(LORA_DTYPES[cfg.lora_dtype])
     if cfg.adaln == "int8":
         quantize_weight_only(model, adapter_for(model).weight_only_linears())
-    use_kernels(model, backend)
+    use_kernels(model, kernel)
     return model
 
 
 def quantize(model: nn.Module, config: QuantConfig, trajectory: CalibrationRecord | None = None,
-             progress: bool = True, backend: str = "simulated", inplace: bool = False) -> tuple[nn.Module, dict]:
+             progress: bool = True, kernel: str = AUTO, inplace: bool = False) -> tuple[nn.Module, dict]:
     """prepare + calibrate + convert; returns the quantized model and a JSON-able report."""
     t0 = time.perf_counter()
+    canonical(kernel)  # before the work
     model.eval()
     if not inplace:
         model = copy.deepcopy(model)
     cal = calibrate(model, config, trajectory, progress)
     t1 = time.perf_counter()
-    convert(model, cal, backend)
+    convert(model, cal, kernel)
     t2 = time.perf_counter()
     model.quant_config = config
     model.quant_family = adapter_for(model).family

@@ -55,7 +55,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    from .int_kernels import _int_mm as int_mm  # pads where a device needs it (CUDA)
+    from .kernels.int_mm import int_mm  # pads where a device needs it (CUDA)
 
     return int_mm(a, b)
 

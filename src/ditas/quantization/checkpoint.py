@@ -32,7 +32,7 @@ from ..model.state_files import read_config_json, read_safetensors
 from ..memory import release_freed_memory
 from ..validate import check_finite_state, check_layer_table, check_scales, state_config_problem
 from . import packing
-from .kernels import canonical, use_kernels
+from .kernels import AUTO, canonical, use_kernels
 from .linear import LORA_DTYPES, QuantLinear
 from .weight_only import WeightOnlyInt8Linear
 
@@ -145,10 +145,6 @@ def _compact_zero_points(zero: torch.Tensor) -> torch.Tensor:
     return zero
 
 
-def _default_backend() -> str:
-    return "auto"  # the fastest kernel that supports each layer (kernels.use_kernels)
-
-
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The parsed ``config.json`` of a quantized folder (``CheckpointError`` if it is not one)."""
     cfg_file = Path(path) / "config.json"
@@ -171,23 +167,24 @@ def _config_of(data: Any):
         return data
 
 
-def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, backend: str | None = None,
+def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, kernel: str = AUTO,
                    device: str | torch.device | None = None, **kwargs: Any) -> nn.Module:
     """Builds a quantized model from its folder, in its family's class (for diffusers families the
     user's diffusers class); ``data`` is the parsed ``config.json`` (read if None).
 
-    ``backend``: the kernel (``kernels.py``): ``"auto"`` (default: the fastest kernel that
-    supports each layer on ``device``), ``"onednn"``, ``"int_mm"`` or ``"simulated"``; the former
-    names ``"int"`` (= auto) and ``"fake"`` (= simulated) are accepted. A named kernel that cannot
-    run a layer is an error. ``device``: where the model goes (default CPU).
+    ``kernel``: ``"auto"`` (default: the most preferred kernel that supports each layer on
+    ``device``) or a name in ``kernels.KERNELS``; a named kernel that cannot run a layer is an
+    error. ``device``: where the model goes (default CPU). Scales and zero points that would give
+    garbage on any kernel are refused here (``validate.check_scales``), whichever kernel is asked for.
     """
     if data is None:
         data = read_config(path)
     if kwargs:
-        raise CheckpointError(f"unexpected options for a quantized model: {sorted(kwargs)}")
+        raise CheckpointError(f"unexpected options for a quantized model: {sorted(kwargs)} (the kernel is "
+                              "chosen with kernel=)")
     path = Path(path)
     try:
-        backend = canonical(backend or _default_backend())
+        kernel = canonical(kernel)
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
     q = data.get("quantization")
@@ -284,7 +281,7 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
     model.quant_family = family
     if device is not None:
         model = model.to(device)
-    use_kernels(model, backend)
+    use_kernels(model, kernel)
     del state
     release_freed_memory()  # the file's bytes and the unpacked copies (about 1 GB at DiT-XL/2 size)
     return model.eval()

@@ -14,29 +14,28 @@ Tensors are named for their role (as nunchaku's quantized linear):
   ``lora_dtype``; computed in fp32 either way), or absent.
 
 The layer computes ``y = Q_A(x / smooth) (W_q + lora_up lora_down)^T + bias`` where ``Q_A`` is
-dynamic activation quantization (per tensor or per token). Its ``kernel`` (``kernels.py``; given by
-``kernels.use_kernels(model, ...)``) decides how: ``"simulated"`` (the default) simulates it in
-float; the integer kernels ``"onednn"`` and ``"int_mm"`` run the main product on int8 codes with
-int32 accumulation (``int_kernels.int_forward``), the LoRA down-projection inside the same product
-(``lora_limbs`` int8 limbs of its rows appended to the weight). All start from the same activation
-codes.
+dynamic activation quantization (per tensor or per token). Its ``kernel`` (a name in
+``kernels.KERNELS``; given by ``kernels.use_kernels(model, ...)``) decides how: the layer asks that
+entry to ``prepare`` it and to compute its ``forward``; it knows no kernel by name. A new layer runs
+``"simulated"`` (the float simulation) until its kernels are chosen. All kernels start from the
+same activation codes.
 
-One copy of the weight: once an integer kernel has prepared its form of the weight, the layer
-drops ``qweight``; reading ``layer.qweight`` (or its state dict, or saving) re-derives the codes
-exactly from the prepared form, and moving or reloading the layer restores them first.
+One copy of the weight: once a kernel whose state holds the codes (``Kernel.holds_codes``, the
+integer kernels) has prepared the layer, the layer drops ``qweight``; reading ``layer.qweight`` (or
+its state dict, or saving) re-derives the codes exactly from the prepared form, and moving or
+reloading the layer restores them first.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from . import int_kernels
+from .kernels import KERNELS
+from .kernels.integer import DEFAULT_LORA_LIMBS
 from .quantizers import (ACT_GRANULARITIES, RANGE_MODES, WEIGHT_LAYOUTS, activation_codes, dequantize_weight,
                          quantize_weight)
 
-SIMULATED = "simulated"
 LORA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # storage of the LoRA factors
 # the LoRA factors' storage of a layer built by ``from_linear`` without ``lora_dtype``: as given. The
 # ditas recipes round them to bf16 (``LoRASpec.dtype``): half their bytes (66 of the 533 MB of a W4A8
@@ -70,10 +69,10 @@ class QuantLinear(nn.Module):
         self.layout, self.group_size = layout, group_size
         self.act_granularity, self.range_mode = act_granularity, range_mode
         self.lora_rank = lora_rank
-        self.kernel = SIMULATED  # kernels.use_kernels(model, ...) chooses another
-        # integer kernels: int8 limbs of lora_down appended to the weight (int_kernels.lora_limbs;
+        self.kernel = "simulated"  # a name in kernels.KERNELS; kernels.use_kernels(model, ...) chooses
+        # integer kernels: int8 limbs of lora_down appended to the weight (kernels.integer.lora_limbs;
         # 0: the down-projection runs apart in fp32) and whether the float LoRA products run in bf16
-        self.lora_limbs = int_kernels.DEFAULT_LORA_LIMBS
+        self.lora_limbs = DEFAULT_LORA_LIMBS
         self.lora_bf16 = False
         groups = self._param_shape(out_features, in_features, layout, group_size)
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.uint8))
@@ -83,9 +82,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("smooth", torch.ones(in_features) if has_smooth else None)
         self.register_buffer("lora_down", torch.zeros(lora_rank, in_features, dtype=lora_dtype) if lora_rank else None)
         self.register_buffer("lora_up", torch.zeros(out_features, lora_rank, dtype=lora_dtype) if lora_rank else None)
-        self._wcache: torch.Tensor | None = None  # simulated path: W_q + up @ down, not saved
-        self._wcache_rank = 0  # the LoRA rank merged into _wcache
-        self._int_state = None  # integer path: prepared int8 weight, not saved
+        self._kernel_state = None  # what the kernel prepared (kernels/), not saved
 
     @staticmethod
     def _param_shape(out_f: int, in_f: int, layout: str, group_size: int) -> tuple[int, int]:
@@ -175,44 +172,52 @@ class QuantLinear(nn.Module):
         return None if self.lora_down is None else self.lora_down.dtype
 
     def invalidate(self) -> None:
-        """Call after changing any tensor in place: drops cached derived weights (the codes are
-        restored first if a kernel holds the only copy)."""
+        """Call after changing any tensor in place: drops what the kernel prepared (the codes are
+        restored first if the kernel holds the only copy); the next forward prepares again."""
         self._restore_codes()
-        self._wcache = None
-        self._int_state = None
+        self._kernel_state = None
 
-    # -- kernels: one copy of the weight ------------------------------------------------------------
+    # -- kernels: the layer asks its kernel; one copy of the weight ----------------------------------
+    @property
+    def kernel_entry(self):
+        """The registry entry of the layer's kernel (``kernels.KERNELS``)."""
+        return KERNELS[self.kernel]
+
+    @property
+    def kernel_state(self):
+        """What the layer's kernel prepared (None until it has)."""
+        return self.__dict__.get("_kernel_state")
+
     def set_kernel(self, kernel: str) -> None:
-        """Uses ``kernel`` from now on (``kernels.use_kernels`` checks the choice); an integer
-        kernel prepares its weight now and the layer drops ``qweight``."""
+        """Uses ``kernel`` from now on (``kernels.use_kernels`` checks the choice) and prepares it now."""
         self.invalidate()
         self.kernel = kernel
-        if kernel != SIMULATED:
-            self._prepare()
+        self.prepare_kernel()
 
-    def _prepare(self) -> None:
-        state = int_kernels.prepare_int_weight(self, self.kernel)
+    def prepare_kernel(self) -> None:
+        """Has the kernel prepare the layer; a kernel that holds the codes becomes their one copy."""
+        state = self.kernel_entry.prepare(self)
         self._restore_codes()
-        self._int_state = state
-        self._wcache = None
-        del self._buffers["qweight"]  # the prepared form is the one copy
+        self._kernel_state = state
+        if self.kernel_entry.holds_codes:
+            del self._buffers["qweight"]
 
     def _restore_codes(self) -> None:
-        state = self.__dict__.get("_int_state")
+        state = self.__dict__.get("_kernel_state")
         if "qweight" not in self._buffers and state is not None:
             self._buffers["qweight"] = state.codes()
 
     def __getattr__(self, name: str):
         if name == "qweight" and "qweight" not in self.__dict__["_buffers"]:
-            state = self.__dict__.get("_int_state")
+            state = self.__dict__.get("_kernel_state")
             if state is not None:
                 return state.codes()  # re-derived (a temporary copy)
         return super().__getattr__(name)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if "qweight" not in self._buffers and self._int_state is not None:
-            destination[prefix + "qweight"] = self._int_state.codes()
+        if "qweight" not in self._buffers and self._kernel_state is not None:
+            destination[prefix + "qweight"] = self._kernel_state.codes()
 
     def _load_from_state_dict(self, *args, **kwargs):
         self.invalidate()
@@ -232,25 +237,9 @@ class QuantLinear(nn.Module):
         return activation_codes(x, self.abits, self.act_granularity, self.range_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel != SIMULATED:
-            if self._int_state is None or self._int_state.kernel != self.kernel:
-                self._prepare()  # after a move or a reload
-            # fused integer forward: same activation codes, fewer passes (see int_kernels.int_forward)
-            return int_kernels.int_forward(self, x)
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        codes, a_scale, a_zero = self.quantize_input(x2)
-        xq = codes if a_scale is None else (codes - a_zero) * a_scale
-        # simulated path: the LoRA branch reads the same quantized input, so it is merged into the
-        # cached weight (W_q + up @ down): one matmul instead of three, same function
-        if self._wcache is None or self._wcache_rank != self.lora_rank:
-            self._wcache, self._wcache_rank = self.effective_weight(), self.lora_rank
-        y = F.linear(xq, self._wcache, self.bias)
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
-
-    def int_supported(self) -> bool:
-        """Whether the integer kernels handle this layer (per-channel weights, <= 8-bit inputs)."""
-        return self.layout == "channel" and self.abits <= 8
+        if self._kernel_state is None:
+            self.prepare_kernel()  # after a move, a reload or a change in place
+        return self.kernel_entry.forward(self, x)
 
     def extra_repr(self) -> str:
         layout = {"channel": "per-channel", "group": f"group{self.group_size}",
@@ -265,6 +254,4 @@ class QuantLinear(nn.Module):
         if self.range_mode == "reference":
             parts.append("range=reference(2^b)")
         parts.append(f"kernel={self.kernel}")
-        if self.lora_rank and self.kernel != SIMULATED:
-            parts.append(f"lora_down=int8x{self.lora_limbs}" if self.lora_limbs else "lora_down=fp32")
-        return ", ".join(parts)
+        return ", ".join(parts + self.kernel_entry.describe(self))

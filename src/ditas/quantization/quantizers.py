@@ -142,7 +142,7 @@ def activation_codes(x: torch.Tensor, bits: int, granularity: str = "tensor", ra
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes (float tensor holding integers in [0, 2^b - 1]), scale and zero of ``x``.
 
-    The integer backend and the simulated path both start from these codes, so they agree up to
+    The integer kernels and the simulated kernel both start from these codes, so they agree up to
     the order of float accumulation.
     """
     scale, zero = activation_qparams(x, bits, granularity, range_mode)

@@ -1,0 +1,85 @@
+"""What a kernel of ``QuantLinear`` is: one object that says what it supports and owns its code.
+
+A kernel computes ``QuantLinear``'s function ``y = Q_A(x / smooth) (W_q + up @ down)^T + bias``.
+Each kernel is one subclass of :class:`Kernel` in its own module of this package, registered in
+``kernels/__init__.py``; ``QuantLinear`` only calls :meth:`Kernel.prepare` and
+:meth:`Kernel.forward` of the kernel it was given, so adding a kernel is one new file (and its tests).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ...validate import quant_params_problem
+
+
+class Kernel:
+    """One kernel: its support (class attributes), its preparation and its forward.
+
+    ``preference``: lower is preferred by ``"auto"``. ``holds_codes``: the prepared state keeps the
+    weight codes (it has ``codes()``), so the layer drops its own ``qweight`` (one copy of the weight).
+    """
+
+    name: str = ""
+    summary: str = ""
+    devices: tuple[str, ...] = ()       # torch device types
+    layouts: tuple[str, ...] = ()       # weight layouts (quantizers.WEIGHT_LAYOUTS)
+    wbits: tuple[int, int] = (2, 8)     # weight bits, inclusive range
+    max_abits: int = 8                  # activations up to this many bits
+    act_granularities: tuple[str, ...] = ("tensor", "token")
+    preference: int = 100
+    holds_codes: bool = False
+
+    def available(self) -> bool:
+        """Whether this torch build has the kernel (checked lazily: some checks run a product)."""
+        return True
+
+    def supports(self, layer: Any, device: torch.device | str | None = None) -> str | None:
+        """Why this kernel cannot run ``layer`` on ``device`` (default: the layer's); None: it can."""
+        device = layer_device(layer) if device is None else torch.device(device)
+        if device.type not in self.devices:
+            return f"runs on {'/'.join(self.devices)}, not {device.type}"
+        if layer.layout not in self.layouts:
+            return f"needs {' or '.join(self.layouts)} weights, the layer has {layer.layout!r}"
+        if not self.wbits[0] <= layer.wbits <= self.wbits[1]:
+            return f"needs {self.wbits[0]}..{self.wbits[1]}-bit weights, the layer has {layer.wbits}"
+        if layer.abits > self.max_abits:
+            return f"needs <= {self.max_abits}-bit activations, the layer has {layer.abits}"
+        if layer.abits < 16 and layer.act_granularity not in self.act_granularities:
+            return f"needs per-{' or per-'.join(self.act_granularities)} activations"
+        if not self.available():
+            return "is not available in this torch build"
+        return weights_problem(layer)
+
+    def prepare(self, layer: Any) -> Any:
+        """The kernel's state for ``layer`` (held by the layer as ``kernel_state``, not saved)."""
+        raise NotImplementedError
+
+    def forward(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output for ``x`` (any leading shape, the layer's input dtype)."""
+        raise NotImplementedError
+
+    def describe(self, layer: Any) -> list[str]:
+        """Extra parts of the layer's ``repr`` that this kernel decides."""
+        return []
+
+    def __repr__(self) -> str:
+        return f"<kernel {self.name}: {self.summary}>"
+
+
+def layer_device(layer: Any) -> torch.device:
+    """The device of a layer's tensors (its scales; CPU for a layer without any)."""
+    for t in (layer.wscale, layer.bias):
+        if t is not None:
+            return t.device
+    return torch.device("cpu")
+
+
+def weights_problem(layer: Any) -> str | None:
+    """Scales / zero points that would give garbage on some kernel (``validate.quant_params_problem``)."""
+    if layer.wscale.is_meta:
+        return None
+    problem = quant_params_problem(layer.wscale, layer.wzero)
+    return None if problem is None else f"cannot run weights whose wscale/wzero {problem}"

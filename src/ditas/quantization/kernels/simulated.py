@@ -1,0 +1,46 @@
+"""``simulated``: the float simulation of ``QuantLinear`` (any device, any layout).
+
+Dequantized weight, fake-quantized input; the reference every integer kernel is tested against.
+The LoRA branch reads the same quantized input, so it is merged into one cached weight
+``W_q + up @ down`` (one matmul instead of three, the same function).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .base import Kernel
+
+
+@dataclass
+class SimulatedState:
+    """The cached effective weight (made at the first forward, so loading allocates no float copy)."""
+
+    weight: torch.Tensor | None = None
+    rank: int = 0  # the LoRA rank merged into ``weight``
+
+
+class Simulated(Kernel):
+    name = "simulated"
+    summary = "float simulation (any device, any layout)"
+    devices = ("cpu", "cuda", "mps", "xpu")
+    layouts = ("channel", "group", "reference32")
+    max_abits = 16
+    preference = 90
+
+    def prepare(self, layer: Any) -> SimulatedState:
+        return SimulatedState()
+
+    def forward(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
+        st = layer.kernel_state
+        shape = x.shape
+        codes, a_scale, a_zero = layer.quantize_input(x.reshape(-1, shape[-1]))
+        xq = codes if a_scale is None else (codes - a_zero) * a_scale
+        if st.weight is None or st.rank != layer.lora_rank:
+            st.weight, st.rank = layer.effective_weight(), layer.lora_rank
+        y = F.linear(xq, st.weight, layer.bias)
+        return y.reshape(*shape[:-1], layer.out_features).to(x.dtype)
