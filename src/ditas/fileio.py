@@ -75,6 +75,8 @@ def _check_parent(path: Path) -> None:
 
 def check_writable(path: str | os.PathLike) -> Path:
     """Fails early (before long work) if ``path`` cannot be created; returns it as a Path."""
+    if not os.fspath(path).strip():  # Path("") is ".", which would name the current folder
+        raise DitasError("cannot write an empty path: name a new file or folder")
     path = Path(path)
     _check_parent(path)
     if path.is_dir() and not path.is_symlink() and path.suffix:
