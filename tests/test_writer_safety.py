@@ -292,6 +292,10 @@ def test_a_second_sample_to_the_same_npz_fails_at_once(tmp_path, model_dir, caps
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, str(Path(__file__).parent)]), "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen([sys.executable, "-c", code, str(ready), str(go), *argv], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import threading
+
+    release = threading.Timer(60, go.touch)  # bounds the test if the second run waits instead of failing
+    release.start()
     try:
         end = time.monotonic() + 120
         while not ready.exists():
@@ -301,6 +305,7 @@ def test_a_second_sample_to_the_same_npz_fails_at_once(tmp_path, model_dir, caps
         assert main(argv) == 2
         assert "another ditas run is writing" in _one_line_error(capsys)
     finally:
+        release.cancel()
         go.touch()
         rc = first.wait(120)
     assert rc == 0, first.communicate()
