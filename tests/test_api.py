@@ -109,7 +109,7 @@ def test_table_fold_is_exact(seed, width_mult, num_chunks):
 def test_quantize_runs_the_kernels_that_sample_runs_on_the_saved_folder(tmp_path, monkeypatch):
     """One default (auto): a model quantized in memory computes with the kernels ``ditas sample``
     gives its saved folder, so the two agree bit for bit."""
-    import ditas.model.loading as loading
+    import ditas.loaders as loading
     from ditas.cli.main import main
     from ditas.quantization.kernels import KERNELS
     from ditas.quantization.linear import QuantLinear

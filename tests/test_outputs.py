@@ -153,7 +153,7 @@ def _write(tag: str):
 def test_publish_adds_the_marker_and_leaves_nothing_else(tmp_path):
     out = publish_dir(tmp_path / "o", "test", _write("a"))
     data = json.loads((out / "config.json").read_text())
-    assert data["tag"] == "a" and data[MARKER_KEY] == {"kind": "test", "files": ["config.json", "report.json"]}
+    assert data["tag"] == "a" and data[MARKER_KEY] == {"kind": "test", "files": ["config.json", "report.json"], "dirs": {}}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 

@@ -15,6 +15,11 @@ Names of the helpers' own entries beside an output ``NAME`` (all hidden, all say
 output being written; left behind only by a killed run and removed by the next run to ``NAME``),
 ``.NAME.ditas-old-PID`` (the previous output during a replacement on systems without an atomic
 exchange; restored by the next run if ``NAME`` is missing).
+
+Every one of them is created exclusively (``O_CREAT | O_EXCL | O_NOFOLLOW``, ``mkdir``), so an entry
+planted at one of these predictable names (a symbolic link, another user's file) is never followed,
+written through, published nor deleted: ditas then takes a name with a random part, or refuses.
+Only what ditas itself made (a real file or folder of this user, never a link) is ever removed.
 """
 
 from __future__ import annotations
@@ -26,7 +31,10 @@ import fcntl
 import json
 import math
 import os
+import re
+import secrets
 import shutil
+import stat
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -55,9 +63,9 @@ def _check_parent(path: Path) -> None:
         raise DitasError(f"cannot write {path}: folder {parent} does not exist")
     if not parent.is_dir():
         raise DitasError(f"cannot write {path}: {parent} is not a folder")
-    probe = parent / f".{path.name}.ditas-probe-{os.getpid()}"
+    probe = parent / f".{path.name}.ditas-probe-{os.getpid()}-{secrets.token_hex(4)}"
     try:  # os.access is not enough: /proc says "writable" to root, then refuses the file
-        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
         raise DitasError(f"cannot write {path}: folder {parent} does not accept new files "
                          f"({exc.strerror or exc})") from None
@@ -67,6 +75,8 @@ def _check_parent(path: Path) -> None:
 
 def check_writable(path: str | os.PathLike) -> Path:
     """Fails early (before long work) if ``path`` cannot be created; returns it as a Path."""
+    if not os.fspath(path).strip():  # Path("") is ".", which would name the current folder
+        raise DitasError("cannot write an empty path: name a new file or folder")
     path = Path(path)
     _check_parent(path)
     if path.is_dir() and not path.is_symlink() and path.suffix:
@@ -87,81 +97,12 @@ def check_new_file(path: str | os.PathLike, overwrite: bool = False) -> Path:
     return path
 
 
-# ----------------------------------------------------------------------------------------------
-#                                            Locks
-# ----------------------------------------------------------------------------------------------
-
-
-def _lock_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.ditas-lock")
-
-
-@contextlib.contextmanager
-def path_lock(path: Path, wait: bool = False) -> Iterator[None]:
-    """Serialises ditas writers of ``path`` (an advisory ``flock`` on ``.NAME.ditas-lock``).
-
-    ``wait=False``: a second writer fails at once with a clear message (used by long runs, which
-    take the lock before their work). The lock file is removed on release; a writer that took
-    the lock re-checks that the file it locked is still the one on disk (the usual remove-safe
-    protocol), and the kernel releases the lock of a killed process.
-    """
-    lock = _lock_path(path)
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
-        except OSError as exc:
-            raise DitasError(f"cannot write {path}: cannot create its lock file {lock} "
-                             f"({exc.strerror or exc})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            os.close(fd)
-            raise DitasError(f"another ditas run is writing {path} (lock {lock}); wait for it to end "
-                             "or choose another output") from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)  # the previous holder removed the file after we opened it: lock the new one
+def _same_file(a: Path, b: Path) -> bool:
+    """One file under two names (a link, a hard link, ``./x`` and ``x``)."""
     try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock)
-        os.close(fd)
-
-
-# ----------------------------------------------------------------------------------------------
-#                                       Output folders
-# ----------------------------------------------------------------------------------------------
-
-
-def _partials(path: Path, what: str) -> list[Path]:
-    prefix = f".{path.name}.ditas-{what}-"
-    return sorted(p for p in path.parent.iterdir() if p.name.startswith(prefix)) if path.parent.is_dir() else []
-
-
-def read_marker(folder: Path) -> dict | None:
-    """The ``"ditas_output"`` marker of a folder ditas wrote, or None (not a ditas output)."""
-    try:
-        data = json.loads((folder / MARKER_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    marker = data.get(MARKER_KEY) if isinstance(data, dict) else None
-    if not isinstance(marker, dict) or not isinstance(marker.get("files"), list):
-        return None
-    return marker
-
-
-def _foreign_entries(folder: Path) -> list[str] | None:
-    """Entries of ``folder`` that ditas did not write (None: the folder has no marker at all)."""
-    marker = read_marker(folder)
-    if marker is None:
-        return None
-    ours = set(marker["files"])
-    return sorted(p.name for p in folder.iterdir() if p.name not in ours or p.is_symlink())
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _same_or_inside(inner: Path, outer: Path) -> bool:
@@ -172,10 +113,168 @@ def _same_or_inside(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def _check_replaceable(path: Path, overwrite: bool, inputs: Iterable[str | os.PathLike | None]) -> None:
+def check_not_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None],
+                    flag: str = "--out") -> None:
+    """Refuses an output that is one of the run's inputs or holds one (``--json s.npz`` beside the
+    samples ``s.npz``): writing it would replace what the run reads, so the input would be lost."""
+    out = Path(out)
     for src in inputs:
-        if src is not None and str(src) != "" and _same_or_inside(Path(src), path):
-            raise DitasError(f"--out {path} would replace the input {src}; write the output elsewhere")
+        if src is None or str(src) == "":
+            continue
+        if _same_file(Path(src), out) or _same_or_inside(Path(src), out):
+            raise DitasError(f"{flag} {out} would replace the input {src}; write the output elsewhere")
+
+
+# ----------------------------------------------------------------------------------------------
+#                                            Locks
+# ----------------------------------------------------------------------------------------------
+
+
+def _lock_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.ditas-lock")
+
+
+def _own(p: Path, folder: bool) -> os.stat_result | None:
+    """``p``'s status when it is an entry ditas could have made there (a real folder, or a regular
+    file with one name, owned by this user; never a link), else None: only those are removed."""
+    try:
+        st = os.lstat(p)
+    except OSError:
+        return None
+    kind = stat.S_ISDIR(st.st_mode) if folder else (stat.S_ISREG(st.st_mode) and st.st_nlink == 1)
+    return st if kind and st.st_uid == os.geteuid() else None
+
+
+def _open_lock(path: Path, lock: Path) -> int:
+    """Opens (or creates) the lock file without following a link; refuses anything but our own file."""
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+    except OSError as exc:
+        why = "it is a symbolic link ditas did not make; remove it" if exc.errno == errno.ELOOP \
+            else exc.strerror or str(exc)
+        raise DitasError(f"cannot write {path}: cannot open its lock file {lock} ({why})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        raise DitasError(f"cannot write {path}: its lock file {lock} is not a file ditas made (not a regular "
+                         "file of this user); remove it")
+    return fd
+
+
+@contextlib.contextmanager
+def path_lock(path: Path, wait: bool = False) -> Iterator[None]:
+    """Serialises ditas writers of ``path`` (an advisory ``flock`` on ``.NAME.ditas-lock``).
+
+    ``wait=False``: a second writer fails at once with a clear message (used by long runs, which
+    take the lock before their work). The lock file is removed on release; a writer that took
+    the lock re-checks that the file it locked is still the one on disk (the usual remove-safe
+    protocol), and the kernel releases the lock of a killed process. A link planted at the lock's
+    name is never followed (see ``_open_lock``).
+    """
+    lock = _lock_path(path)
+    while True:
+        fd = _open_lock(path, lock)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            raise DitasError(f"another ditas run is writing {path} (lock {lock}); wait for it to end "
+                             "or choose another output") from None
+        mine = os.fstat(fd)
+        on_disk = _own(lock, folder=False)
+        if on_disk is not None and (on_disk.st_ino, on_disk.st_dev) == (mine.st_ino, mine.st_dev):
+            break
+        os.close(fd)  # the previous holder removed the file after we opened it: lock the new one
+    try:
+        yield
+    finally:
+        on_disk = _own(lock, folder=False)
+        if on_disk is not None and (on_disk.st_ino, on_disk.st_dev) == (mine.st_ino, mine.st_dev):
+            os.unlink(lock)
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------
+#                                       Output folders
+# ----------------------------------------------------------------------------------------------
+
+
+def _partials(path: Path, what: str, folder: bool) -> list[Path]:
+    """ditas' own ``.NAME.ditas-WHAT-*`` entries beside ``path`` (what a killed writer left)."""
+    prefix = f".{path.name}.ditas-{what}-"
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.iterdir() if p.name.startswith(prefix) and _own(p, folder) is not None)
+
+
+def read_marker(folder: Path) -> dict | None:
+    """The ``"ditas_output"`` marker of a folder ditas wrote, or None (not a ditas output)."""
+    try:
+        data = json.loads((folder / MARKER_FILE).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    marker = data.get(MARKER_KEY) if isinstance(data, dict) else None
+    if not isinstance(marker, dict) or not isinstance(marker.get("files"), list):
+        return None
+    return marker
+
+
+def _marker_layout(marker: dict) -> dict:
+    """The marker as a layout (see ``unexpected_entries``): what ditas wrote, by kind. A marker of
+    an older ditas lists names only, all taken as files (its sub-folders cannot be checked)."""
+    def layout(level) -> dict:
+        if not isinstance(level, dict):
+            return {"files": [], "dirs": {}}
+        files = [re.escape(n) for n in level.get("files", []) if isinstance(n, str)]
+        dirs = level.get("dirs") if isinstance(level.get("dirs"), dict) else {}
+        return {"files": files, "dirs": {re.escape(k): layout(v) for k, v in dirs.items()}}
+    return layout(marker)
+
+
+def _listing(folder: Path) -> dict:
+    """The marker's record of a folder: ``{"files": [...], "dirs": {name: listing}}``, by kind."""
+    files, dirs = [], {}
+    for p in sorted(folder.iterdir()):
+        if p.is_dir() and not p.is_symlink():
+            dirs[p.name] = _listing(p)
+        else:
+            files.append(p.name)
+    return {"files": files, "dirs": dirs}
+
+
+def unexpected_entries(folder: Path, layout: dict, prefix: str = "") -> list[str]:
+    """Entries under ``folder`` (recursively) that ``layout`` does not name with their kind.
+
+    ``layout`` is ``{"files": [regex, ...], "dirs": {regex: layout}}`` (names matched whole): an entry
+    is expected only as a regular file where a file is named, or a real folder where a folder is,
+    never a link. What this returns is what ``--overwrite`` would delete without ditas having
+    written it (a user file in a ditas sub-folder, a folder where ditas wrote a file).
+    """
+    found = []
+    for p in sorted(folder.iterdir()):
+        st = os.lstat(p)
+        rel = prefix + p.name
+        if stat.S_ISREG(st.st_mode) and any(re.fullmatch(r, p.name) for r in layout.get("files", [])):
+            continue
+        sub = next((v for k, v in layout.get("dirs", {}).items() if re.fullmatch(k, p.name)), None)
+        if stat.S_ISDIR(st.st_mode) and sub is not None:
+            found += unexpected_entries(p, sub, rel + "/")
+        else:
+            found.append(rel + ("/" if stat.S_ISDIR(st.st_mode) else ""))
+    return found
+
+
+def foreign_entries(folder: Path) -> list[str] | None:
+    """Entries of the ditas output ``folder`` that ditas did not write, checked by kind down every
+    sub-folder (None: the folder has no marker, so it is not a ditas output at all)."""
+    marker = read_marker(folder)
+    if marker is None:
+        return None
+    return unexpected_entries(folder, _marker_layout(marker))
+
+
+def _check_replaceable(path: Path, overwrite: bool, inputs: Iterable[str | os.PathLike | None]) -> None:
+    check_not_input(path, inputs)
     if not (path.exists() or path.is_symlink()):
         return
     if path.is_symlink() or not path.is_dir():
@@ -183,7 +282,11 @@ def _check_replaceable(path: Path, overwrite: bool, inputs: Iterable[str | os.Pa
     if not overwrite:
         raise DitasError(f"--out {path} exists already; give --overwrite to replace a folder ditas wrote, "
                          "or choose another name")
-    foreign = _foreign_entries(path)
+    refuse_foreign(path, foreign_entries(path))
+
+
+def refuse_foreign(path: Path, foreign: list[str] | None) -> None:
+    """The one-line refusal to replace ``path`` when it is not ditas' or holds what ditas did not write."""
     if foreign is None:
         raise DitasError(f"--out {path} is not a folder ditas wrote (no '{MARKER_KEY}' marker in its "
                          f"{MARKER_FILE}); ditas replaces only its own outputs: choose another name")
@@ -206,12 +309,31 @@ def recover(path: Path) -> None:
     A previous output parked as ``.NAME.ditas-old-*`` is restored when ``NAME`` is missing (a run
     killed between the two renames of a replacement) and removed otherwise; unfinished
     ``.NAME.ditas-partial-*`` folders are removed (no live writer owns them: we hold the lock).
+    Only real folders of this user count (``_own``): a planted link is neither restored nor removed.
     """
-    olds = [p for p in _partials(path, "old") if read_marker(p) is not None]
+    olds = [p for p in _partials(path, "old", folder=True) if read_marker(p) is not None]
     if olds and not (path.exists() or path.is_symlink()):
         os.replace(olds.pop(), path)
-    for p in olds + _partials(path, "partial"):
+    for p in olds + _partials(path, "partial", folder=True):
         _remove(p)
+
+
+def _private_name(path: Path, suffix: str, create: Callable[[Path], None], folder: bool) -> Path:
+    """Creates ``.NAME.ditas-partial-PID`` + ``suffix`` with ``create`` (which must fail on an existing
+    entry, links included); where something not ours sits at that predictable name, a name with a
+    random part is used instead, so a planted entry is never followed nor removed."""
+    base = f".{path.name}.ditas-partial-{os.getpid()}"
+    name = path.with_name(base + suffix)
+    for _ in range(16):
+        try:
+            create(name)
+            return name
+        except FileExistsError:
+            if _own(name, folder) is not None and name.name == base + suffix:
+                _remove(name)  # our own leftover (a dead process with our PID)
+                continue
+            name = path.with_name(f"{base}-{secrets.token_hex(6)}{suffix}")
+    raise DitasError(f"cannot write {path}: cannot create a partial entry beside it")
 
 
 _RENAME_EXCHANGE = 2
@@ -254,12 +376,8 @@ class OutputDir:
     @property
     def tmp(self) -> Path:
         """The folder to write into (``.NAME.ditas-partial-PID``, created on first use)."""
-        if self._tmp is None:
-            tmp = self.path.with_name(f".{self.path.name}.ditas-partial-{os.getpid()}")
-            _remove(tmp)
-            tmp.mkdir()
-            tmp.chmod(0o777 & ~_umask())
-            self._tmp = tmp
+        if self._tmp is None:  # mkdir never follows a planted link; its mode already honours the umask
+            self._tmp = _private_name(self.path, "", lambda p: p.mkdir(mode=0o777), folder=True)
         return self._tmp
 
     def publish(self) -> Path:
@@ -269,8 +387,9 @@ class OutputDir:
         data = json.loads(cfg.read_text()) if cfg.exists() else {}
         if not isinstance(data, dict):
             raise DitasError(f"internal error: {cfg} is not a JSON object")
-        files = sorted({p.name for p in tmp.iterdir()} | {MARKER_FILE})
-        data[MARKER_KEY] = {"kind": self.kind, "files": files}
+        listing = _listing(tmp)
+        data[MARKER_KEY] = {"kind": self.kind, "files": sorted(set(listing["files"]) | {MARKER_FILE}),
+                            "dirs": listing["dirs"]}
         cfg.write_text(json.dumps(data, indent=2, allow_nan=False))
         for p in tmp.iterdir():
             if p.is_file():
@@ -362,25 +481,34 @@ def json_text(obj, what: str = "output") -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+def _create_file(p: Path) -> None:
+    """Creates the empty file ``p``, failing on any existing entry (a link included: never followed)."""
+    os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_WRONLY | os.O_CLOEXEC, 0o666))
+
+
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_file(path: str | os.PathLike, locked: bool = False) -> Iterator[Path]:
     """Yields ``.NAME.ditas-partial-PID.SUFFIX`` beside ``path``; renames it onto ``path`` on success.
 
-    Writers of one path take turns (``path_lock`` with waiting); a partial file left by a killed
-    writer is removed by the next one.
+    Writers of one path take turns (``path_lock`` with waiting; ``locked=True``: the caller holds
+    that lock already); a partial file left by a killed writer is removed by the next one. The
+    partial file is created exclusively, and is checked to be still our file before it is
+    renamed, so the published output is never a link planted beside it.
     """
     path = check_writable(path)
-    with path_lock(path, wait=True):
-        prefix = f".{path.name}.ditas-partial-"
-        for p in _partials(path, "partial"):
-            if p.is_file() and p.name.startswith(prefix):
-                p.unlink()
-        tmp_path = path.with_name(f"{prefix}{os.getpid()}{path.suffix}")
-        fd = os.open(tmp_path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o666)
-        os.close(fd)
+    with contextlib.nullcontext() if locked else path_lock(path, wait=True):
+        for p in _partials(path, "partial", folder=False):
+            p.unlink()
+        tmp_path = _private_name(path, path.suffix, _create_file, folder=False)
+        made = os.lstat(tmp_path)
         try:
             yield tmp_path
+            now = _own(tmp_path, folder=False)
+            if now is None or (now.st_ino, now.st_dev) != (made.st_ino, made.st_dev):
+                raise DitasError(f"cannot write {path}: its partial file {tmp_path} was replaced by another "
+                                 "program while ditas wrote it")
             os.replace(tmp_path, path)
         finally:
-            if tmp_path.exists():
+            now = _own(tmp_path, folder=False)
+            if now is not None and (now.st_ino, now.st_dev) == (made.st_ino, made.st_dev):
                 tmp_path.unlink()

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .diffusion.gaussian import create_diffusion
 from .errors import ConfigError, DitasError
-from .fileio import atomic_file, check_writable, json_text, path_lock, read_marker
+from .fileio import atomic_file, check_not_input, check_writable, foreign_entries, json_text, path_lock
 from .model.dit import DiT, DiTConfig
 from .model.loading import save_dit
 
@@ -148,6 +148,7 @@ def train_dit(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out:
         raise ConfigError(f"labels must be one integer in 0..{mc.num_classes - 1} per image")
     out = Path(out)
     check_run_folder(out, overwrite)
+    check_not_input(out, [init])
     with path_lock(out):  # one training run per output folder
         check_run_folder(out, overwrite)
         out.mkdir(parents=True, exist_ok=True)
@@ -166,14 +167,23 @@ def check_run_folder(out: Path, overwrite: bool) -> None:
         raise ConfigError(f"--out {out} exists and is not a folder")
     leftovers = tuple(f".{name}.ditas-" for name in RUN_FILES)  # a killed run's partial or lock entries
     entries = sorted(p.name for p in out.iterdir() if not p.name.startswith(leftovers))
-    foreign = [e for e in entries if e not in RUN_FILES
-               or (e in ("ema", "raw") and read_marker(out / e) is None)]
+    foreign = [f for e in entries for f in _not_ours(out / e)]
     if foreign:
         raise ConfigError(f"--out {out} holds files a training run did not write ({', '.join(foreign[:4])}); "
                           "choose a new or empty folder")
     if entries and not overwrite:
         raise ConfigError(f"--out {out} holds an earlier training run; give --overwrite to replace it, "
                           "or choose a new folder")
+
+
+def _not_ours(p: Path) -> list[str]:
+    """What in the entry ``p`` a training run did not write: a run writes ``ema/`` and ``raw/`` as
+    ditas model folders holding only what ditas wrote (checked down every sub-folder) and the log
+    and summary as regular files; anything else is the user's, which --overwrite must not replace."""
+    if p.name in ("ema", "raw") and p.is_dir() and not p.is_symlink():
+        inside = foreign_entries(p)
+        return [p.name] if inside is None else [f"{p.name}/{e}" for e in inside]
+    return [] if p.name in RUN_FILES and p.is_file() and not p.is_symlink() else [p.name]
 
 
 def _train(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, out: Path, progress: bool,

@@ -133,7 +133,7 @@ def quantize(args: argparse.Namespace, cfg, claim) -> int:
 def sample(args: argparse.Namespace, device=None, world: int = 1) -> int:
     """``ditas sample --quantized DIR [--model PIPELINE_DIR] --prompt ... --out x.png`` on ``device``
     (``--device``; ``--kernel auto`` picks the quantized layers' kernels for that device)."""
-    from ..fileio import check_new_file
+    from ..fileio import check_new_file, check_not_input
     from ..pipelines import generate_images, load_pipeline, read_pipeline_ref, save_image_grid
     from ..validate import cfg_scale_problem, check_sampling_options
 
@@ -141,6 +141,7 @@ def sample(args: argparse.Namespace, device=None, world: int = 1) -> int:
     if out.suffix.lower() != ".png":
         raise DitasError(f"--out must end in .png for a text-to-image pipeline, got {out}")
     check_new_file(out, args.overwrite)
+    check_not_input(out, [args.model, args.quantized])
     _check_sizes(args)
     if world > 1:
         raise DitasError("sampling a diffusers pipeline runs in one process: start it without torchrun")

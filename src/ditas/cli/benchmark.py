@@ -39,6 +39,19 @@ from ..errors import DitasError
 KIND = "ditas-benchmark"
 EVAL_K = 3  # neighbours of the precision/recall manifolds in both evaluators
 OWN_FILES = ["config.json", "samples", "evals", "grids", "ref_cache.npz", "results.json", "results.md"]
+# What a benchmark folder may hold, by kind (``fileio.unexpected_entries``): --overwrite deletes the
+# sub-folders whole, so a user file in them (or a folder where a file belongs) makes it refuse.
+_ROW = r"[A-Za-z0-9_.+-]+_s[0-9]+"
+_LEFT = r"\..+\.ditas-(lock|partial-.+)"  # a killed run's partial and lock files
+LAYOUT = {"files": [r"config\.json", r"ref_cache\.npz", r"results\.json", r"results\.md", r"\..*"],
+          "dirs": {"samples": {"files": [_ROW + r"\.npz", _LEFT],
+                               "dirs": {r"\." + _ROW + r"\.shards": {"files": [r"run\.json", r"images-[0-9]+-[0-9]+\.npy",
+                                                                           _LEFT]}}},
+                   "evals": {"files": [_ROW + r"\.json", _LEFT]},
+                   "grids": {"files": [_ROW + r"\.png", _LEFT]}}}
+_ANY: dict = {"files": [r".*"]}
+_ANY["dirs"] = {r".*": _ANY}
+LAYOUT["dirs"][r"\..*"] = _ANY  # hidden top-level entries: --overwrite leaves them alone
 
 # DiTAS (W4A8, DiT-XL/2, ImageNet, FID-10K, cfg 1.5), as published; keyed by (image size, steps).
 PUBLISHED_DITAS_W4A8_FID = {(256, 50): 9.05, (256, 100): 6.86, (512, 50): 17.92, (512, 100): 13.45}
@@ -117,7 +130,7 @@ def _settings(args: argparse.Namespace, domain: str) -> dict[str, Any]:
 
 def _open_folder(out: Path, settings: dict, overwrite: bool) -> None:
     """Creates ``out`` with its marker, or checks that an existing one is ours and made the same way."""
-    from ..fileio import MARKER_KEY, atomic_file, json_text, read_marker
+    from ..fileio import MARKER_KEY, atomic_file, json_text, read_marker, refuse_foreign, unexpected_entries
 
     if out.exists() or out.is_symlink():
         if out.is_symlink() or not out.is_dir():
@@ -125,10 +138,7 @@ def _open_folder(out: Path, settings: dict, overwrite: bool) -> None:
         marker = read_marker(out)
         if marker is None or marker.get("kind") != KIND:
             raise DitasError(f"--out {out} exists and is not a benchmark folder ditas wrote; choose another name")
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_FILES and not p.name.startswith("."))
-        if foreign:
-            raise DitasError(f"--out {out} holds files ditas did not write ({', '.join(foreign[:4])}); "
-                             "choose another name")
+        refuse_foreign(out, unexpected_entries(out, LAYOUT))
         old = json.loads((out / "config.json").read_text()).get("settings")
         if overwrite:
             import shutil
@@ -221,7 +231,7 @@ def markdown(rows: list[dict], domain: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
     from ..diffusion.sharded import init_from_env, leave_together, shutdown
-    from ..fileio import check_writable, path_lock
+    from ..fileio import check_not_input, check_writable, path_lock
     from ..validate import check_problems, check_sampling_options, min_samples_problem
     from .compare import parse_recipes
     from .eval import resolve_domain
@@ -246,6 +256,7 @@ def run(args: argparse.Namespace) -> int:
         if args.inception:
             load_logits_weight(args.inception)
     out = check_writable(args.out)
+    check_not_input(out, [args.model, args.vae, args.ref, args.inception])
     settings = _settings(args, domain)
     rank, world, device = init_from_env(resolve_device(args.device))
     try:

@@ -152,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
         if rank != 0:  # process 0 claims and writes the output; the others sample their share
             barrier()
             return leave_together(_compare(args, specs, configs, None, device, model))
-        with output_dir(args.out, "ditas-compare", overwrite=args.overwrite, inputs=[args.model]) as claim:
+        with output_dir(args.out, "ditas-compare", overwrite=args.overwrite,
+                        inputs=[args.model, getattr(args, "vae", None)]) as claim:
             barrier()
             rc = _compare(args, specs, configs, claim, device, model)
         return leave_together(rc)  # after the output is published

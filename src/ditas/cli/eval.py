@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DitasError
-from ..fileio import atomic_file, check_new_file, check_writable, json_text
+from ..fileio import atomic_file, check_new_file, check_not_input, check_writable, json_text
 
 
 DOMAINS = ("auto", "digits", "inception")
@@ -171,8 +171,12 @@ def run(args: argparse.Namespace) -> int:
 
     resolve_device(args.device)  # checked in every domain (the digit evaluator runs on the CPU)
     domain = resolve_domain(args.domain, args.ref)
-    if args.json:
+    inputs = [args.samples, args.ref, args.inception, args.classifier]
+    if args.json is not None:  # "" too: a one-line error, not a run that silently writes nothing
         check_new_file(args.json, args.overwrite)  # fail before the work
+        check_not_input(args.json, [*inputs, args.ref_cache], "--json")
+    if args.ref_cache is not None:
+        check_not_input(args.ref_cache, inputs, "--ref-cache")
     if domain == "digits":
         metrics = evaluate_digits(args.samples, args.reference, args.classifier, args.k)
     else:
@@ -183,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
                                        progress=not args.no_progress)
         metrics = evaluator(args.samples)
     print(format_table(metrics))
-    if args.json:
+    if args.json is not None:
         with atomic_file(args.json) as tmp:
             tmp.write_text(json_text(metrics, str(args.json)))
         print(f"metrics written to {args.json}")

@@ -122,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
     pipeline = is_pipeline_dir(args.model)  # a diffusers text-to-image pipeline (PixArt, SD3, Flux)
     if pipeline:
         _text_to_image.check_quantize_arguments(args, cfg)
-    with output_dir(args.out, "ditas-quantized", overwrite=args.overwrite, inputs=[args.model]) as claim:
+    with output_dir(args.out, "ditas-quantized", overwrite=args.overwrite,
+                    inputs=[args.model, getattr(args, "prompts", None)]) as claim:
         return _text_to_image.quantize(args, cfg, claim) if pipeline else _quantize(args, cfg, claim)
 
 

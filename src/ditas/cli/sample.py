@@ -143,7 +143,7 @@ def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
     from ..diffusion.images import check_labels, decode_to_uint8, generate, make_grid, save_png
     from ..diffusion.run import SamplingSettings
     from ..diffusion.sharded import sample_npz
-    from ..fileio import check_new_file
+    from ..fileio import check_new_file, check_not_input
     from ..validate import check_sampling_options
     from ..loaders import load_dit
     from ..model.vae import load_vae
@@ -159,6 +159,7 @@ def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
     if world > 1 and out.suffix.lower() != ".npz":
         raise DitasError("several processes (torchrun) write an .npz only: give --out X.npz")
     check_new_file(out, args.overwrite)
+    check_not_input(out, [args.model, args.vae, getattr(args, "quantized", None), args.shard_dir])
     check_sampling_options(steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta, seed=args.seed)
     if args.num is not None and args.num < 1:
         raise DitasError(f"--num must be at least 1, got {args.num}")
@@ -194,7 +195,8 @@ def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
         labels = torch.randint(0, model.num_classes, (n,), generator=g)
     if out.suffix.lower() == ".npz":
         written = sample_npz(model, labels, out, settings, batch_size=args.batch_size, shard_size=args.shard_size,
-                             shard_dir=args.shard_dir, vae=vae, progress=not args.no_progress)
+                             shard_dir=args.shard_dir, vae=vae, progress=not args.no_progress,
+                             overwrite=args.overwrite)
         if written is not None:
             print(f"wrote {n} images to {out}" + (f" ({world} processes)" if world > 1 else ""))
         return 0

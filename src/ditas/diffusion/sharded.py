@@ -16,6 +16,7 @@ whatever the batch size, the shard size and the number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import DitasError
-from ..fileio import atomic_file, check_writable
+from ..fileio import atomic_file, check_new_file, check_writable, path_lock
 from .run import SamplingSettings, sample_batch
 
 MANIFEST = "run.json"
@@ -87,10 +88,12 @@ def _read_npy(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     return arr
 
 
-def write_npz_stream(path: Path, image_shape: tuple[int, int, int], count: int, chunks, labels: np.ndarray) -> None:
+def write_npz_stream(path: Path, image_shape: tuple[int, int, int], count: int, chunks, labels: np.ndarray,
+                     locked: bool = False) -> None:
     """Writes ``arr_0`` (count, *image_shape) uint8 from ``chunks`` (uint8 arrays, in order) and
-    ``labels`` into the npz ``path`` atomically, holding one chunk at a time."""
-    with atomic_file(path) as tmp:
+    ``labels`` into the npz ``path`` atomically, holding one chunk at a time (``locked``: the caller
+    holds ``path``'s lock)."""
+    with atomic_file(path, locked=locked) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open(zipfile.ZipInfo("arr_0.npy", _ZIP_TIME), "w", force_zip64=True) as f:
                 f.write(_npy_header((count, *image_shape), np.uint8))
@@ -169,9 +172,22 @@ def _check_or_write_manifest(shard_dir: Path, manifest: dict, rank: int) -> None
 
 
 def sample_npz(model: nn.Module, labels: Sequence[int] | torch.Tensor | np.ndarray, out_path: str | os.PathLike,
-               settings: SamplingSettings | None = None, *, batch_size: int = 64, shard_size: int | None = None,
-               shard_dir: str | os.PathLike | None = None, vae=None, progress: bool = True,
-               keep_shards: bool = False) -> Path | None:
+               settings: SamplingSettings | None = None, *, overwrite: bool = True, **kwargs) -> Path | None:
+    """``_sample_npz`` (below) with ``out_path``'s lock held by rank 0 for the whole run, taken before
+    the work: a second run to the same npz fails at once with a one-line error instead of sharing
+    (and removing) the first one's shards. ``overwrite=False`` refuses an npz that exists, checked
+    again under the lock (a run that held it may have written the npz meanwhile)."""
+    path = check_writable(out_path)
+    with path_lock(path) if process_group()[0] == 0 else contextlib.nullcontext():
+        if process_group()[0] == 0 and not overwrite:
+            check_new_file(path)
+        return _sample_npz(model, labels, path, settings, **kwargs)
+
+
+def _sample_npz(model: nn.Module, labels: Sequence[int] | torch.Tensor | np.ndarray, out_path: str | os.PathLike,
+                settings: SamplingSettings | None = None, *, batch_size: int = 64, shard_size: int | None = None,
+                shard_dir: str | os.PathLike | None = None, vae=None, progress: bool = True,
+                keep_shards: bool = False) -> Path | None:
     """Samples one image per label into the npz ``out_path`` (see the module docstring).
 
     ``settings``: steps, guidance, sampler, seed (default ``SamplingSettings()``). ``shard_dir``
@@ -244,7 +260,7 @@ def sample_npz(model: nn.Module, labels: Sequence[int] | torch.Tensor | np.ndarr
                 yield arr[lo:lo + batch_size]
             del arr
 
-    write_npz_stream(out_path, image_shape, n, chunks(), labels_np)
+    write_npz_stream(out_path, image_shape, n, chunks(), labels_np, locked=True)
     if not keep_shards:
         for start, stop in ranges:
             (shard_dir / shard_name(start, stop)).unlink(missing_ok=True)
