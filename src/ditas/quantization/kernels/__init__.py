@@ -64,7 +64,7 @@ def choose(layer, kernel: str = AUTO, device=None) -> str:
             return k.name
         reasons.append(f"{k.name} {problem}")
     where = layer_device(layer) if device is None else device
-    raise ConfigError(f"no kernel runs this {layer.layout} W{layer.wbits}A{layer.abits} layer on {where}: "
+    raise ConfigError(f"no kernel runs this {layer.precision()} layer on {where}: "
                       + "; ".join(reasons))
 
 
