@@ -76,12 +76,12 @@ def use_kernels(model: nn.Module, kernel: str = AUTO, *, lora_limbs: int | None 
     down-projection runs apart in fp32; 3 matches it; 1 is plain int8, an approximation).
     Checks every layer before changing any, so an unsupported explicit choice changes nothing.
     """
-    from ..linear import QuantLinear
-
     if lora_limbs is not None and (not isinstance(lora_limbs, int) or isinstance(lora_limbs, bool)
                                    or not 0 <= lora_limbs <= MAX_LORA_LIMBS):
         raise ConfigError(f"lora_limbs must be an integer in 0..{MAX_LORA_LIMBS}, got {lora_limbs!r}")
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    # the layers that take a kernel (QuantLinear; named by what it does, so that kernels/ need
+    # not import linear.py, which imports kernels/)
+    layers = {name: m for name, m in model.named_modules() if callable(getattr(type(m), "set_kernel", None))}
     chosen = {}
     for name, m in layers.items():
         try:
