@@ -340,7 +340,7 @@ def calibration_memory_problem(model: nn.Module, config: Any, device: Any) -> st
     """A DiT's self-calibration holds one block's inputs for every label (both guidance halves) at
     every step: refused when that alone would not fit ``device`` (``--calib-labels 100000000``)."""
     geometry = _dit_geometry(model)
-    if geometry is None or not hasattr(config, "calib_labels"):
+    if geometry is None or not hasattr(config, "calibration"):
         return None
     tokens, hidden, _ = geometry
     c = config.calibration
