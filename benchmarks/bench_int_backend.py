@@ -16,7 +16,7 @@ Modes
 
 Variants
 - ``fp32``, ``bf16``: ``nn.Linear`` / the whole model in that dtype (bf16 input pre-cast);
-- ``W4A8 +lora32, <route>``: ``QuantLinear.from_linear(..., wbits=4, abits=8)`` on the fastest
+- ``W4A8 +lora32, <route>``: ``QuantLinear.from_linear(..., WeightFormat(4), ActivationFormat(8))`` on the fastest
   integer kernel (``set_kernel``; oneDNN here), per-channel weights, per-tensor dynamic activations,
   random rank-32 LoRA factors, run by ``QuantLinear.forward`` (= the kernel entry's ``forward``, ``kernels/integer.py``), with
   the LoRA branch routed as ``ROUTES`` says: the down-projection apart in fp32 from the codes
@@ -62,6 +62,7 @@ import torch.nn as nn
 from ditas.model.dit import DiT, DiTConfig, DiT_models
 from ditas.quantization.kernels import KERNELS
 from ditas.quantization.kernels.integer import DEFAULT_LORA_LIMBS
+from ditas.quantization.config import ActivationFormat, WeightFormat
 from ditas.quantization.linear import LORA_DTYPES, QuantLinear
 from ditas.quantization.weight_only import WeightOnlyInt8Linear, quantize_adaln_weight_only
 from machine import cpu_name
@@ -223,7 +224,7 @@ class LoraRoute:
 
 def quant_linear(linear: nn.Linear, wbits: int, lora: dict | None, kernel: str | None = None,
                  route: LoraRoute = LoraRoute()) -> QuantLinear:
-    m = QuantLinear.from_linear(linear, wbits=wbits, abits=8, act_granularity="tensor",
+    m = QuantLinear.from_linear(linear, WeightFormat(wbits), ActivationFormat(8, "tensor"),
                                 lora_dtype=LORA_DTYPES[route.storage], **(lora or {}))
     m.lora_limbs, m.lora_bf16 = route.limbs, route.up == "bf16"
     m.set_kernel(kernel or available_kernels()[0])

@@ -104,6 +104,7 @@ def stored_parts(safetensors_file: Path) -> dict[str, int]:
 def write_real(model_name: str, wbits: int, rank: int, out: Path, lora_dtype: str) -> None:
     from ditas.model.loading import save_dit
     from ditas.quantization.checkpoint import save_quantized
+    from ditas.quantization.config import ActivationFormat, WeightFormat
     from ditas.quantization.linear import QuantLinear
     from ditas.quantization.weight_only import quantize_adaln_weight_only
 
@@ -120,7 +121,7 @@ def write_real(model_name: str, wbits: int, rank: int, out: Path, lora_dtype: st
                 down = torch.randn(rank, lin.in_features, generator=g) * 0.01
                 up = torch.randn(lin.out_features, rank, generator=g) * 0.01
                 smooth = torch.rand(lin.in_features, generator=g) + 0.5 if name == "mlp.fc2" else None
-                q = QuantLinear.from_linear(lin, wbits=wbits, abits=8, lora_down=down, lora_up=up, smooth=smooth,
+                q = QuantLinear.from_linear(lin, WeightFormat(wbits), ActivationFormat(8), lora_down=down, lora_up=up, smooth=smooth,
                                             lora_dtype=LORA_DTYPES[lora_dtype])
                 setattr(block.get_submodule(parent_name), child, q)
         quantize_adaln_weight_only(model)

@@ -68,6 +68,7 @@ from ditas.diffusion.run import SamplingSettings, sampling_run  # noqa: E402
 from ditas.model.dit import DiT, DiTConfig  # noqa: E402
 from ditas.quantization.attention import use_attention  # noqa: E402
 from ditas.quantization.kernels import use_kernels  # noqa: E402
+from ditas.quantization.config import ActivationFormat, WeightFormat  # noqa: E402
 from ditas.quantization.linear import LORA_DTYPES, QuantLinear  # noqa: E402
 from ditas.quantization.recipes import recipe_config  # noqa: E402
 from ditas.quantization.weight_only import quantize_adaln_weight_only  # noqa: E402
@@ -188,7 +189,7 @@ def random_quantized(model: DiT, wbits: int, lora: bool, seed: int = 0) -> DiT:
                 kw["lora_up"] = torch.randn(lin.out_features, LORA_RANK, generator=g) * 0.01
                 if child == "fc2":
                     kw["smooth"] = torch.rand(lin.in_features, generator=g) + 0.5
-            setattr(parent, child, QuantLinear.from_linear(lin, wbits=wbits, abits=8, lora_dtype=LORA_DTYPE, **kw))
+            setattr(parent, child, QuantLinear.from_linear(lin, WeightFormat(wbits), ActivationFormat(8), lora_dtype=LORA_DTYPE, **kw))
             del lin
     quantize_adaln_weight_only(q)
     return q

@@ -56,7 +56,7 @@ def main() -> None:
             with torch.no_grad():
                 refs = [m(**k)[0] for k in kw]
             for r in RECIPES:
-                small_lora = dict(lora_rank=4, lora_rounds=2) if recipe_config(r).lora_rank else {}
+                small_lora = dict(lora_rank=4, lora_rounds=2) if recipe_config(r).lora.rank else {}
                 q, _ = quantize(m, recipe_config(r, **small_lora), calib, progress=False)
                 with torch.no_grad():
                     errs[r] += sum(rel(q(**k)[0], ref) for k, ref in zip(kw, refs)) / len(kw) / args.seeds

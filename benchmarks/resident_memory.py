@@ -31,6 +31,7 @@ def write_folders(model_name: str, out: Path, rank: int = 32, lora_dtypes: tuple
     from ditas.model.dit import DiT_models
     from ditas.model.loading import save_dit
     from ditas.quantization.checkpoint import save_quantized
+    from ditas.quantization.config import ActivationFormat, WeightFormat
     from ditas.quantization.linear import QuantLinear
     from ditas.quantization.weight_only import quantize_adaln_weight_only
 
@@ -52,7 +53,7 @@ def write_folders(model_name: str, out: Path, rank: int = 32, lora_dtypes: tuple
                 down = torch.randn(rank, lin.in_features, generator=g) * 0.01
                 up = torch.randn(lin.out_features, rank, generator=g) * 0.01
                 smooth = torch.rand(lin.in_features, generator=g) + 0.5 if name == "mlp.fc2" else None
-                q = QuantLinear.from_linear(lin, wbits=4, abits=8, lora_down=down, lora_up=up, smooth=smooth)
+                q = QuantLinear.from_linear(lin, WeightFormat(4), ActivationFormat(8), lora_down=down, lora_up=up, smooth=smooth)
                 setattr(block.get_submodule(parent), child, q)
         quantize_adaln_weight_only(model)
     for dtype in lora_dtypes:

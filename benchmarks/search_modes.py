@@ -10,7 +10,6 @@ table in docs/quantization.md:
 
 from __future__ import annotations
 
-import dataclasses
 import argparse
 import json
 import time
@@ -41,7 +40,7 @@ def compare_search_modes(model: nn.Module, base: QuantConfig, variants: dict[str
     traj = record(model, base, progress)
     runs = {}
     for name, overrides in variants.items():
-        cfg = dataclasses.replace(base, **overrides)
+        cfg = base.with_flat(overrides)
         t0 = time.perf_counter()
         cal = calibrate(model, cfg, traj, progress)
         runs[name] = {"time_s": time.perf_counter() - t0, "overrides": overrides,

@@ -60,7 +60,7 @@ def test_record_calibration_around_ditas_own_sampler_equals_the_self_calibration
     cfg = ditas.recipe_config("tas_search", steps=3, calib_labels=2, search_tokens=None)
     labels = cfg.labels_for(m.num_classes)
     with ditas.record_calibration(m) as calib:
-        own = record_trajectory(m, labels, cfg.steps, cfg.cfg_scale, cfg.sampler, cfg.seed,
+        own = record_trajectory(m, labels, cfg.calibration.steps, cfg.calibration.cfg_scale, cfg.calibration.sampler, cfg.calibration.seed,
                                 first_block=m.blocks[0], progress=False)
     assert calib.steps == own.steps == 3  # (ditas' guided sampler calls forward directly: no model call hook)
     for a, b in zip(calib.calls, own.calls):

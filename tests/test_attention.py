@@ -151,8 +151,7 @@ def test_int8_attention_in_a_quantized_model(kernel):
     from ditas.quantization.recipes import recipe_config
 
     model = random_dit(hidden=64, heads=4, depth=2)
-    cfg = recipe_config("ditas", w_bits=4, a_bits=8)
-    cfg.steps, cfg.num_calib_labels = 3, 2
+    cfg = recipe_config("ditas", w_bits=4, a_bits=8, steps=3, calib_labels=2)
     qmodel, _ = quantize(model, cfg, progress=False, kernel=kernel)
     x, t, y = _inputs(model)
     with torch.no_grad():

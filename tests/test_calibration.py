@@ -25,12 +25,12 @@ def _observe_layer(model, name, cfg, labels):
         x = args[0].reshape(-1, args[0].shape[-1]).float()
         lo.append(x.amin(0))
         hi.append(x.amax(0))
-        idx = subsample_index(x.shape[0], cfg.search_tokens, cfg.seed, step[0])
+        idx = subsample_index(x.shape[0], cfg.smooth.search_tokens, cfg.calibration.seed, step[0])
         xs.append(x.clone() if idx is None else x[idx].clone())
         step[0] += 1
 
     h = model.get_submodule(name).register_forward_pre_hook(hook)
-    settings = SamplingSettings(steps=cfg.steps, cfg_scale=cfg.cfg_scale, sampler=cfg.sampler, seed=cfg.seed)
+    settings = SamplingSettings(steps=cfg.calibration.steps, cfg_scale=cfg.calibration.cfg_scale, sampler=cfg.calibration.sampler, seed=cfg.calibration.seed)
     with torch.no_grad():
         for _ in sampling_run(model, torch.tensor(labels), settings):
             pass
@@ -53,7 +53,7 @@ def naive_calibration(model, cfg):
                 scale = torch.ones(lin.out_features)
                 scale[v_rows(lin.out_features)] = proj_s
             r = quantize_layer(name, role, w, b, _observe_layer(model, name, cfg, labels), cfg, scale)
-            if role == "proj" and cfg.fold_proj_into_v:
+            if role == "proj" and cfg.smooth.fold_proj_into_v:
                 proj_s = r.smooth
             out[name] = r
     return out
@@ -72,8 +72,8 @@ def test_blockwise_calibration_picks_the_naive_alphas(recipe, tokens):
     alphas = {r.alpha for r in cal.layers.values()}
     assert len(alphas) > 1  # the search is not degenerate on this model
     # one sampling run + one block-wise pass, instead of one run per layer
-    assert cal.forward_passes["full_model_forward_passes"] == 2 * cfg.steps
-    assert cal.forward_passes["naive_full_model_forward_passes"] == len(cal.layers) * cfg.steps
+    assert cal.forward_passes["full_model_forward_passes"] == 2 * cfg.calibration.steps
+    assert cal.forward_passes["naive_full_model_forward_passes"] == len(cal.layers) * cfg.calibration.steps
 
 
 def test_trajectory_records_block_inputs_and_counts_passes():

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from ditas.errors import ConfigError
 from ditas.quantization.kernels import KERNELS as REGISTRY, canonical
 from ditas.quantization.kernels.int_mm import int8_matmul_zp
+from ditas.quantization.config import ActivationFormat, WeightFormat
 from ditas.quantization.linear import QuantLinear
 from ditas.quantization.quantizers import activation_codes
 from quant_helpers import int_forward, int_linear, integer_kernels
@@ -71,7 +72,7 @@ def _layer(k: int, n: int, wbits: int, abits: int, gran: str, seed: int, bias: b
     if lora_rank:
         lora = dict(lora_down=torch.randn(lora_rank, k, generator=g) * 0.1,
                     lora_up=torch.randn(n, lora_rank, generator=g) * 0.1)
-    return QuantLinear.from_linear(lin, wbits=wbits, abits=abits, act_granularity=gran, **lora)
+    return QuantLinear.from_linear(lin, WeightFormat(wbits), ActivationFormat(abits, gran), **lora)
 
 
 def _simulated(m: QuantLinear, codes, scale, zero) -> torch.Tensor:
@@ -165,7 +166,7 @@ def test_int_forward_bf16_input_returns_bf16() -> None:
 
 def test_unsupported_layers_rejected() -> None:
     lin = nn.Linear(64, 32)
-    grouped = QuantLinear.from_linear(lin, wbits=4, abits=8, layout="group", group_size=16)
+    grouped = QuantLinear.from_linear(lin, WeightFormat(4, "group", 16), ActivationFormat(8))
     c, s, z = activation_codes(torch.randn(3, 64), 8)
     with pytest.raises(ValueError, match="per-channel"):
         int_linear(grouped, c, s, z)

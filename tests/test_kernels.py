@@ -10,6 +10,7 @@ from torch import nn
 from ditas.errors import ConfigError
 from ditas.quantization.kernels import KERNELS, canonical, choose, use_kernels
 from ditas.quantization.kernels.onednn import onednn_works
+from ditas.quantization.config import ActivationFormat, WeightFormat
 from ditas.quantization.linear import QuantLinear
 
 
@@ -22,8 +23,8 @@ def _layer(k=40, n=24, layout="channel", abits=8, wbits=4, seed=0, lora_rank=0):
     if lora_rank:
         lora = dict(lora_down=torch.randn(lora_rank, k, generator=g) * 0.1,
                     lora_up=torch.randn(n, lora_rank, generator=g) * 0.1)
-    return QuantLinear.from_linear(lin, wbits=wbits, abits=abits, layout=layout,
-                                   group_size=8 if layout == "group" else 0, **lora)
+    return QuantLinear.from_linear(lin, WeightFormat(wbits, layout, 8 if layout == "group" else 0), ActivationFormat(abits),
+                                   **lora)
 
 
 def test_choices():
@@ -97,7 +98,7 @@ RUNNABLE = [k for k in KERNELS if KERNELS[k].available()]
 def test_each_entry_prepares_and_computes_the_simulated_function(name, gran, rank):
     entry = KERNELS[name]
     layer = _layer(seed=7, lora_rank=rank)
-    layer.act_granularity = gran
+    layer.activation_format = ActivationFormat(layer.activation_format.bits, gran)
     x = torch.randn(3, 6, 40, generator=torch.Generator().manual_seed(3))
     sim = layer(x)  # a new layer runs the simulated kernel
     assert layer.kernel == "simulated"
@@ -116,8 +117,9 @@ def test_each_entry_states_what_it_does_not_support(name):
     entry = KERNELS[name]
     for layer in (_layer(layout="group"), _layer(abits=16), _layer(layout="reference32", n=32)):
         problem = entry.supports(layer)
-        ok = layer.layout in entry.layouts and layer.abits <= entry.max_abits
-        assert (problem is None) == ok, (layer.layout, layer.abits, problem)
+        w, a = layer.weight_format, layer.activation_format
+        ok = w.layout in entry.layouts and a.bits <= entry.max_abits
+        assert (problem is None) == ok, (w.layout, a.bits, problem)
     if "cuda" not in entry.devices:
         assert "not cuda" in entry.supports(_layer(), "cuda")
 

@@ -19,6 +19,7 @@ from ditas.errors import ConfigError
 from ditas.quantization.kernels import use_kernels
 from ditas.quantization.kernels.integer import LIMB_BASE, MAX_LORA_LIMBS, lora_limbs
 from ditas.quantization.kernels.onednn import onednn_works
+from ditas.quantization.config import ActivationFormat, WeightFormat
 from ditas.quantization.linear import QuantLinear
 from quant_helpers import int_forward, int_linear, integer_kernels
 
@@ -34,7 +35,7 @@ def _layer(k: int, n: int, rank: int, seed: int, gran: str = "tensor", bias: boo
     lin = nn.Linear(k, n, bias=bias)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(n, k, generator=g) * 0.1)
-    return QuantLinear.from_linear(lin, wbits=4, abits=8, act_granularity=gran,
+    return QuantLinear.from_linear(lin, WeightFormat(4), ActivationFormat(8, gran),
                                    lora_down=torch.randn(rank, k, generator=g) * 0.1,
                                    lora_up=torch.randn(n, rank, generator=g) * 0.1)
 
@@ -72,7 +73,7 @@ def _integer_layer(kernel: str, limbs: int, gran: str, seed: int):
     """A layer whose every quantity is an integer: codes, weights, LoRA factors, scales 1."""
     g = torch.Generator().manual_seed(seed)
     k, n, r, m = 24, 10, 3, 7
-    layer = QuantLinear(k, n, wbits=4, abits=8, act_granularity=gran, lora_rank=r)
+    layer = QuantLinear(k, n, WeightFormat(4), ActivationFormat(8, gran), lora_rank=r)
     q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
     z = torch.randint(0, 16, (n, 1), generator=g).float()
     down = torch.randint(-127, 128, (r, k), generator=g).float()

@@ -223,3 +223,48 @@ def test_adaln_float_option_keeps_float_adaln_and_int8_stays_close(tmp_path):
         assert torch.equal(qf(x, t, y), loaded(x, t, y))
     rel = ((a - b).norm() / b.norm()).item()
     assert 0 < rel < 2e-2, rel
+
+
+def test_the_layer_schema_drives_save_validate_and_load(tmp_path, quantized):
+    """One table says what a saved layer holds: save writes exactly its fields and tensors, the
+    layer table is checked against it, and load refuses a folder lacking a tensor it calls for."""
+    from safetensors.torch import load_file, save_file
+
+    from ditas.quantization import layer_schema as schema
+
+    q, cfg, _ = quantized
+    out = ckpt.save_quantized(q, tmp_path / "q", cfg)
+    data = json.loads((out / "config.json").read_text())
+    state = load_file(str(out / "model.safetensors"))
+    for name, meta in data["quantization"]["layers"].items():
+        assert set(meta) == {f.name for f in schema.LAYER_META}
+        held = sorted(k[len(name) + 1:] for k in state if k.startswith(name + ".") and "." not in k[len(name) + 1:])
+        assert held == sorted(schema.expected_tensor_names(meta))
+    # a field out of the schema's range is refused, naming it
+    bad = json.loads(json.dumps(data))
+    bad["quantization"]["layers"]["blocks.0.mlp.fc1"]["act_granularity"] = "channel"
+    (out / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError, match="blocks.0.mlp.fc1 has act_granularity = 'channel', expected one of"):
+        ditas.load_dit(out, kernel="simulated")
+    (out / "config.json").write_text(json.dumps(data))
+    # a saved layer missing a schema tensor is refused, naming it
+    save_file({k: v for k, v in state.items() if k != "blocks.1.attn.proj.lora_up"}, str(out / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"blocks.1.attn.proj lacks its tensor 'lora_up'"):
+        ditas.load_dit(out, kernel="simulated")
+
+
+def test_a_flat_config_of_an_older_folder_reads_as_the_nested_one(tmp_path, quantized):
+    """The one reading path for flat names: a folder whose config.json holds the flat form loads
+    with the same config as the nested form."""
+    from ditas.quantization.config import FLAT_NAMES
+
+    q, cfg, _ = quantized
+    out = ckpt.save_quantized(q, tmp_path / "q", cfg)
+    data = json.loads((out / "config.json").read_text())
+    flat = {"recipe": cfg.recipe, "adaln": cfg.adaln}
+    for name, (spec, field) in FLAT_NAMES.items():
+        value = getattr(getattr(cfg, spec), field)
+        flat[name] = list(value) if isinstance(value, tuple) else value
+    data["quantization"]["config"] = flat
+    (out / "config.json").write_text(json.dumps(data))
+    assert ditas.load_dit(out, kernel="simulated").quant_config == cfg

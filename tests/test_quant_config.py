@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from ditas.errors import ConfigError
-from ditas.quantization.config import QuantConfig
+from ditas.quantization.config import FLAT_NAMES, QuantConfig
 from ditas.quantization.recipes import RECIPES, recipe_config
+
+
+def _nested(flat: dict) -> QuantConfig:
+    """The config the flat names describe, built from nested specs (as code builds one)."""
+    from ditas.quantization import config as c
+
+    classes = {"weights": c.WeightFormat, "activations": c.ActivationFormat, "smooth": c.SmoothingSpec,
+               "lora": c.LoRASpec, "calibration": c.CalibrationSpec}
+    per_spec: dict = {}
+    for name, value in flat.items():
+        spec, field = FLAT_NAMES[name]
+        per_spec.setdefault(spec, {})[field] = value
+    return QuantConfig(**{spec: classes[spec](**values) for spec, values in per_spec.items()})
 
 
 @pytest.mark.parametrize("kwargs, words", [
@@ -20,18 +35,23 @@ from ditas.quantization.recipes import RECIPES, recipe_config
 ])
 def test_invalid_values_raise_config_error(kwargs, words):
     with pytest.raises(ConfigError, match=words):
-        QuantConfig(**kwargs)
+        _nested(kwargs)  # the specs refuse it
+    with pytest.raises(ConfigError, match=words):
+        QuantConfig.from_dict(kwargs)  # and so does the reading path of older (flat) folders
+    with pytest.raises(ConfigError, match=words):
+        recipe_config("ditas", **kwargs)
 
 
 def test_every_recipe_is_valid_and_named():
     for name in RECIPES:
         cfg = recipe_config(name)
         assert cfg.recipe == name
-    assert recipe_config("ditas").lora_rank == 32 and recipe_config("ditas").weight_layout == "channel"
-    assert recipe_config("rtn").smoothing == "none" and recipe_config("rtn").lora_rank == 0
+    assert recipe_config("ditas").lora.rank == 32 and recipe_config("ditas").weights.layout == "channel"
+    assert recipe_config("rtn").smooth.method == "none" and recipe_config("rtn").lora.rank == 0
     paper = recipe_config("paper")
-    assert paper.weight_layout == "reference32" and paper.range_mode == "reference" and paper.lora_keep == "last"
-    assert recipe_config("smoothquant").alpha == 0.5 and not recipe_config("smoothquant").search
+    assert paper.weights.layout == "reference32" and paper.weights.range_mode == "reference"
+    assert paper.lora.keep == "last"
+    assert recipe_config("smoothquant").smooth.alpha == 0.5 and not recipe_config("smoothquant").smooth.search
 
 
 def test_unknown_recipe_and_overrides():
@@ -39,9 +59,10 @@ def test_unknown_recipe_and_overrides():
         recipe_config("gptq")
     with pytest.raises(ConfigError, match="weight bits"):
         recipe_config("ditas", w_bits=12)
-    assert recipe_config("ditas", w_bits=3).w_bits == 3
+    assert recipe_config("ditas", w_bits=3).weights.bits == 3
     # an explicit None is kept, not replaced by the recipe's value
-    assert recipe_config("ditas").search_tokens == 512 and recipe_config("ditas", search_tokens=None).search_tokens is None
+    assert recipe_config("ditas").smooth.search_tokens == 512
+    assert recipe_config("ditas", search_tokens=None).smooth.search_tokens is None
     with pytest.raises(ConfigError, match="LoRA rank"):
         recipe_config("ditas", lora_rank=None)
 
@@ -52,25 +73,31 @@ def test_round_trip_and_labels():
     assert again == cfg
     with pytest.raises(ConfigError, match="unknown"):
         QuantConfig.from_dict({"bits": 4})
-    assert QuantConfig(calib_labels=4).labels_for(1000) == [207, 360, 387, 974]
-    assert QuantConfig(calib_labels=5).labels_for(10) == [0, 2, 4, 6, 8]
-    assert QuantConfig(calib_labels=12).labels_for(10)[-2:] == [0, 1]
+    from ditas.quantization.config import CalibrationSpec
+
+    assert QuantConfig(calibration=CalibrationSpec(labels=4)).labels_for(1000) == [207, 360, 387, 974]
+    assert QuantConfig(calibration=CalibrationSpec(labels=5)).labels_for(10) == [0, 2, 4, 6, 8]
+    assert QuantConfig(calibration=CalibrationSpec(labels=12)).labels_for(10)[-2:] == [0, 1]
     with pytest.raises(ConfigError, match="out of range"):
-        QuantConfig(calib_labels=(3, 11)).labels_for(10)
+        QuantConfig(calibration=CalibrationSpec(labels=(3, 11))).labels_for(10)
 
 
-def test_nested_specs_and_flat_names_are_one_config():
-    from ditas.quantization.config import FLAT_NAMES, CalibrationSpec, LoRASpec, WeightFormat
+def test_nested_specs_are_the_config_and_flat_dicts_still_read():
+    from ditas.quantization.config import CalibrationSpec, LoRASpec, SmoothingSpec, WeightFormat
 
     cfg = QuantConfig(weights=WeightFormat(bits=3, layout="group", group_size=16), lora=LoRASpec(rank=8),
-                      calibration=CalibrationSpec(steps=20), search_tokens=None)
-    assert (cfg.w_bits, cfg.weight_layout, cfg.group_size, cfg.lora_rank, cfg.steps) == (3, "group", 16, 8, 20)
-    assert cfg.smooth.search_tokens is None and cfg.search_tokens is None
-    assert cfg == QuantConfig(w_bits=3, weight_layout="group", group_size=16, lora_rank=8, steps=20, search_tokens=None)
+                      calibration=CalibrationSpec(steps=20), smooth=SmoothingSpec(search_tokens=None))
+    assert (cfg.weights.bits, cfg.weights.layout, cfg.weights.group_size, cfg.lora.rank,
+            cfg.calibration.steps) == (3, "group", 16, 8, 20)
+    assert cfg.smooth.search_tokens is None
+    assert cfg == _nested(dict(w_bits=3, weight_layout="group", group_size=16, lora_rank=8, steps=20,
+                               search_tokens=None))
     nested = cfg.to_dict()
     assert set(nested) == {"recipe", "weights", "activations", "smooth", "lora", "calibration", "adaln"}
     assert nested["weights"] == {"bits": 3, "layout": "group", "group_size": 16, "range_mode": "levels"}
-    flat = {"recipe": cfg.recipe, "adaln": cfg.adaln, **{n: getattr(cfg, n) for n in FLAT_NAMES}}  # older folders
+    # older folders hold the flat form: one entry per FLAT_NAMES key
+    flat = {"recipe": cfg.recipe, "adaln": cfg.adaln,
+            **{n: getattr(getattr(cfg, spec), field) for n, (spec, field) in FLAT_NAMES.items()}}
     assert QuantConfig.from_dict(nested) == cfg == QuantConfig.from_dict(flat)
     with pytest.raises(ConfigError, match="weight bits"):
         WeightFormat(bits=9)
@@ -81,13 +108,47 @@ def test_nested_specs_and_flat_names_are_one_config():
     assert recipe_config("paper").activations.range_mode == "reference"  # the flat range_mode sets both
 
 
+@pytest.mark.parametrize("name", sorted(FLAT_NAMES))
+def test_flat_names_are_no_api_of_quantconfig(name):
+    """A flat keyword is refused, naming the nested spec and recipe_config; no flat attribute."""
+    spec, field = FLAT_NAMES[name]
+    with pytest.raises(ConfigError, match=rf"{name} -> {spec}=\w+\({field}=.*recipe_config"):
+        QuantConfig(**{name: getattr(getattr(QuantConfig(), spec), field)})
+    assert not hasattr(QuantConfig(), name)
+
+
+def test_configs_are_frozen_and_changes_are_validated():
+    from ditas.quantization.config import ActivationFormat, LoRASpec, WeightFormat
+
+    cfg = recipe_config("ditas")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.weights.bits = 99  # no unvalidated setter
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lora = LoRASpec(rank=4)
+    with pytest.raises(ConfigError, match="weight bits"):
+        dataclasses.replace(cfg.weights, bits=99)
+    with pytest.raises(ConfigError, match="LoRA rank"):
+        cfg.with_flat({"lora_rank": -1})
+    with pytest.raises(ConfigError, match="one range mode"):  # a change checked against the whole config
+        cfg.replace(weights=WeightFormat(range_mode="reference"))
+    with pytest.raises(ConfigError, match="weights must be a WeightFormat"):
+        cfg.replace(weights=ActivationFormat())
+    smaller = cfg.replace(lora=LoRASpec(rank=4))
+    assert smaller.lora.rank == 4 and cfg.lora.rank == 32  # a new config; the old one is unchanged
+    assert cfg.with_flat({"range_mode": "reference"}).activations.range_mode == "reference"
+
+
 def test_quantlinear_carries_its_formats():
     import torch
 
     from ditas.quantization.config import ActivationFormat, WeightFormat
     from ditas.quantization.linear import QuantLinear
 
-    q = QuantLinear.from_linear(torch.nn.Linear(32, 8), wbits=3, abits=6, layout="group", group_size=16,
-                                act_granularity="token")
-    assert q.weight_format == WeightFormat(3, "group", 16, "levels")
-    assert q.activation_format == ActivationFormat(6, "token", "levels")
+    w, a = WeightFormat(3, "group", 16, "levels"), ActivationFormat(6, "token", "levels")
+    q = QuantLinear.from_linear(torch.nn.Linear(32, 8), w, a)
+    assert q.weight_format == w and q.activation_format == a
+    assert "W3 group16 asym, A6 dynamic per-token" in repr(q)  # the repr states its precision
+    with pytest.raises(ConfigError, match="takes a WeightFormat and an ActivationFormat"):
+        QuantLinear(32, 8, 3, 6)
+    with pytest.raises(ConfigError, match="one range mode"):
+        QuantLinear(32, 8, WeightFormat(range_mode="reference"), a)

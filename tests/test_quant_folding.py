@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from ditas.quantization.apply import calibrate, convert, record
+from ditas.quantization.config import ActivationFormat, WeightFormat
 from ditas.quantization.linear import QuantLinear
 from ditas.quantization.recipes import recipe_config
 from ditas.quantization.smoothing import OnTheFlySmooth
@@ -56,7 +58,7 @@ def test_v_row_fold_of_quantlinear_is_exact():
     torch.manual_seed(0)
     lin = torch.nn.Linear(16, 48)
     down, up = torch.randn(4, 16) * 0.1, torch.randn(48, 4) * 0.1
-    q = QuantLinear.from_linear(lin, wbits=4, abits=16, lora_down=down, lora_up=up)
+    q = QuantLinear.from_linear(lin, WeightFormat(4), ActivationFormat(16), lora_down=down, lora_up=up)
     s = torch.rand(16) + 0.5
     x = torch.randn(5, 16)
     with torch.no_grad():
@@ -65,7 +67,7 @@ def test_v_row_fold_of_quantlinear_is_exact():
         after = q(x)
     torch.testing.assert_close(after[:, 32:], before[:, 32:] / s, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(after[:, :32], before[:, :32])
-    ref32 = QuantLinear.from_linear(torch.nn.Linear(16, 96), wbits=4, abits=8, layout="reference32")
+    ref32 = QuantLinear.from_linear(torch.nn.Linear(16, 96), WeightFormat(4, "reference32"), ActivationFormat(8))
     with pytest.raises(TypeError, match="layout"):
         fold_into_v_rows(ref32, torch.ones(32))
 
@@ -83,11 +85,10 @@ def test_convert_folds_without_changing_the_quantized_function(recipe):
     onfly = copy.deepcopy(m)
     for name, r in cal.layers.items():
         lin = onfly.get_submodule(name)
-        q = QuantLinear.from_linear(lin, wbits=cfg.w_bits, abits=16, layout=cfg.weight_layout,
-                                    range_mode=cfg.range_mode, smooth=r.smooth, lora_down=r.lora_down,
+        q = QuantLinear.from_linear(lin, cfg.weights, dataclasses.replace(cfg.activations, bits=16), smooth=r.smooth, lora_down=r.lora_down,
                                     lora_up=r.lora_up, codes=r.codes)
         q.bias.copy_(r.bias)
-        if r.role == "proj" and r.smooth is not None and cfg.fold_proj_into_v:
+        if r.role == "proj" and r.smooth is not None and cfg.smooth.fold_proj_into_v:
             # qkv's V rows carry 1/s already; undo it on the fly here by not dividing the input
             q.smooth = None
         parent, _, child = name.rpartition(".")

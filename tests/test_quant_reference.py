@@ -39,9 +39,9 @@ def test_paper_lora_matches_reference(ref):
     with safe_open(str(reference_file("ditas_reference_quantizers.safetensors")), "pt") as f:
         meta = f.metadata()
     cfg = recipe_config("paper", w_bits=4, lora_rank=int(meta["lora_rank"]), lora_rounds=int(meta["lora_rounds"]))
-    fit = training_free_lora(ref["lora.W"], weight_quantizer(cfg), cfg.lora_rank, cfg.lora_rounds, cfg.lora_keep,
-                             cfg.lora_svd)
-    assert fit.kept_round == cfg.lora_rounds - 1  # the reference keeps the last round
+    fit = training_free_lora(ref["lora.W"], weight_quantizer(cfg), cfg.lora.rank, cfg.lora.rounds, cfg.lora.keep,
+                             cfg.lora.svd)
+    assert fit.kept_round == cfg.lora.rounds - 1  # the reference keeps the last round
     torch.testing.assert_close(fit.dequant, ref["lora.Q"], rtol=0, atol=1e-6)
     torch.testing.assert_close(fit.up, ref["lora.L"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fit.down, ref["lora.R"], rtol=1e-4, atol=1e-5)
@@ -58,4 +58,4 @@ def test_best_round_beats_last_round_on_reference(ref):
     w = ref["lora.W"]
     err = float(torch.linalg.norm(w - fit.dequant - fit.up @ fit.down))
     assert err == pytest.approx(fit.error, rel=1e-5)
-    assert cfg.lora_keep == "best"
+    assert cfg.lora.keep == "best"

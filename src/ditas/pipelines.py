@@ -22,7 +22,6 @@ from .errors import CheckpointError, DitasError
 
 PIPELINE_FILE = "pipeline.json"
 PROMPTS_FILE = Path(__file__).resolve().parent / "assets" / "calibration_prompts.txt"
-SUPPORTED_TRANSFORMERS = ("PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
 
 
 def is_pipeline_dir(path: str | os.PathLike | None) -> bool:
@@ -56,9 +55,12 @@ def load_pipeline(path: str | os.PathLike, transformer: torch.nn.Module | None =
         raise CheckpointError(f"{path}/model_index.json is not readable JSON ({exc})") from None
     entry = index.get("transformer")
     cls_name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
-    if cls_name not in SUPPORTED_TRANSFORMERS:
+    from .model.adapters.registry import text_to_image_transformers
+
+    supported = text_to_image_transformers()
+    if cls_name not in supported:
         raise DitasError(f"{path}: the pipeline's transformer is {cls_name or 'missing'}; ditas quantizes pipelines "
-                         f"whose transformer is one of {', '.join(SUPPORTED_TRANSFORMERS)}")
+                         f"whose transformer is one of {', '.join(supported)}")
     from diffusers import DiffusionPipeline
 
     if transformer is not None and type(transformer).__name__ != cls_name:

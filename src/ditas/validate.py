@@ -152,50 +152,8 @@ def state_config_problem(config: Any, state: Mapping[str, torch.Tensor]) -> str 
 #                                  Quantized model folders
 # ----------------------------------------------------------------------------------------------
 
-_LAYER_FIELDS = {"in_features": is_int, "out_features": is_int, "wbits": is_int, "abits": is_int,
-                 "layout": lambda v: isinstance(v, str), "group_size": is_int,
-                 "act_granularity": lambda v: isinstance(v, str), "range_mode": lambda v: isinstance(v, str),
-                 "lora_rank": is_int, "bias": lambda v: isinstance(v, bool), "smooth": lambda v: isinstance(v, bool)}
-_WEIGHT_ONLY_FIELDS = {"in_features": is_int, "out_features": is_int, "bias": lambda v: isinstance(v, bool),
-                       "compute": lambda v: isinstance(v, str)}
-
-
-def _check_entry(fields: dict, name: str, meta: Any, source: str, what: str) -> None:
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{source}: the entry of {what} {name} is {type(meta).__name__}, expected an object")
-    for key, ok in fields.items():
-        if key not in meta:
-            raise CheckpointError(f"{source}: {what} {name} lacks '{key}'")
-        if not ok(meta[key]):
-            raise CheckpointError(f"{source}: {what} {name} has {key} = {meta[key]!r} ({type(meta[key]).__name__})")
-    for key in ("in_features", "out_features"):
-        if meta[key] < 1:
-            raise CheckpointError(f"{source}: {what} {name} has {key} = {meta[key]}, expected at least 1")
-
-
-def check_layer_table(q: Any, source: str) -> None:
-    """The ``quantization`` object of a quantized folder's ``config.json``: types and ranges of
-    every layer entry, so a hand-edited or corrupted file fails with the field it got wrong."""
-    if not isinstance(q, dict):
-        raise CheckpointError(f"{source}: 'quantization' is {type(q).__name__}, expected an object")
-    layers = q.get("layers")
-    if not isinstance(layers, dict) or not layers:
-        raise CheckpointError(f"{source}: 'quantization.layers' must be a non-empty object (layer name -> entry), "
-                              f"got {type(layers).__name__}")
-    for name, meta in layers.items():
-        _check_entry(_LAYER_FIELDS, name, meta, source, "quantized layer")
-        if not 2 <= meta["wbits"] <= 8:
-            raise CheckpointError(f"{source}: quantized layer {name} has wbits = {meta['wbits']}, expected 2..8")
-        if not 4 <= meta["abits"] <= 16:
-            raise CheckpointError(f"{source}: quantized layer {name} has abits = {meta['abits']}, expected 4..16")
-        if meta["lora_rank"] < 0 or meta["group_size"] < 0:
-            key = "lora_rank" if meta["lora_rank"] < 0 else "group_size"
-            raise CheckpointError(f"{source}: quantized layer {name} has {key} = {meta[key]}, expected >= 0")
-    wo = q.get("weight_only_layers", {})
-    if not isinstance(wo, dict):
-        raise CheckpointError(f"{source}: 'quantization.weight_only_layers' is {type(wo).__name__}, expected an object")
-    for name, meta in wo.items():
-        _check_entry(_WEIGHT_ONLY_FIELDS, name, meta, source, "weight-only layer")
+# The entries of a folder's layer table are checked by ``quantization.layer_schema.check_layer_table``
+# (the one description of what a saved layer holds).
 
 
 # A quantized layer's dequantized weights ``(code - zero) * scale`` must stay far from float32's
@@ -382,14 +340,15 @@ def calibration_memory_problem(model: nn.Module, config: Any, device: Any) -> st
     """A DiT's self-calibration holds one block's inputs for every label (both guidance halves) at
     every step: refused when that alone would not fit ``device`` (``--calib-labels 100000000``)."""
     geometry = _dit_geometry(model)
-    if geometry is None or not hasattr(config, "calib_labels"):
+    if geometry is None or not hasattr(config, "calibration"):
         return None
     tokens, hidden, _ = geometry
-    labels = len(config.calib_labels) if isinstance(config.calib_labels, tuple) else config.calib_labels
-    images = labels * (2 if (config.cfg_scale or 0) > 1 else 1)
-    need = activation_bytes(images, tokens, hidden) + images * config.steps * tokens * hidden * 4
+    c = config.calibration
+    labels = len(c.labels) if isinstance(c.labels, tuple) else c.labels
+    images = labels * (2 if (c.cfg_scale or 0) > 1 else 1)
+    need = activation_bytes(images, tokens, hidden) + images * c.steps * tokens * hidden * 4
     return memory_problem(need, device, f"calibration on {labels} labels",
-                          f"{images} images x {config.steps} steps x {tokens} tokens x {hidden} channels, float32")
+                          f"{images} images x {c.steps} steps x {tokens} tokens x {hidden} channels, float32")
 
 
 def images_memory_problem(model: nn.Module, num: int, copies: int, what: str) -> str | None:

@@ -67,8 +67,9 @@ def self_calibration(adapter: ModelAdapter, config, progress: bool = True) -> Tr
         raise CalibrationError(f"a {adapter.family or type(adapter.model).__name__} model cannot sample its own "
                                "calibration run: record one with ditas.record_calibration(model) around a run "
                                "of your pipeline and pass it as calib")
-    return record_trajectory(own.model, config.labels_for(own.num_classes), config.steps, config.cfg_scale,
-                             config.sampler, config.seed, progress=progress, first_block=own.first_block,
+    c = config.calibration
+    return record_trajectory(own.model, config.labels_for(own.num_classes), c.steps, c.cfg_scale,
+                             c.sampler, c.seed, progress=progress, first_block=own.first_block,
                              layer_names=[own.linear_prefix + s.name for s in adapter.linears()])
 
 
@@ -78,8 +79,8 @@ def check_record(adapter: ModelAdapter, record: CalibrationRecord, config) -> No
     own = adapter.calibration_sampler() if record.key is not None else None
     if own is None:
         return
-    expected = trajectory_key(config.labels_for(own.num_classes), config.seed, config.steps, config.cfg_scale,
-                              config.sampler)
+    c = config.calibration
+    expected = trajectory_key(config.labels_for(own.num_classes), c.seed, c.steps, c.cfg_scale, c.sampler)
     if record.key != expected:
         raise CalibrationError("the given trajectory was recorded with other calibration settings")
 

@@ -91,7 +91,7 @@ def check_quantize_arguments(args: argparse.Namespace, cfg) -> None:
     if args.calib_prompts:
         prompts = min(prompts, args.calib_prompts)
     check_pipeline_run(args.model, args.height, args.width, getattr(args, "device", None),
-                       min(args.calib_batch, prompts), prompts * cfg.steps, what="calibration")
+                       min(args.calib_batch, prompts), prompts * cfg.calibration.steps, what="calibration")
 
 
 def quantize(args: argparse.Namespace, cfg, claim) -> int:
@@ -112,7 +112,7 @@ def quantize(args: argparse.Namespace, cfg, claim) -> int:
         pipe = pipe.to(args.device)  # the calibration run and the block-wise search run there
     t_load = time.perf_counter() - t0
     guidance = args.calib_guidance if args.calib_guidance is not None else args.calib_cfg
-    calib = record_pipeline_calibration(pipe, prompts, cfg.steps, guidance, cfg.seed, args.height,
+    calib = record_pipeline_calibration(pipe, prompts, cfg.calibration.steps, guidance, cfg.calibration.seed, args.height,
                                         args.width, args.calib_batch, progress=not args.no_progress)
     _, report = quantize_model(pipe.transformer, cfg, calib, progress=not args.no_progress, inplace=True)
     report["model"] = str(args.model)
@@ -124,7 +124,7 @@ def quantize(args: argparse.Namespace, cfg, claim) -> int:
     (claim.tmp / PIPELINE_FILE).write_text(json_text(pipeline_ref(args.model, pipe), PIPELINE_FILE))
     out = claim.publish()  # weights, config, report and pipeline.json appear together
     print(f"quantized the {type(pipe.transformer).__name__} of {args.model} with recipe {cfg.recipe} "
-          f"(W{cfg.w_bits}A{cfg.a_bits}) from {len(prompts)} prompts x {cfg.steps} steps "
+          f"(W{cfg.weights.bits}A{cfg.activations.bits}) from {len(prompts)} prompts x {cfg.calibration.steps} steps "
           f"({calib.model_calls} transformer calls) -> {out}; mean relative layer output error "
           f"{report['mean_rel_output_error']:.4g}")
     return 0

@@ -45,8 +45,8 @@ def parse_recipes(text: str, w_bits: int | None, a_bits: int | None) -> list[tup
             out.append(("fp", "fp", None, None))
             continue
         recipe = recipe_config(name)  # bits not given anywhere: the recipe's
-        w = int(m.group(2)) if m.group(2) else w_bits if w_bits is not None else recipe.w_bits
-        a = int(m.group(3)) if m.group(3) else a_bits if a_bits is not None else recipe.a_bits
+        w = int(m.group(2)) if m.group(2) else w_bits if w_bits is not None else recipe.weights.bits
+        a = int(m.group(3)) if m.group(3) else a_bits if a_bits is not None else recipe.activations.bits
         out.append((f"{name}@w{w}a{a}", name, w, a))
     if not out:
         raise ConfigError("--recipes is empty")

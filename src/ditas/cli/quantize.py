@@ -33,33 +33,33 @@ def add_quant_arguments(p: argparse.ArgumentParser, with_bits: bool = True) -> N
     d = recipe_config(DEFAULT_RECIPE)
     r = f"the recipe's; {DEFAULT_RECIPE}:"
     if with_bits:
-        p.add_argument("--w-bits", type=int, default=None, help=f"weight bits, 2..8 ({r} {d.w_bits})")
+        p.add_argument("--w-bits", type=int, default=None, help=f"weight bits, 2..8 ({r} {d.weights.bits})")
         p.add_argument("--a-bits", type=int, default=None,
-                       help=f"activation bits, 4..16; 16 = float ({r} {d.a_bits})")
+                       help=f"activation bits, 4..16; 16 = float ({r} {d.activations.bits})")
     p.add_argument("--weight-layout", choices=WEIGHT_LAYOUTS, default=None,
-                   help=f"weight scale layout ({r} {d.weight_layout})")
+                   help=f"weight scale layout ({r} {d.weights.layout})")
     p.add_argument("--group-size", type=int, default=None, help="group size for --weight-layout group")
     p.add_argument("--act-granularity", choices=ACT_GRANULARITIES, default=None,
-                   help=f"dynamic activation scales per tensor (reference) or per token ({r} {d.act_granularity})")
+                   help=f"dynamic activation scales per tensor (reference) or per token ({r} {d.activations.granularity})")
     p.add_argument("--calib-labels", default=None,
-                   help=f"number of calibration labels, or comma-separated labels ({r} {d.calib_labels})")
+                   help=f"number of calibration labels, or comma-separated labels ({r} {d.calibration.labels})")
     p.add_argument("--calib-steps", type=int, default=None,
-                   help=f"calibration sampling steps; use the inference step count ({r} {d.steps})")
-    p.add_argument("--calib-cfg", type=float, default=None, help=f"calibration guidance scale ({r} {d.cfg_scale})")
-    p.add_argument("--calib-seed", type=int, default=None, help=f"calibration seed ({r} {d.seed})")
-    p.add_argument("--calib-sampler", choices=SAMPLERS, default=None, help=f"({r} {d.sampler})")
-    p.add_argument("--lora-rank", type=int, default=None, help=f"LoRA rank ({r} {d.lora_rank})")
-    p.add_argument("--lora-rounds", type=int, default=None, help=f"training-free LoRA rounds ({r} {d.lora_rounds})")
+                   help=f"calibration sampling steps; use the inference step count ({r} {d.calibration.steps})")
+    p.add_argument("--calib-cfg", type=float, default=None, help=f"calibration guidance scale ({r} {d.calibration.cfg_scale})")
+    p.add_argument("--calib-seed", type=int, default=None, help=f"calibration seed ({r} {d.calibration.seed})")
+    p.add_argument("--calib-sampler", choices=SAMPLERS, default=None, help=f"({r} {d.calibration.sampler})")
+    p.add_argument("--lora-rank", type=int, default=None, help=f"LoRA rank ({r} {d.lora.rank})")
+    p.add_argument("--lora-rounds", type=int, default=None, help=f"training-free LoRA rounds ({r} {d.lora.rounds})")
     p.add_argument("--lora-dtype", choices=LORA_STORAGE, default=None,
                    help=f"storage of the LoRA factors: bfloat16 halves them (DiT-XL/2 checkpoint 18.5 %% of fp32 "
                         f"instead of 19.7 %%; measured -0.07 dB PSNR on the default model), float32 keeps them as "
-                        f"fitted ({r} {d.lora_dtype})")
+                        f"fitted ({r} {d.lora.dtype})")
     p.add_argument("--alpha", type=float, default=None, help="fixed smoothing alpha (recipes without search)")
     p.add_argument("--search-weight", choices=SEARCH_WEIGHTS, default=None,
                    help="weight scored by the alpha search (default auto = exact: every LoRA round at every "
                         "alpha; see docs/quantization.md)")
     p.add_argument("--search-shortlist", type=int, default=None,
-                   help=f"alphas rescored with every LoRA round by the shortlist search ({r} {d.search_shortlist})")
+                   help=f"alphas rescored with every LoRA round by the shortlist search ({r} {d.smooth.search_shortlist})")
     p.add_argument("--search-workers", type=int, default=None,
                    help="threads scoring alphas in parallel (default: torch's thread count; same result)")
     p.add_argument("--bias-correction", action="store_true", default=None,
@@ -70,7 +70,7 @@ def add_quant_arguments(p: argparse.ArgumentParser, with_bits: bool = True) -> N
                         "ditas_fp_adaln) "
                         "or float")
     p.add_argument("--search-tokens", type=int, default=None,
-                   help=f"tokens per step in the search loss; 0: all ({r} {d.search_tokens})")
+                   help=f"tokens per step in the search loss; 0: all ({r} {d.smooth.search_tokens})")
 
 
 def config_from_args(args: argparse.Namespace, recipe: str, w_bits: int | None = None, a_bits: int | None = None):
@@ -152,7 +152,7 @@ def _quantize(args: argparse.Namespace, cfg, claim) -> int:
     claim.publish()  # weights, config and report appear together, in one step
     w = report["wall_time_s"]
     fp = report["forward_passes"]
-    print(f"quantized {report['num_layers']} layers with recipe {cfg.recipe} (W{cfg.w_bits}A{cfg.a_bits}) -> {out}")
+    print(f"quantized {report['num_layers']} layers with recipe {cfg.recipe} (W{cfg.weights.bits}A{cfg.activations.bits}) -> {out}")
     print(f"  calibration: {fp['full_model_forward_passes']} full-model forward passes "
           f"(a per-layer observation would need {fp['naive_full_model_forward_passes']}); "
           f"mean relative output error {report['mean_rel_output_error']:.4g}")

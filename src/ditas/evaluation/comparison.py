@@ -96,7 +96,7 @@ def compare_recipes(model: nn.Module, configs: dict[str, object | None], labels:
             if attention != "fp32":
                 use_attention(qmodel, attention)
                 row["attention"] = attention
-            row.update(w_bits=cfg.w_bits, a_bits=cfg.a_bits, mean_rel_output_error=rep["mean_rel_output_error"],
+            row.update(w_bits=cfg.weights.bits, a_bits=cfg.activations.bits, mean_rel_output_error=rep["mean_rel_output_error"],
                        quantize_time_s=round(time.perf_counter() - t1, 1),
                        alphas={n: v["alpha"] for n, v in rep["layers"].items()})
             t2 = time.perf_counter()

@@ -81,14 +81,14 @@ def prepare(model: nn.Module, config: QuantConfig) -> list[BlockSpec]:
     if not specs:
         raise ConfigError("the model has no quantizable linear layers (as nn.Linear)")
     lin_of = {s.name: model.get_submodule(s.name) for s in specs}
-    if config.weight_layout == "reference32":
+    if config.weights.layout == "reference32":
         bad = [n for n, m in lin_of.items() if m.out_features % 32]
         if bad:
             raise ConfigError(f"the reference32 weight layout needs out_features divisible by 32 ({bad[0]})")
-    if config.weight_layout == "group":
-        bad = [n for n, m in lin_of.items() if m.in_features % config.group_size]
+    if config.weights.layout == "group":
+        bad = [n for n, m in lin_of.items() if m.in_features % config.weights.group_size]
         if bad:
-            raise ConfigError(f"group size {config.group_size} does not divide the input width of {bad[0]}")
+            raise ConfigError(f"group size {config.weights.group_size} does not divide the input width of {bad[0]}")
     for b in plan:
         widths = {g.name: {model.get_submodule(m.name).in_features for m in g.members} for g in b.groups}
         for name, w in widths.items():
@@ -188,7 +188,7 @@ def calibrate(model: nn.Module, config: QuantConfig, trajectory: CalibrationReco
         block = model.get_submodule(bspec.name)
         later = {m.name for g in bspec.groups for m in g.members}
         inputs, outs = block_layer_inputs(block, bspec.name, [g.members[0].rel for g in bspec.groups], calls,
-                                          config.search_tokens, config.seed, adapter.block_output_tensors)
+                                          config.smooth.search_tokens, config.calibration.seed, adapter.block_output_tensors)
         pending: dict[str, tuple[slice, torch.Tensor]] = {}
         for g in bspec.groups:
             later -= {m.name for m in g.members}
@@ -197,7 +197,7 @@ def calibrate(model: nn.Module, config: QuantConfig, trajectory: CalibrationReco
             fold = g.fold
             if fold.kind == "prev_rows":
                 target = model.get_submodule(fold.target)
-                if not config.fold_proj_into_v or not isinstance(target, nn.Linear):
+                if not config.smooth.fold_proj_into_v or not isinstance(target, nn.Linear):
                     fold = ON_THE_FLY
                 elif fold.target in later:
                     if r.smooth is not None:
@@ -253,22 +253,20 @@ def convert(model: nn.Module, calibration: Calibration, kernel: str = AUTO) -> n
             for spec, rows in _member_rows(model, g):
                 lin = model.get_submodule(spec.name)
                 whole = rows.start == 0 and rows.stop == r.codes[0].shape[0]
-                codes = r.codes if whole else _split_codes(r.codes, rows, cfg.weight_layout)
+                codes = r.codes if whole else _split_codes(r.codes, rows, cfg.weights.layout)
                 up = None if r.lora_up is None else r.lora_up[rows]
-                q = QuantLinear.from_linear(lin, wbits=cfg.w_bits, abits=cfg.a_bits, layout=cfg.weight_layout,
-                                            group_size=cfg.group_size, act_granularity=cfg.act_granularity,
-                                            range_mode=cfg.range_mode, smooth=smooth, lora_down=r.lora_down,
+                q = QuantLinear.from_linear(lin, cfg.weights, cfg.activations, smooth=smooth, lora_down=r.lora_down,
                                             lora_up=up, codes=codes)
                 if r.bias is not None and lin.bias is not None:
                     q.bias.copy_(r.bias[rows])
                 q.invalidate()
                 model.set_submodule(spec.name, q)
-    if cfg.lora_dtype != "float32":  # after every fold: the factors are rounded once, as stored
+    if cfg.lora.dtype != "float32":  # after every fold: the factors are rounded once, as stored
         from .linear import LORA_DTYPES
 
         for m in model.modules():
             if isinstance(m, QuantLinear):
-                m.set_lora_dtype(LORA_DTYPES[cfg.lora_dtype])
+                m.set_lora_dtype(LORA_DTYPES[cfg.lora.dtype])
     if cfg.adaln == "int8":
         quantize_weight_only(model, adapter_for(model).weight_only_linears())
     use_kernels(model, kernel)
@@ -298,7 +296,7 @@ def make_report(cal: Calibration, extra_timings: dict[str, float]) -> dict:
     outs = [r.rel_out_err for r in cal.layers.values()]
     return {
         "recipe": cfg.recipe,
-        "bits": {"weights": cfg.w_bits, "activations": cfg.a_bits},
+        "bits": {"weights": cfg.weights.bits, "activations": cfg.activations.bits},
         "config": cfg.to_dict(),
         "num_layers": len(cal.layers),
         "mean_rel_output_error": sum(outs) / len(outs),

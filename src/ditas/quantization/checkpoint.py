@@ -30,10 +30,11 @@ from ..model.adapters.registry import adapter_class, adapter_for
 from ..model.empty import empty_parameters
 from ..model.state_files import read_config_json, read_safetensors
 from ..memory import release_freed_memory
-from ..validate import check_finite_state, check_layer_table, check_scales, state_config_problem
+from ..validate import check_finite_state, check_scales, state_config_problem
 from . import packing
 from .kernels import AUTO, canonical, use_kernels
-from .linear import LORA_DTYPES, QuantLinear
+from .layer_schema import TENSOR_NAMES, check_layer_table, check_layer_tensors, layer_args, layer_meta
+from .linear import QuantLinear
 from .weight_only import WeightOnlyInt8Linear
 
 # 3: a layer's integer-valued weight zero points in 0..255 are stored as uint8 (lossless; the layer
@@ -42,7 +43,6 @@ from .weight_only import WeightOnlyInt8Linear
 # 1 (read, never written): LoRA factors in float32
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
-_QUANT_TENSORS = ("qweight", "wscale", "wzero", "bias", "smooth", "lora_down", "lora_up")
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
@@ -51,26 +51,6 @@ def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
 
 def weight_only_layers(model: nn.Module) -> dict[str, WeightOnlyInt8Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, WeightOnlyInt8Linear)}
-
-
-def _layer_meta(m: QuantLinear) -> dict[str, Any]:
-    return {"in_features": m.in_features, "out_features": m.out_features, "wbits": m.wbits, "abits": m.abits,
-            "layout": m.layout, "group_size": m.group_size, "act_granularity": m.act_granularity,
-            "range_mode": m.range_mode, "lora_rank": m.lora_rank, "bias": m.bias is not None,
-            "smooth": m.smooth is not None, "lora_dtype": _dtype_name(m.lora_dtype or torch.float32)}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, d in LORA_DTYPES.items() if d == dtype)
-
-
-def _lora_dtype(meta: dict[str, Any], name: str, path: Path) -> torch.dtype:
-    """The stored LoRA dtype of a layer entry (format 1 has none: float32)."""
-    value = meta.get("lora_dtype", "float32")
-    if not isinstance(value, str) or value not in LORA_DTYPES:
-        raise CheckpointError(f"{path}/config.json: layer {name} has lora_dtype = {value!r}, expected one of "
-                              f"{', '.join(LORA_DTYPES)}")
-    return LORA_DTYPES[value]
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike, quant_config: dict[str, Any] | None = None,
@@ -98,14 +78,14 @@ def write_quantized(model: nn.Module, folder: Path, quant_config: dict[str, Any]
     tensors: dict[str, torch.Tensor] = {}
     quant_keys = set()
     for name, m in layers.items():
-        for t in _QUANT_TENSORS:
+        for t in TENSOR_NAMES:
             v = getattr(m, t)
             if v is None:
                 continue
             key = f"{name}.{t}"
             quant_keys.add(key)
             if t == "qweight":
-                v = packing.pack_codes(v, m.wbits)
+                v = packing.pack_codes(v, m.weight_format.bits)
             elif t == "wzero":
                 v = _compact_zero_points(v)
             tensors[key] = v.detach().contiguous().cpu()
@@ -116,14 +96,14 @@ def write_quantized(model: nn.Module, folder: Path, quant_config: dict[str, Any]
     qmeta = {
         "format_version": FORMAT_VERSION,
         "recipe": cfg.get("recipe", "custom"),
-        "bits": {"weights": first.wbits, "activations": first.abits},
-        "weight_layout": first.layout,
-        "group_size": first.group_size,
-        "act_granularity": first.act_granularity,
-        "range_mode": first.range_mode,
+        "bits": {"weights": first.weight_format.bits, "activations": first.activation_format.bits},
+        "weight_layout": first.weight_format.layout,
+        "group_size": first.weight_format.group_size,
+        "act_granularity": first.activation_format.granularity,
+        "range_mode": first.weight_format.range_mode,
         "qweight_packing": "packed",
         "config": cfg,
-        "layers": {name: _layer_meta(m) for name, m in layers.items()},
+        "layers": {name: layer_meta(m) for name, m in layers.items()},
         "weight_only_layers": {name: {"in_features": m.in_features, "out_features": m.out_features,
                                       "bias": m.bias is not None, "compute": m.compute, "bits": 8}
                                for name, m in weight_only_layers(model).items()},
@@ -230,11 +210,8 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
                 raise CheckpointError(f"{path}: layer {name} is {meta['in_features']}->{meta['out_features']} in the "
                                       f"file but {old.in_features}->{old.out_features} in the model config")
             try:
-                new = QuantLinear(meta["in_features"], meta["out_features"], wbits=meta["wbits"], abits=meta["abits"],
-                                  bias=meta["bias"], layout=meta["layout"], group_size=meta["group_size"],
-                                  act_granularity=meta["act_granularity"], range_mode=meta["range_mode"],
-                                  lora_rank=meta["lora_rank"], has_smooth=meta["smooth"],
-                                  lora_dtype=_lora_dtype(meta, name, path))
+                args, kw = layer_args(meta)
+                new = QuantLinear(*args, **kw)
             except (KeyError, ValueError, RuntimeError) as exc:
                 raise CheckpointError(f"{path}: bad layer entry for {name} ({str(exc).splitlines()[0]})") from None
             model.set_submodule(name, new)
@@ -252,6 +229,7 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
             model.set_submodule(name, new)
     expected = model.state_dict()
     for name, meta in q["layers"].items():
+        check_layer_tensors(name, meta, state, str(weights))
         zkey = f"{name}.wzero"
         if zkey in state and zkey in expected and state[zkey].dtype == torch.uint8:  # format 3: exact integers
             state[zkey] = state[zkey].to(expected[zkey].dtype)

@@ -5,10 +5,16 @@ The choices come in small nested specs, each validated in its ``__post_init__``:
 (``ActivationFormat``: bits, granularity, range mode), ``smooth`` (``SmoothingSpec``: TAS
 smoothing, the alpha search and its loss), ``lora`` (``LoRASpec``) and ``calibration``
 (``CalibrationSpec``: the DiT self-calibration run), plus the recipe name and the adaLN storage.
-``QuantLinear`` exposes its ``weight_format``/``activation_format``; checkpoints store the nested
-``to_dict()``. The flat names of earlier versions (``w_bits``, ``search_tokens``, ``lora_rank``,
-``steps``, ...) remain as keyword arguments and attributes, and ``from_dict`` reads the flat
-dicts that older quantized folders hold.
+The specs are THE config: code reads ``cfg.weights.bits``, ``cfg.lora.rank``,
+``cfg.calibration.steps``. Specs and configs are frozen (hashable, shared without copies); a
+changed one is a new one, made by ``dataclasses.replace`` or ``QuantConfig.replace``, which
+validate it again: no value reaches the code unvalidated. ``QuantLinear`` takes a
+``WeightFormat`` and an ``ActivationFormat``; checkpoints store the nested ``to_dict()``.
+
+Flat names (``w_bits``, ``lora_rank``, ``steps``, ...) exist in ONE table, ``FLAT_NAMES``: the
+override names of ``recipes.recipe_config`` (one word per CLI option) and the keys of the flat
+dicts older quantized folders hold (read by ``from_dict``). They are not attributes nor keyword
+arguments of ``QuantConfig``.
 
 A config holds numbers and names only (no model, no tensors), so it round-trips through JSON.
 Named presets live in ``recipes.py``; ``recipe_config("ditas", w_bits=3)`` is the usual way to get one.
@@ -16,20 +22,20 @@ Named presets live in ``recipes.py``; ``recipe_config("ditas", w_bits=3)`` is th
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from ..errors import ConfigError
-from ..validate import cfg_scale_problem, seed_problem, steps_problem
+from ..diffusion.samplers import SAMPLERS
+from ..model.adapters.base import ROLES as LAYER_ROLES
+from ..validate import cfg_scale_problem, is_int, seed_problem, steps_problem
 from .quantizers import ACT_GRANULARITIES, RANGE_MODES, WEIGHT_LAYOUTS
 
-LAYER_ROLES = ("qkv", "proj", "fc1", "fc2")
 SMOOTHINGS = ("none", "tas")
 SEARCH_WEIGHTS = ("auto", "plain", "approx", "shortlist", "exact")
 LORA_KEEPS = ("best", "last")
 LORA_SVDS = ("auto", "exact", "randomized")
 LORA_STORAGE = ("float32", "bfloat16")  # how the fitted LoRA factors are held and saved
-SAMPLERS = ("ddpm", "ddim")
 ADALN_MODES = ("int8", "float")
 
 # The 16 ImageNet labels of the reference calibration set (method.md section 3).
@@ -38,10 +44,6 @@ REFERENCE_LABELS = (207, 360, 387, 974, 88, 979, 417, 279, 27, 336, 177, 594, 74
 
 def default_alpha_grid() -> tuple[float, ...]:
     return tuple(round(0.05 * i, 2) for i in range(21))
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_num(v: Any) -> bool:
@@ -53,7 +55,12 @@ def _check(problems: list[str]) -> None:
         raise ConfigError("invalid quantization config: " + "; ".join(problems))
 
 
-@dataclass
+def _normalize(spec: Any, name: str, value: Any) -> None:
+    """Sets a field of a frozen spec while it is built (lists from JSON become tuples)."""
+    object.__setattr__(spec, name, value)
+
+
+@dataclass(frozen=True)
 class WeightFormat:
     """Integer weights: ``bits`` (2..8); ``layout`` ``channel`` (a scale per output row), ``group``
     (``group_size`` consecutive inputs) or ``reference32`` (the published grouping); range mode
@@ -66,18 +73,18 @@ class WeightFormat:
 
     def __post_init__(self) -> None:
         p = []
-        if not (_is_int(self.bits) and 2 <= self.bits <= 8):
+        if not (is_int(self.bits) and 2 <= self.bits <= 8):
             p.append(f"weight bits must be an integer in 2..8, got {self.bits!r}")
         if self.layout not in WEIGHT_LAYOUTS:
             p.append(f"weight layout must be one of {WEIGHT_LAYOUTS}, got {self.layout!r}")
-        if self.layout == "group" and not (_is_int(self.group_size) and self.group_size >= 1):
+        if self.layout == "group" and not (is_int(self.group_size) and self.group_size >= 1):
             p.append(f"group layout needs a positive group size, got {self.group_size!r}")
         if self.range_mode not in RANGE_MODES:
             p.append(f"range mode must be one of {RANGE_MODES}, got {self.range_mode!r}")
         _check(p)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ActivationFormat:
     """Dynamic activation quantization: ``bits`` (4..16; 16 = activations stay float),
     ``granularity`` ``tensor`` (as the reference) or ``token``, range mode as for weights."""
@@ -88,7 +95,7 @@ class ActivationFormat:
 
     def __post_init__(self) -> None:
         p = []
-        if not (_is_int(self.bits) and 4 <= self.bits <= 16):
+        if not (is_int(self.bits) and 4 <= self.bits <= 16):
             p.append(f"activation bits must be an integer in 4..16 (16 = not quantized), got {self.bits!r}")
         if self.granularity not in ACT_GRANULARITIES:
             p.append(f"activation granularity must be one of {ACT_GRANULARITIES}, got {self.granularity!r}")
@@ -97,7 +104,7 @@ class ActivationFormat:
         _check(p)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SmoothingSpec:
     """TAS smoothing and the per-layer alpha search (see ``QuantConfig``)."""
 
@@ -118,9 +125,9 @@ class SmoothingSpec:
 
     def __post_init__(self) -> None:
         if isinstance(self.roles, (list, str)):
-            self.roles = (self.roles,) if isinstance(self.roles, str) else tuple(self.roles)
+            _normalize(self, "roles", (self.roles,) if isinstance(self.roles, str) else tuple(self.roles))
         if isinstance(self.alpha_grid, list):
-            self.alpha_grid = tuple(self.alpha_grid)
+            _normalize(self, "alpha_grid", tuple(self.alpha_grid))
         p = []
         if self.method not in SMOOTHINGS:
             p.append(f"smoothing must be one of {SMOOTHINGS}, got {self.method!r}")
@@ -132,15 +139,15 @@ class SmoothingSpec:
         if (not isinstance(self.alpha_grid, tuple) or not self.alpha_grid
                 or any(not _is_num(a) or not 0 <= a <= 1 for a in self.alpha_grid)):
             p.append(f"alpha grid must be a non-empty list of values in [0, 1], got {self.alpha_grid!r}")
-        if self.loss_steps is not None and not (_is_int(self.loss_steps) and self.loss_steps >= 1):
+        if self.loss_steps is not None and not (is_int(self.loss_steps) and self.loss_steps >= 1):
             p.append(f"loss steps must be a positive integer or None, got {self.loss_steps!r}")
-        if self.search_tokens is not None and not (_is_int(self.search_tokens) and self.search_tokens >= 1):
+        if self.search_tokens is not None and not (is_int(self.search_tokens) and self.search_tokens >= 1):
             p.append(f"search tokens must be a positive integer or None, got {self.search_tokens!r}")
         if self.search_weight not in SEARCH_WEIGHTS:
             p.append(f"search weight must be one of {SEARCH_WEIGHTS}, got {self.search_weight!r}")
-        if not (_is_int(self.search_shortlist) and self.search_shortlist >= 1):
+        if not (is_int(self.search_shortlist) and self.search_shortlist >= 1):
             p.append(f"search shortlist must be a positive integer, got {self.search_shortlist!r}")
-        if self.search_workers is not None and not (_is_int(self.search_workers) and self.search_workers >= 1):
+        if self.search_workers is not None and not (is_int(self.search_workers) and self.search_workers >= 1):
             p.append(f"search workers must be a positive integer or None, got {self.search_workers!r}")
         for name in ("search", "quantize_before_smooth", "w_max_from_quantized", "fold_proj_into_v"):
             if not isinstance(getattr(self, name), bool):
@@ -150,7 +157,7 @@ class SmoothingSpec:
         _check(p)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoRASpec:
     """Training-free LoRA: ``rank`` (0: none), ``rounds`` of alternating fits, keep the ``best``
     or the ``last`` round, SVD ``exact``/``randomized`` (``auto``: exact up to 1024); ``dtype``:
@@ -165,9 +172,9 @@ class LoRASpec:
 
     def __post_init__(self) -> None:
         p = []
-        if not (_is_int(self.rank) and self.rank >= 0):
+        if not (is_int(self.rank) and self.rank >= 0):
             p.append(f"LoRA rank must be a non-negative integer, got {self.rank!r}")
-        if not (_is_int(self.rounds) and self.rounds >= 1):
+        if not (is_int(self.rounds) and self.rounds >= 1):
             p.append(f"LoRA rounds must be a positive integer, got {self.rounds!r}")
         if self.keep not in LORA_KEEPS:
             p.append(f"LoRA keep must be one of {LORA_KEEPS}, got {self.keep!r}")
@@ -178,7 +185,7 @@ class LoRASpec:
         _check(p)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CalibrationSpec:
     """The self-calibration run of class-conditional models: ``labels`` (a count or explicit
     labels), ``seed``, ``steps``, guidance ``cfg_scale``, ``sampler``. (Families calibrated from a
@@ -192,12 +199,12 @@ class CalibrationSpec:
 
     def __post_init__(self) -> None:
         if isinstance(self.labels, list):
-            self.labels = tuple(self.labels)
+            _normalize(self, "labels", tuple(self.labels))
         p = []
-        if _is_int(self.labels):
+        if is_int(self.labels):
             if self.labels < 1:
                 p.append(f"the number of calibration labels must be at least 1, got {self.labels}")
-        elif not (isinstance(self.labels, tuple) and self.labels and all(_is_int(v) and v >= 0 for v in self.labels)):
+        elif not (isinstance(self.labels, tuple) and self.labels and all(is_int(v) and v >= 0 for v in self.labels)):
             p.append(f"calibration labels must be a count or a list of non-negative labels, got {self.labels!r}")
         p += [m for m in (seed_problem(self.seed, "calibration seed"), steps_problem(self.steps, "calibration steps"),
                           cfg_scale_problem(self.cfg_scale, "calibration cfg scale")) if m]
@@ -208,7 +215,9 @@ class CalibrationSpec:
 
 _SPECS = {"weights": WeightFormat, "activations": ActivationFormat, "smooth": SmoothingSpec, "lora": LoRASpec,
           "calibration": CalibrationSpec}
-# the flat names of earlier versions -> (spec, field); range_mode sets both formats
+# The one table of flat names -> (spec, field): the override names of ``recipe_config`` and the
+# keys of the flat config dicts older quantized folders hold (``from_dict``). ``range_mode`` sets
+# both formats (QuantLinear applies one range mode to weights and activations).
 FLAT_NAMES: dict[str, tuple[str, str]] = {
     "w_bits": ("weights", "bits"), "weight_layout": ("weights", "layout"), "group_size": ("weights", "group_size"),
     "range_mode": ("weights", "range_mode"),
@@ -224,46 +233,48 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
 }
 
 
-@dataclass(init=False)
+@dataclass(frozen=True, init=False)
 class QuantConfig:
     """How to quantize the four linear layers of every DiT block.
 
-    Numerics: ``w_bits`` (2..8), ``a_bits`` (4..16, 16 = activations stay float), weight layout
-    (``channel``: per output row; ``group``: ``group_size`` consecutive inputs; ``reference32``:
-    the published grouping), activation granularity (``tensor`` dynamic as the reference, or
-    ``token`` dynamic), range mode (``levels``: (max-min)/(2^b-1); ``reference``: /2^b).
+    Each group of choices is a spec; below, ``weights.bits`` is ``cfg.weights.bits``.
 
-    Smoothing: ``smoothing`` ``tas`` (temporal-aggregated factors) or ``none``, applied to the
-    roles in ``smooth_roles``; ``alpha`` fixed or searched over ``alpha_grid`` when ``search``.
-    ``quantize_before_smooth`` and ``w_max_from_quantized`` reproduce the reference code;
-    ``fold_proj_into_v`` folds ``proj``'s factor into the V rows of ``qkv`` before ``qkv`` is
+    Numerics: ``weights.bits`` (2..8), ``activations.bits`` (4..16, 16 = activations stay float), weight layout
+    (``weights.layout`` ``channel``: per output row; ``group``: ``weights.group_size`` consecutive inputs; ``reference32``:
+    the published grouping), ``activations.granularity`` (``tensor`` dynamic as the reference, or
+    ``token`` dynamic), range mode, one for both (``levels``: (max-min)/(2^b-1); ``reference``: /2^b).
+
+    Smoothing: ``smooth.method`` ``tas`` (temporal-aggregated factors) or ``none``, applied to the
+    roles in ``smooth.roles``; ``smooth.alpha`` fixed or searched over ``smooth.alpha_grid`` when ``smooth.search``.
+    ``smooth.quantize_before_smooth`` and ``smooth.w_max_from_quantized`` reproduce the reference code;
+    ``smooth.fold_proj_into_v`` folds ``proj``'s factor into the V rows of ``qkv`` before ``qkv`` is
     quantized (deployable numerics); otherwise ``proj`` divides its input on the fly.
 
     Search: loss ``sum_t mean((Y_q - Y_fp)^2)`` over the calibration steps (the first
-    ``loss_steps`` only, if set) on at most ``search_tokens`` tokens per step (activation ranges
-    always come from all tokens). ``search_weight`` says which weight the search scores:
+    ``smooth.loss_steps`` only, if set) on at most ``smooth.search_tokens`` tokens per step (activation ranges
+    always come from all tokens). ``smooth.search_weight`` says which weight the search scores:
     ``exact`` (all LoRA rounds per alpha, as the method's definition; ``auto``, the default, is
     ``exact``), ``plain`` (Q_W(W s), no LoRA), ``approx`` (one LoRA round with a randomized rank-r
-    SVD) or ``shortlist`` (``approx`` over the grid, then the ``search_shortlist`` best alphas
-    rescored with all LoRA rounds). ``search_workers`` threads score alphas in parallel (None:
+    SVD) or ``shortlist`` (``approx`` over the grid, then the ``smooth.search_shortlist`` best alphas
+    rescored with all LoRA rounds). ``smooth.search_workers`` threads score alphas in parallel (None:
     torch's thread count); it changes the speed, not the result.
 
-    LoRA: ``lora_rank`` (0: none) and ``lora_rounds`` of training-free alternating fits, keeping
-    the ``best`` or the ``last`` round; ``lora_svd`` exact (LAPACK) or randomized (auto: exact
-    when the smaller side of the weight is at most 1024); ``lora_dtype`` the factors' storage
+    LoRA: ``lora.rank`` (0: none) and ``lora.rounds`` of training-free alternating fits, keeping
+    the ``best`` or the ``last`` round (``lora.keep``); ``lora.svd`` exact (LAPACK) or randomized (auto: exact
+    when the smaller side of the weight is at most 1024); ``lora.dtype`` the factors' storage
     (``float32`` or ``bfloat16``).
 
     adaLN storage: ``adaln`` ``int8`` stores the adaLN modulation linears (after the smoothing
     folds) weight-only in int8 per output channel (``weight_only.WeightOnlyInt8Linear``; they are a
     third of DiT-XL/2's weights), ``float`` keeps them as the method does.
 
-    Bias correction (``bias_correction``, off in every recipe; an extension beyond the method):
+    Bias correction (``smooth.bias_correction``, off in every recipe; an extension beyond the method):
     after the search and LoRA, each layer's bias absorbs the mean output error over the
     calibration steps (per output channel), which lowers the loss by exactly that mean's energy.
     Layers without a bias are left as they are.
 
-    Calibration: ``calib_labels`` (a count or explicit labels), ``seed``, ``steps``, ``cfg_scale``,
-    ``sampler`` of the one FP sampling run.
+    Calibration: ``calibration.labels`` (a count or explicit labels), ``.seed``, ``.steps``,
+    ``.cfg_scale``, ``.sampler`` of the one FP sampling run.
     """
 
     recipe: str
@@ -277,27 +288,19 @@ class QuantConfig:
     def __init__(self, recipe: str = "custom", weights: WeightFormat | None = None,
                  activations: ActivationFormat | None = None, smooth: SmoothingSpec | None = None,
                  lora: LoRASpec | None = None, calibration: CalibrationSpec | None = None, adaln: str = "int8",
-                 **flat: Any):
-        unknown = sorted(set(flat) - set(FLAT_NAMES))
+                 **unknown: Any):
+        """Takes the specs (a missing one: its defaults); a flat name is refused with the way to say it."""
         if unknown:
-            raise ConfigError(f"unknown quantization config keys: {unknown}")
+            raise ConfigError(_unknown_keys_message(sorted(unknown)))
         given = {"weights": weights, "activations": activations, "smooth": smooth, "lora": lora,
                  "calibration": calibration}
-        per_spec: dict[str, dict[str, Any]] = {k: {} for k in _SPECS}
-        for name, value in flat.items():
-            spec, fname = FLAT_NAMES[name]
-            per_spec[spec][fname] = value
-            if name == "range_mode":
-                per_spec["activations"]["range_mode"] = value
-        self.recipe = recipe
         for spec, cls in _SPECS.items():
-            base = given[spec]
-            if base is not None and not isinstance(base, cls):
-                raise ConfigError(f"{spec} must be a {cls.__name__}, got {type(base).__name__}")
-            values = asdict(base) if base is not None else {}
-            values.update(per_spec[spec])
-            setattr(self, spec, cls(**values))
-        self.adaln = adaln
+            value = given[spec] if given[spec] is not None else cls()
+            if not isinstance(value, cls):
+                raise ConfigError(f"{spec} must be a {cls.__name__}, got {type(value).__name__}")
+            object.__setattr__(self, spec, value)
+        object.__setattr__(self, "recipe", recipe)
+        object.__setattr__(self, "adaln", adaln)
         self.__post_init__()
 
     def __post_init__(self) -> None:
@@ -311,9 +314,29 @@ class QuantConfig:
                      f"{self.weights.range_mode!r} and {self.activations.range_mode!r}")
         _check(p)
 
+    def replace(self, **changes: Any) -> "QuantConfig":
+        """A copy with whole specs (or ``recipe``/``adaln``) replaced, validated as a new config."""
+        return replace(self, **changes)
+
+    def with_flat(self, flat: dict[str, Any]) -> "QuantConfig":
+        """A copy with ``FLAT_NAMES`` values set (recipe overrides, old folders), validated."""
+        unknown = sorted(set(flat) - set(FLAT_NAMES) - {"recipe", "adaln"})
+        if unknown:
+            raise ConfigError(f"unknown quantization config keys: {unknown}")
+        per_spec: dict[str, dict[str, Any]] = {k: {} for k in _SPECS}
+        for name, value in flat.items():
+            if name in FLAT_NAMES:
+                spec, fname = FLAT_NAMES[name]
+                per_spec[spec][fname] = value
+        if "range_mode" in flat:
+            per_spec["activations"]["range_mode"] = flat["range_mode"]
+        top = {k: flat[k] for k in ("recipe", "adaln") if k in flat}
+        specs = {spec: replace(getattr(self, spec), **values) for spec, values in per_spec.items() if values}
+        return replace(self, **specs, **top)
+
     # -- derived ----------------------------------------------------------------------------------
     def smooths(self, role: str) -> bool:
-        return self.smoothing != "none" and role in self.smooth_roles
+        return self.smooth.method != "none" and role in self.smooth.roles
 
     def labels_for(self, num_classes: int) -> list[int]:
         """Calibration labels for a model with ``num_classes`` classes.
@@ -321,13 +344,14 @@ class QuantConfig:
         A count N gives the reference's 16 ImageNet labels (first N) for 1000-class models, and N
         labels spread evenly over the classes otherwise.
         """
-        if isinstance(self.calib_labels, tuple):
-            bad = [v for v in self.calib_labels if v >= num_classes]
+        labels = self.calibration.labels
+        if isinstance(labels, tuple):
+            bad = [v for v in labels if v >= num_classes]
             if bad:
                 raise ConfigError(f"calibration label {bad[0]} is out of range: the model has classes "
                                   f"0..{num_classes - 1}")
-            return list(self.calib_labels)
-        n = self.calib_labels
+            return list(labels)
+        n = labels
         if num_classes == 1000 and n <= len(REFERENCE_LABELS):
             return list(REFERENCE_LABELS[:n])
         if n <= num_classes:
@@ -336,7 +360,8 @@ class QuantConfig:
 
     def calibration_key(self) -> tuple:
         """Settings that determine the FP calibration trajectory (shared between recipes)."""
-        return (self.calib_labels, self.seed, self.steps, float(self.cfg_scale), self.sampler)
+        c = self.calibration
+        return (c.labels, c.seed, c.steps, float(c.cfg_scale), c.sampler)
 
     # -- serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -349,38 +374,33 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
-        """Reads the nested form, or the flat form older quantized folders hold."""
+        """Reads the nested form, or the flat form older quantized folders hold (through ``FLAT_NAMES``)."""
         if not isinstance(data, dict):
             raise ConfigError(f"a quantization config must be a table, got {type(data).__name__}")
         known = {"recipe", "adaln", *_SPECS, *FLAT_NAMES}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown quantization config keys: {unknown}")
-        kwargs = dict(data)
+        nested: dict[str, Any] = {k: data[k] for k in ("recipe", "adaln") if k in data}
         for spec, spec_cls in _SPECS.items():
-            if spec in kwargs:
-                value = kwargs[spec]
+            if spec in data:
+                value = data[spec]
                 if not isinstance(value, dict):
                     raise ConfigError(f"quantization config '{spec}' must be a table, got {value!r}")
                 names = {f.name for f in fields(spec_cls)}
                 bad = sorted(set(value) - names)
                 if bad:
                     raise ConfigError(f"unknown keys in quantization config '{spec}': {bad}")
-                kwargs[spec] = spec_cls(**value)
-        return cls(**kwargs)
+                nested[spec] = spec_cls(**value)
+        # the flat form of older folders: the specs' values, then the flat ones (validated as a whole)
+        return cls(**nested).with_flat({k: v for k, v in data.items() if k in FLAT_NAMES})
 
 
-def _flat_property(name: str, spec: str, fname: str) -> property:
-    def get(self: QuantConfig) -> Any:
-        return getattr(getattr(self, spec), fname)
-
-    def set_(self: QuantConfig, value: Any) -> None:
-        setattr(getattr(self, spec), fname, value)
-        if name == "range_mode":
-            self.activations.range_mode = value
-
-    return property(get, set_, doc=f"``{spec}.{fname}`` (flat name of earlier versions)")
-
-
-for _name, (_spec, _field) in FLAT_NAMES.items():
-    setattr(QuantConfig, _name, _flat_property(_name, _spec, _field))
+def _unknown_keys_message(names: list[str]) -> str:
+    """Why a flat keyword is refused, and how to say it (nested spec or ``recipe_config``)."""
+    hints = [f"{n} -> {FLAT_NAMES[n][0]}={_SPECS[FLAT_NAMES[n][0]].__name__}({FLAT_NAMES[n][1]}=...)"
+             for n in names if n in FLAT_NAMES]
+    if hints:
+        return ("QuantConfig takes nested specs, not flat names: " + "; ".join(hints)
+                + " (or recipe_config(name, " + ", ".join(f"{n}=..." for n in names if n in FLAT_NAMES) + "))")
+    return f"unknown quantization config keys: {names}"

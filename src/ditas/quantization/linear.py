@@ -3,8 +3,8 @@ low-rank branch.
 
 Tensors are named for their role (as nunchaku's quantized linear):
 
-- ``qweight``  uint8 (out, in): weight codes in ``[0, 2^wbits - 1]`` (unpacked in memory; packed
-  to ``wbits`` only in checkpoints);
+- ``qweight``  uint8 (out, in): weight codes in ``[0, 2^bits - 1]`` (unpacked in memory; packed
+  to ``weight_format.bits`` only in checkpoints);
 - ``wscale``, ``wzero``: float scale and integer-valued zero point per weight group (see
   ``quantizers.WEIGHT_LAYOUTS`` for the shapes);
 - ``bias``: float (out,) or absent;
@@ -33,10 +33,11 @@ import torch.nn as nn
 
 from .kernels import KERNELS
 from .kernels.integer import DEFAULT_LORA_LIMBS
-from .quantizers import (ACT_GRANULARITIES, RANGE_MODES, WEIGHT_LAYOUTS, activation_codes, dequantize_weight,
-                         quantize_weight)
+from ..errors import ConfigError
+from .config import ActivationFormat, WeightFormat
+from .layer_schema import LORA_DTYPES, layer_tensors
+from .quantizers import activation_codes, dequantize_weight, quantize_weight
 
-LORA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # storage of the LoRA factors
 # the LoRA factors' storage of a layer built by ``from_linear`` without ``lora_dtype``: as given. The
 # ditas recipes round them to bf16 (``LoRASpec.dtype``): half their bytes (66 of the 533 MB of a W4A8
 # DiT-XL/2 folder) at a measured -0.07 dB on the default model (docs/performance.md)
@@ -49,62 +50,43 @@ def _check_lora_dtype(dtype: torch.dtype) -> None:
 
 
 class QuantLinear(nn.Module):
-    """Linear layer with ``wbits``-bit integer weights and ``abits``-bit dynamic activations."""
+    """Linear layer with integer weights in ``weight_format`` and dynamic activations in
+    ``activation_format`` (the config's ``WeightFormat``/``ActivationFormat``, validated there)."""
 
-    def __init__(self, in_features: int, out_features: int, *, wbits: int, abits: int, bias: bool = True,
-                 layout: str = "channel", group_size: int = 0, act_granularity: str = "tensor",
-                 range_mode: str = "levels", lora_rank: int = 0, has_smooth: bool = False,
+    def __init__(self, in_features: int, out_features: int, weights: WeightFormat, activations: ActivationFormat,
+                 *, bias: bool = True, lora_rank: int = 0, has_smooth: bool = False,
                  lora_dtype: torch.dtype = torch.float32):
         super().__init__()
         _check_lora_dtype(lora_dtype)
-        if not 2 <= wbits <= 8:
-            raise ValueError(f"weight bits must be 2..8, got {wbits}")
-        if not 4 <= abits <= 16:
-            raise ValueError(f"activation bits must be 4..16, got {abits}")
-        if layout not in WEIGHT_LAYOUTS or act_granularity not in ACT_GRANULARITIES or range_mode not in RANGE_MODES:
-            raise ValueError(f"bad quantizer settings: layout={layout!r}, act_granularity={act_granularity!r}, "
-                             f"range_mode={range_mode!r}")
+        if not isinstance(weights, WeightFormat) or not isinstance(activations, ActivationFormat):
+            raise ConfigError(f"QuantLinear takes a WeightFormat and an ActivationFormat, got "
+                              f"{type(weights).__name__} and {type(activations).__name__}")
+        if weights.range_mode != activations.range_mode:
+            raise ConfigError(f"one range mode for weights and activations, got {weights.range_mode!r} and "
+                              f"{activations.range_mode!r}")
         self.in_features, self.out_features = in_features, out_features
-        self.wbits, self.abits = wbits, abits
-        self.layout, self.group_size = layout, group_size
-        self.act_granularity, self.range_mode = act_granularity, range_mode
+        self.weight_format, self.activation_format = weights, activations
         self.lora_rank = lora_rank
         self.kernel = "simulated"  # a name in kernels.KERNELS; kernels.use_kernels(model, ...) chooses
         # integer kernels: int8 limbs of lora_down appended to the weight (kernels.integer.lora_limbs;
         # 0: the down-projection runs apart in fp32) and whether the float LoRA products run in bf16
         self.lora_limbs = DEFAULT_LORA_LIMBS
         self.lora_bf16 = False
-        groups = self._param_shape(out_features, in_features, layout, group_size)
-        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.uint8))
-        self.register_buffer("wscale", torch.ones(groups))
-        self.register_buffer("wzero", torch.zeros(groups))
-        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        self.register_buffer("smooth", torch.ones(in_features) if has_smooth else None)
-        self.register_buffer("lora_down", torch.zeros(lora_rank, in_features, dtype=lora_dtype) if lora_rank else None)
-        self.register_buffer("lora_up", torch.zeros(out_features, lora_rank, dtype=lora_dtype) if lora_rank else None)
+        tensors = layer_tensors(in_features, out_features, weights, bias=bias, smooth=has_smooth,
+                                lora_rank=lora_rank, lora_dtype=lora_dtype)  # the saved layer's schema
+        for name, spec in tensors.items():
+            init = torch.ones if name in ("wscale", "smooth") else torch.zeros
+            self.register_buffer(name, None if spec is None else init(spec[0], dtype=spec[1]))
         self._kernel_state = None  # what the kernel prepared (kernels/), not saved
-
-    @staticmethod
-    def _param_shape(out_f: int, in_f: int, layout: str, group_size: int) -> tuple[int, int]:
-        if layout == "channel":
-            return (out_f, 1)
-        if layout == "group":
-            if group_size < 1 or in_f % group_size:
-                raise ValueError(f"group size {group_size} does not divide in_features {in_f}")
-            return (out_f, in_f // group_size)
-        if out_f % 32:
-            raise ValueError(f"reference32 layout needs out_features divisible by 32, got {out_f}")
-        return (out_f // 32, in_f)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, wbits: int, abits: int, layout: str = "channel",
-                    group_size: int = 0, act_granularity: str = "tensor", range_mode: str = "levels",
+    def from_linear(cls, linear: nn.Linear, weights: WeightFormat, activations: ActivationFormat, *,
                     weight: torch.Tensor | None = None, smooth: torch.Tensor | None = None,
                     lora_down: torch.Tensor | None = None, lora_up: torch.Tensor | None = None,
                     codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                     lora_dtype: torch.dtype | None = None) -> "QuantLinear":
-        """Quantizes ``weight`` (default: ``linear.weight``) with round-to-nearest min/max.
+        """Quantizes ``weight`` (default: ``linear.weight``) in ``weights`` with round-to-nearest min/max.
 
         ``codes`` = (qweight, wscale, wzero) lets a caller supply codes it chose itself (for
         instance the best round of the training-free LoRA); ``weight`` is then ignored.
@@ -112,13 +94,12 @@ class QuantLinear(nn.Module):
         bf16 rounds them once, here, so the saved model is the one in memory.
         """
         rank = 0 if lora_down is None else lora_down.shape[0]
-        m = cls(linear.in_features, linear.out_features, wbits=wbits, abits=abits, bias=linear.bias is not None,
-                layout=layout, group_size=group_size, act_granularity=act_granularity, range_mode=range_mode,
+        m = cls(linear.in_features, linear.out_features, weights, activations, bias=linear.bias is not None,
                 lora_rank=rank, has_smooth=smooth is not None,
                 lora_dtype=DEFAULT_LORA_DTYPE if lora_dtype is None else lora_dtype)
         if codes is None:
             w = linear.weight.detach() if weight is None else weight.detach()
-            codes = quantize_weight(w, wbits, layout, group_size, range_mode)
+            codes = quantize_weight(w, weights.bits, weights.layout, weights.group_size, weights.range_mode)
         q, s, z = codes
         m.qweight.copy_(q)
         m.wscale.copy_(s)
@@ -133,23 +114,10 @@ class QuantLinear(nn.Module):
         return m.to(linear.weight.device)
 
     # -- views ------------------------------------------------------------------------------------
-    @property
-    def weight_format(self):
-        """The layer's weight format as the config's spec (``config.WeightFormat``)."""
-        from .config import WeightFormat
-
-        return WeightFormat(self.wbits, self.layout, self.group_size, self.range_mode)
-
-    @property
-    def activation_format(self):
-        """The layer's activation format as the config's spec (``config.ActivationFormat``)."""
-        from .config import ActivationFormat
-
-        return ActivationFormat(self.abits, self.act_granularity, self.range_mode)
-
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight the codes stand for (without the low-rank branch)."""
-        return dequantize_weight(self.qweight, self.wscale, self.wzero, self.layout, self.group_size)
+        f = self.weight_format
+        return dequantize_weight(self.qweight, self.wscale, self.wzero, f.layout, f.group_size)
 
     def effective_weight(self) -> torch.Tensor:
         """``W_q + lora_up @ lora_down``: what the layer multiplies the quantized input by."""
@@ -232,26 +200,30 @@ class QuantLinear(nn.Module):
         """Smoothed input -> (codes, scale, zero); for abits >= 16: (x, None, None)."""
         if self.smooth is not None:
             x = x / self.smooth
-        if self.abits >= 16:
+        a = self.activation_format
+        if a.bits >= 16:
             return x, None, None
-        return activation_codes(x, self.abits, self.act_granularity, self.range_mode)
+        return activation_codes(x, a.bits, a.granularity, a.range_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel_state is None:
             self.prepare_kernel()  # after a move, a reload or a change in place
         return self.kernel_entry.forward(self, x)
 
+    def precision(self) -> str:
+        """The layer's precision in one phrase (``W4 per-channel asym, A8 dynamic per-tensor``)."""
+        w, a = self.weight_format, self.activation_format
+        layout = {"channel": "per-channel", "group": f"group{w.group_size}", "reference32": "reference-32"}[w.layout]
+        act = "fp" if a.bits >= 16 else f"dynamic per-{a.granularity}"
+        return f"W{w.bits} {layout} asym, A{a.bits} {act}"
+
     def extra_repr(self) -> str:
-        layout = {"channel": "per-channel", "group": f"group{self.group_size}",
-                  "reference32": "reference-32"}[self.layout]
-        act = "fp" if self.abits >= 16 else f"dynamic per-{self.act_granularity}"
-        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
-                 f"W{self.wbits} {layout} asym", f"A{self.abits} {act}"]
+        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}", self.precision()]
         if self.lora_rank:
             parts.append(f"lora_rank={self.lora_rank}" + (" (bf16)" if self.lora_dtype == torch.bfloat16 else ""))
         if self.smooth is not None:
             parts.append("smooth=on-the-fly")
-        if self.range_mode == "reference":
+        if self.weight_format.range_mode == "reference":
             parts.append("range=reference(2^b)")
         parts.append(f"kernel={self.kernel}")
         return ", ".join(parts + self.kernel_entry.describe(self))

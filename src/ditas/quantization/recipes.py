@@ -24,6 +24,12 @@ Every recipe but ``paper`` and ``ditas_fp_adaln`` stores the adaLN modulation li
 in int8 after the folds (``adaln="int8"``); those two keep them in float (``paper`` as the
 reference code does). The recipes with a LoRA branch store its factors in bf16, but ``paper``,
 which keeps the reference code's fp32 factors (``lora_dtype="float32"`` for any recipe).
+
+Overrides use the flat names of ``config.FLAT_NAMES`` (``w_bits=3``, ``lora_rank=0``,
+``steps=100``): one word per CLI option, so ``ditas quantize`` and the API say a change the same
+way, and the presets above are written in them. That table (flat name -> (spec, field)) is the
+only place flat names exist; ``QuantConfig`` itself takes and exposes nested specs only. To start
+from a config you already hold, use ``cfg.replace(weights=...)`` or ``cfg.with_flat({...})``.
 """
 
 from __future__ import annotations
@@ -56,6 +62,4 @@ def recipe_config(name: str = DEFAULT_RECIPE, **overrides: Any) -> QuantConfig:
         raise ConfigError(f"unknown recipe {name!r:.60}; choose one of {', '.join(RECIPES)}")
     if "recipe" in overrides:
         raise ConfigError("the recipe name is the first argument, not an override")
-    kwargs = {**RECIPES[name], **overrides}
-    kwargs["recipe"] = name
-    return QuantConfig(**kwargs)
+    return QuantConfig(recipe=name).with_flat({**RECIPES[name], **overrides})

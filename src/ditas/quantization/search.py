@@ -5,7 +5,7 @@ For one layer with FP inputs ``X_t`` recorded at every calibration step ``t``:
     L(alpha) = sum_t mean( (Q_A(X_t / s) W_eff(alpha)^T + b  -  (X_t W^T + b))^2 )
 
 and the chosen alpha is the first argmin over the grid. Which ``W_eff(alpha)`` the search scores
-is ``QuantConfig.search_weight``:
+is ``QuantConfig.smooth.search_weight``:
 
 - ``plain``: ``Q_W(W s)``; the LoRA rounds run once, at the chosen alpha (cheap: no SVD in the
   search, which is then matmul-bound);
@@ -72,7 +72,8 @@ def weight_quantizer(cfg: QuantConfig):
     """The config's weight quantizer: float (out, in) -> ((codes, scale, zero), dequantized)."""
 
     def q(w: torch.Tensor):
-        return quantize_dequantize_weight(w, cfg.w_bits, cfg.weight_layout, cfg.group_size, cfg.range_mode)
+        f = cfg.weights
+        return quantize_dequantize_weight(w, f.bits, f.layout, f.group_size, f.range_mode)
 
     return q
 
@@ -82,15 +83,15 @@ def _quant_inputs(inputs: LayerInputs, steps: int, s: torch.Tensor | None, cfg: 
     outs = []
     for t in range(steps):
         x = inputs.xs[t] if s is None else inputs.xs[t] / s
-        if cfg.a_bits >= 16:
+        if cfg.activations.bits >= 16:
             outs.append(x)
-        elif cfg.act_granularity == "tensor":
+        elif cfg.activations.granularity == "tensor":
             lo_c, hi_c = (inputs.colmin[t], inputs.colmax[t]) if s is None else \
                 (inputs.colmin[t] / s, inputs.colmax[t] / s)
-            scale, zero = qparams_from_range(lo_c.min(), hi_c.max(), cfg.a_bits, cfg.range_mode)
-            outs.append(quantize_activation_with(x, cfg.a_bits, scale, zero))
+            scale, zero = qparams_from_range(lo_c.min(), hi_c.max(), cfg.activations.bits, cfg.activations.range_mode)
+            outs.append(quantize_activation_with(x, cfg.activations.bits, scale, zero))
         else:
-            outs.append(fake_quant_activation(x, cfg.a_bits, "token", cfg.range_mode))
+            outs.append(fake_quant_activation(x, cfg.activations.bits, "token", cfg.activations.range_mode))
     return torch.cat(outs)
 
 
@@ -100,7 +101,7 @@ class _Loss:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, inputs: LayerInputs, cfg: QuantConfig,
                  out_scale: torch.Tensor | None):
         self.cfg, self.inputs, self.bias = cfg, inputs, bias
-        self.steps = min(len(inputs.xs), cfg.loss_steps or len(inputs.xs))
+        self.steps = min(len(inputs.xs), cfg.smooth.loss_steps or len(inputs.xs))
         self.sizes = [inputs.xs[t].shape[0] for t in range(self.steps)]
         x = torch.cat(inputs.xs[: self.steps])
         self.y_fp = torch.nn.functional.linear(x, weight, bias)
@@ -153,18 +154,18 @@ def quantize_layer(name: str, role: str, weight: torch.Tensor, bias: torch.Tenso
     alphas: list[float | None]
     if not smooth:
         alphas = [None]
-    elif cfg.search:
-        alphas = list(cfg.alpha_grid)
+    elif cfg.smooth.search:
+        alphas = list(cfg.smooth.alpha_grid)
     else:
-        alphas = [cfg.alpha]
-    rank = cfg.lora_rank
+        alphas = [cfg.smooth.alpha]
+    rank = cfg.lora.rank
 
-    if cfg.quantize_before_smooth:
+    if cfg.smooth.quantize_before_smooth:
         # reference numerics: the weight error does not depend on alpha; w_j from the quantized weight
-        fit = training_free_lora(w, quant, rank, cfg.lora_rounds, cfg.lora_keep, cfg.lora_svd)
+        fit = training_free_lora(w, quant, rank, cfg.lora.rounds, cfg.lora.keep, cfg.lora.svd)
         lr = fit.up @ fit.down if fit.up is not None else None
         base = fit.dequant if lr is None else fit.dequant + lr
-        w_max = (fit.dequant if cfg.w_max_from_quantized else w).abs().amax(dim=0)
+        w_max = (fit.dequant if cfg.smooth.w_max_from_quantized else w).abs().amax(dim=0)
 
         def candidate(a):
             s = None if a is None else tas_factors(inputs.absmax, w_max, a)
@@ -182,7 +183,7 @@ def quantize_layer(name: str, role: str, weight: torch.Tensor, bias: torch.Tenso
         down = None if fit.down is None else fit.down * s[None, :] if s is not None else fit.down
         final_fit = LoraFit((q, sc, z), fit.dequant, fit.up, down, fit.err_per_round, fit.kept_round)
     else:
-        mode = cfg.search_weight
+        mode = cfg.smooth.search_weight
         if mode == "auto":
             mode = "exact"
         w_max = w.abs().amax(dim=0)
@@ -193,7 +194,7 @@ def quantize_layer(name: str, role: str, weight: torch.Tensor, bias: torch.Tenso
 
         def full_fit(a):  # the layer as it will be built at this alpha: all LoRA rounds
             s, ws = smoothed(a)
-            f = training_free_lora(ws, quant, rank, cfg.lora_rounds, cfg.lora_keep, cfg.lora_svd)
+            f = training_free_lora(ws, quant, rank, cfg.lora.rounds, cfg.lora.keep, cfg.lora.svd)
             return s, f, (f.dequant if f.up is None else f.dequant + f.up @ f.down)
 
         def scored_full(a):
@@ -221,18 +222,18 @@ def quantize_layer(name: str, role: str, weight: torch.Tensor, bias: torch.Tenso
 
         if len(alphas) > 1:
             full_search = bool(rank) and mode == "exact"
-            collect(_parallel_map(scored_full if full_search else scored_screen, alphas, cfg.search_workers))
+            collect(_parallel_map(scored_full if full_search else scored_screen, alphas, cfg.smooth.search_workers))
             candidates = alphas
             if rank and mode == "shortlist":
                 # rescore the most promising alphas of the one-round search with every LoRA round
-                candidates = sorted(sorted(alphas, key=lambda a: losses[a])[:cfg.search_shortlist])
-                collect(_parallel_map(scored_full, candidates, cfg.search_workers))
+                candidates = sorted(sorted(alphas, key=lambda a: losses[a])[:cfg.smooth.search_shortlist])
+                collect(_parallel_map(scored_full, candidates, cfg.smooth.search_workers))
             best = min(candidates, key=lambda a: losses[a])
         else:
             best = alphas[0]
         s, final_fit, w_eff = kept[1] if kept is not None and kept[0] == best else full_fit(best)
 
-    if cfg.bias_correction and b is not None:
+    if cfg.smooth.bias_correction and b is not None:
         # a systematic output shift moves every sample the same way; the bias absorbs its mean
         b, final_loss = loss_fn.bias_corrected(s, w_eff)
     else:
@@ -268,6 +269,6 @@ def _parallel_map(fn, items: list, workers: int | None) -> Iterator:
 
 def _scale_columns(scale: torch.Tensor, s: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
     """Scales of a layout whose groups lie inside one input column, multiplied by ``s`` per column."""
-    if cfg.weight_layout != "reference32":
+    if cfg.weights.layout != "reference32":
         raise ValueError("quantize-before-smooth needs a layout whose groups lie in one input column (reference32)")
     return scale * s[None, :]

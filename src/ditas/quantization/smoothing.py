@@ -109,7 +109,8 @@ def fold_into_rows(lin: nn.Module, s: torch.Tensor, rows: slice) -> None:
         if lin.bias is not None:
             lin.bias[rows] /= s
         return
-    layout = getattr(lin, "layout", None)
+    fmt = getattr(lin, "weight_format", None)
+    layout = None if fmt is None else fmt.layout
     if layout not in ("channel", "group"):
         raise TypeError(f"cannot fold into the rows of a {type(lin).__name__} with layout {layout!r}: "
                         "its scale groups span rows (fold before quantizing)")

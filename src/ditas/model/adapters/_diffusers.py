@@ -36,6 +36,7 @@ class DiffusersAdapter(ModelAdapter):
     """Base of the adapters for diffusers transformer classes (``class_name``)."""
 
     class_name: ClassVar[str] = ""
+    text_to_image: ClassVar[bool] = False  # the transformer of a text-to-image pipeline ditas quantizes
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

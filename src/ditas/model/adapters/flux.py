@@ -30,6 +30,7 @@ from .registry import register
 class FluxAdapter(DiffusersAdapter):
     family = "flux"
     class_name = "FluxTransformer2DModel"
+    text_to_image = True
 
     def _qkv(self, attn: str) -> list[str]:
         fused = getattr(self.model.get_submodule(attn), "fused_projections", False)

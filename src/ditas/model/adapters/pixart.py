@@ -29,6 +29,7 @@ from .registry import register
 class PixArtAdapter(DiffusersAdapter):
     family = "pixart"
     class_name = "PixArtTransformer2DModel"
+    text_to_image = True
 
     def blocks(self) -> list[BlockSpec]:
         specs = []

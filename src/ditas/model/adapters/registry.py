@@ -63,3 +63,10 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
             return cls(model)
     raise ConfigError(f"ditas does not know how to quantize a {type(model).__name__} (known families: "
                       f"{', '.join(_ADAPTERS)})")
+
+
+def text_to_image_transformers() -> tuple[str, ...]:
+    """The diffusers transformer classes of the text-to-image pipelines ditas quantizes (the
+    registered adapters that say so; one list, kept by the adapters)."""
+    _load_all()
+    return tuple(cls.class_name for cls in _ADAPTERS.values() if getattr(cls, "text_to_image", False))

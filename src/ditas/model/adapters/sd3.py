@@ -28,6 +28,7 @@ from .registry import register
 class SD3Adapter(DiffusersAdapter):
     family = "sd3"
     class_name = "SD3Transformer2DModel"
+    text_to_image = True
 
     def blocks(self) -> list[BlockSpec]:
         specs = []

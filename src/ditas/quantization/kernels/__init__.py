@@ -64,7 +64,7 @@ def choose(layer, kernel: str = AUTO, device=None) -> str:
             return k.name
         reasons.append(f"{k.name} {problem}")
     where = layer_device(layer) if device is None else device
-    raise ConfigError(f"no kernel runs this {layer.layout} W{layer.wbits}A{layer.abits} layer on {where}: "
+    raise ConfigError(f"no kernel runs this {layer.precision()} layer on {where}: "
                       + "; ".join(reasons))
 
 
@@ -79,9 +79,9 @@ def use_kernels(model: nn.Module, kernel: str = AUTO, *, lora_limbs: int | None 
     if lora_limbs is not None and (not isinstance(lora_limbs, int) or isinstance(lora_limbs, bool)
                                    or not 0 <= lora_limbs <= MAX_LORA_LIMBS):
         raise ConfigError(f"lora_limbs must be an integer in 0..{MAX_LORA_LIMBS}, got {lora_limbs!r}")
-    # the layers that run on a kernel (``QuantLinear``), known by their protocol: the registry sits
-    # below the layer class and never imports it
-    layers = {name: m for name, m in model.named_modules() if callable(getattr(m, "set_kernel", None))}
+    # the layers that take a kernel (QuantLinear; named by what it does, so that kernels/ need
+    # not import linear.py, which imports kernels/)
+    layers = {name: m for name, m in model.named_modules() if callable(getattr(type(m), "set_kernel", None))}
     chosen = {}
     for name, m in layers.items():
         try:

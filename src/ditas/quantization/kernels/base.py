@@ -41,13 +41,14 @@ class Kernel:
         device = layer_device(layer) if device is None else torch.device(device)
         if device.type not in self.devices:
             return f"runs on {'/'.join(self.devices)}, not {device.type}"
-        if layer.layout not in self.layouts:
-            return f"needs {' or '.join(self.layouts)} weights, the layer has {layer.layout!r}"
-        if not self.wbits[0] <= layer.wbits <= self.wbits[1]:
-            return f"needs {self.wbits[0]}..{self.wbits[1]}-bit weights, the layer has {layer.wbits}"
-        if layer.abits > self.max_abits:
-            return f"needs <= {self.max_abits}-bit activations, the layer has {layer.abits}"
-        if layer.abits < 16 and layer.act_granularity not in self.act_granularities:
+        w, a = layer.weight_format, layer.activation_format
+        if w.layout not in self.layouts:
+            return f"needs {' or '.join(self.layouts)} weights, the layer has {w.layout!r}"
+        if not self.wbits[0] <= w.bits <= self.wbits[1]:
+            return f"needs {self.wbits[0]}..{self.wbits[1]}-bit weights, the layer has {w.bits}"
+        if a.bits > self.max_abits:
+            return f"needs <= {self.max_abits}-bit activations, the layer has {a.bits}"
+        if a.bits < 16 and a.granularity not in self.act_granularities:
             return f"needs per-{' or per-'.join(self.act_granularities)} activations"
         if not self.available():
             return "is not available in this torch build"

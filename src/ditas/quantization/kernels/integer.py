@@ -159,8 +159,8 @@ class IntegerKernel(Kernel):
         limbs = getattr(module, "lora_limbs", DEFAULT_LORA_LIMBS)
         if not isinstance(limbs, int) or not 0 <= limbs <= MAX_LORA_LIMBS:
             raise ConfigError(f"lora limbs must be an integer in 0..{MAX_LORA_LIMBS}, got {limbs!r}")
-        if module.layout != "channel":
-            raise ConfigError(f"the integer kernels need per-channel weights, got layout {module.layout!r}")
+        if module.weight_format.layout != "channel":
+            raise ConfigError(f"the integer kernels need per-channel weights, got layout {module.weight_format.layout!r}")
         problem = weights_problem(module)
         if problem:
             raise ConfigError(f"kernel {self.name!r} {problem}")
@@ -174,9 +174,9 @@ class IntegerKernel(Kernel):
         zero = module.wzero.reshape(-1)
         if not torch.equal(zero, torch.round(zero)):
             raise ConfigError("wzero must hold integers")
-        qmax = 2 ** module.wbits - 1
+        qmax = 2 ** module.weight_format.bits - 1
         if n and k and int(q.max()) > qmax:
-            raise ConfigError(f"qweight holds codes above {qmax} for {module.wbits}-bit weights")
+            raise ConfigError(f"qweight holds codes above {qmax} for {module.weight_format.bits}-bit weights")
         zero = zero.to(torch.int64)
         if k:
             lo, hi = torch.aminmax(q, dim=1)
@@ -225,9 +225,9 @@ class IntegerKernel(Kernel):
     @staticmethod
     def _check_inputs(module, codes: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor) -> bool:
         """Validates shapes; returns True for per-tensor activation parameters."""
-        if module.layout != "channel" or module.abits > 8:
+        if module.weight_format.layout != "channel" or module.activation_format.bits > 8:
             raise ConfigError(f"the integer kernels handle per-channel weights with <= 8-bit activations, got "
-                             f"layout={module.layout!r}, abits={module.abits}")
+                             f"layout={module.weight_format.layout!r}, abits={module.activation_format.bits}")
         if codes.ndim != 2 or codes.shape[1] != module.in_features:
             raise ConfigError(f"codes must be (M, {module.in_features}), got {tuple(codes.shape)}")
         m = codes.shape[0]
@@ -284,9 +284,10 @@ class IntegerKernel(Kernel):
             x2 = x2 / module.smooth
         if x2.dtype != torch.float32:
             x2 = x2.float()
-        a_scale, a_zero = activation_qparams(x2, module.abits, module.act_granularity, module.range_mode)
+        a = module.activation_format
+        a_scale, a_zero = activation_qparams(x2, a.bits, a.granularity, a.range_mode)
         codes = torch.div(x2, a_scale)
-        codes.round_().add_(a_zero).clamp_(0, 2 ** module.abits - 1)
+        codes.round_().add_(a_zero).clamp_(0, 2 ** a.bits - 1)
         lora = None
         limbs = st.lora_limbs
         if module.lora_rank and not limbs:
