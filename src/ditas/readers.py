@@ -96,15 +96,25 @@ def _no_constant(name: str) -> Any:
 
 
 def read_json(path: str | Path, what: str, schema: dict[str, Field] | None = None,
-              top: type | tuple[type, ...] = dict, max_bytes: int = MAX_JSON_BYTES,
-              max_depth: int = MAX_JSON_DEPTH) -> Any:
+              top: type | tuple[type, ...] = dict, error: type[DitasError] = InputFileError,
+              max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """The parsed JSON file ``path`` (``what`` names it in errors: "config", "run manifest", ...).
 
-    Checked in this order, each failure one :class:`InputFileError`: a regular readable file of at
-    most ``max_bytes``, UTF-8, nesting at most ``max_depth`` (scanned before parsing, so no
+    Checked in this order, each failure one ``error`` (an :class:`InputFileError` unless the caller
+    reports its files as another ``DitasError``, e.g. ``CheckpointError``): a regular readable file
+    of at most ``max_bytes``, UTF-8, nesting at most ``max_depth`` (scanned before parsing, so no
     RecursionError), valid JSON with finite numbers, a ``top`` value, then ``schema`` field by field.
     """
-    path = Path(path)
+    try:
+        return _read_json(Path(path), what, schema, top, max_bytes, max_depth)
+    except InputFileError as exc:
+        if error is InputFileError:
+            raise
+        raise error(str(exc)) from None
+
+
+def _read_json(path: Path, what: str, schema: dict[str, Field] | None, top: type | tuple[type, ...],
+               max_bytes: int, max_depth: int) -> Any:
     _check_regular_file(path, what)
     try:
         with open(path, "rb") as f:
@@ -113,19 +123,33 @@ def read_json(path: str | Path, what: str, schema: dict[str, Field] | None = Non
         raise fail(path, what, f"cannot be read ({exc.strerror or exc})") from None
     if len(raw) > max_bytes:
         raise fail(path, what, f"larger than {max_bytes >> 20} MiB; not a file ditas wrote")
-    depth = json_depth(raw)
-    if depth > max_depth:
-        raise fail(path, what, f"nested {depth} levels deep (at most {max_depth} accepted)")
+    return parse_json(raw, path, what, schema, top, max_depth=max_depth)
+
+
+def parse_json(raw: bytes | str, path: Path | str, what: str, schema: dict[str, Field] | None = None,
+               top: type | tuple[type, ...] = dict, error: type[DitasError] = InputFileError,
+               max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """JSON text from a file or a file's metadata (``path`` names where it came from), checked as
+    :func:`read_json` checks a file's content."""
+    raw = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
     try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
-    except UnicodeDecodeError:
-        raise fail(path, what, "not UTF-8 text") from None
-    except (ValueError, RecursionError) as exc:
-        raise fail(path, what, f"not valid JSON ({exc})") from None
-    bad = _first_nonfinite(data)
-    if bad is not None:
-        raise fail(path, what, f"field '{bad}' is a number out of range (inf)")
-    check_value(data, Field(top, schema=schema), path, what, "")
+        depth = json_depth(raw)
+        if depth > max_depth:
+            raise fail(path, what, f"nested {depth} levels deep (at most {max_depth} accepted)")
+        try:
+            data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        except UnicodeDecodeError:
+            raise fail(path, what, "not UTF-8 text") from None
+        except (ValueError, RecursionError) as exc:
+            raise fail(path, what, f"not valid JSON ({exc})") from None
+        bad = _first_nonfinite(data)
+        if bad is not None:
+            raise fail(path, what, f"field '{bad}' is a number out of range (inf)")
+        check_value(data, Field(top, schema=schema), Path(path), what, "")
+    except InputFileError as exc:
+        if error is InputFileError:
+            raise
+        raise error(str(exc)) from None
     return data
 
 

@@ -9,7 +9,6 @@ otherwise it is inferred from the tensor shapes.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -120,10 +119,12 @@ def build_from_state(state: dict[str, torch.Tensor], config: DiTConfig | None, s
 def _config_from_meta(meta: dict[str, str], source: str) -> DiTConfig | None:
     if "config" not in meta:
         return None
+    from ..readers import parse_json
+
+    data = parse_json(meta["config"], source, "config metadata", error=CheckpointError)
     try:
-        data = json.loads(meta["config"])
         return DiTConfig.from_dict(data.get("model", data))
-    except (json.JSONDecodeError, ValueError, TypeError) as exc:
+    except (ValueError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{source}: bad config metadata ({exc})") from None
 
 
@@ -165,12 +166,9 @@ def _load_folder(path: Path, config: DiTConfig | None, device: torch.device, **k
         path, cfg_file = path / "transformer", path / "transformer" / "config.json"
     if not cfg_file.exists():
         raise CheckpointError(f"{path}: a model folder needs a config.json (none found)")
-    try:
-        data = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{cfg_file}: holds a JSON {type(data).__name__}, expected an object")
+    from ..readers import read_json
+
+    data = read_json(cfg_file, "model config", error=CheckpointError)
     if data.get("_class_name") == "DiTTransformer2DModel":
         from .diffusers_convert import load_diffusers_dit
 

@@ -17,7 +17,6 @@ float weight is ever created for a quantized layer. Save then load is bit-exact.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -153,13 +152,13 @@ def _default_backend() -> str:
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The parsed ``config.json`` of a quantized folder (``CheckpointError`` if it is not one)."""
     cfg_file = Path(path) / "config.json"
-    if not cfg_file.exists():
+    if not (cfg_file.exists() or cfg_file.is_symlink()):
         raise CheckpointError(f"{path}: not a quantized model folder (no config.json)")
-    try:
-        data = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict) or "quantization" not in data:
+    from ..readers import Field, read_json
+
+    data = read_json(cfg_file, "quantized model config", {"quantization": Field(dict, required=False)},
+                     error=CheckpointError)
+    if "quantization" not in data:
         raise CheckpointError(f"{path}: not a ditas quantized model folder (config.json has no 'quantization')")
     return data
 
