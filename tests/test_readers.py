@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from ditas.errors import DitasError
@@ -23,7 +23,8 @@ from ditas.evaluation import adm
 from ditas.evaluation.adm import NpzImages
 from ditas.readers import ArraySpec, Field, json_depth, read_json, read_npz_arrays, safe_reason
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck),
+                phases=(Phase.explicit, Phase.reuse, Phase.generate))  # no shrinking: failures print as found
 MEMORY_BOUND = 32 << 20  # bytes a reader may allocate on these small files
 DEFAULT_DIT = Path(__file__).resolve().parents[1] / "src" / "ditas" / "assets" / "default_dit"
 
