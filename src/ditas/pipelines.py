@@ -98,7 +98,7 @@ def _check_pipeline_configs(path: Path, index: dict, transformer_class: str, bas
             f = path / component / cfg
             if f.exists() or f.is_symlink():
                 schema = {"_class_name": Field(str, choices=(transformer_class,))} if component == "transformer" else None
-                read_json(f, f"{component} config", schema, error=CheckpointError)
+                read_json(f, f"{component} config", schema, error=CheckpointError, foreign=True)
 
 
 def _call_kwargs(pipe, steps: int, guidance: float | None, seed: int, height: int | None, width: int | None,

@@ -107,7 +107,7 @@ def _no_constant(name: str) -> Any:
 
 def read_json(path: str | Path, what: str, schema: dict[str, Field] | None = None,
               top: type | tuple[type, ...] = dict, error: type[DitasError] = InputFileError,
-              max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH) -> Any:
+              max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH, foreign: bool = False) -> Any:
     """The parsed JSON file ``path`` (``what`` names it in errors: "config", "run manifest", ...).
 
     Checked in this order, each failure one ``error`` (an :class:`InputFileError` unless the caller
@@ -116,7 +116,7 @@ def read_json(path: str | Path, what: str, schema: dict[str, Field] | None = Non
     RecursionError), valid JSON with finite numbers, a ``top`` value, then ``schema`` field by field.
     """
     try:
-        return _read_json(Path(path), what, schema, top, max_bytes, max_depth)
+        return _read_json(Path(path), what, schema, top, max_bytes, max_depth, foreign)
     except InputFileError as exc:
         if error is InputFileError:
             raise
@@ -124,7 +124,7 @@ def read_json(path: str | Path, what: str, schema: dict[str, Field] | None = Non
 
 
 def _read_json(path: Path, what: str, schema: dict[str, Field] | None, top: type | tuple[type, ...],
-               max_bytes: int, max_depth: int) -> Any:
+               max_bytes: int, max_depth: int, foreign: bool) -> Any:
     _check_regular_file(path, what)
     try:
         with open(path, "rb") as f:
@@ -133,26 +133,27 @@ def _read_json(path: Path, what: str, schema: dict[str, Field] | None, top: type
         raise fail(path, what, f"cannot be read ({exc.strerror or exc})") from None
     if len(raw) > max_bytes:
         raise fail(path, what, f"larger than {max_bytes >> 20} MiB; not a file ditas wrote")
-    return parse_json(raw, path, what, schema, top, max_depth=max_depth)
+    return parse_json(raw, path, what, schema, top, max_depth=max_depth, foreign=foreign)
 
 
 def parse_json(raw: bytes | str, path: Path | str, what: str, schema: dict[str, Field] | None = None,
                top: type | tuple[type, ...] = dict, error: type[DitasError] = InputFileError,
-               max_depth: int = MAX_JSON_DEPTH) -> Any:
+               max_depth: int = MAX_JSON_DEPTH, foreign: bool = False) -> Any:
     """JSON text from a file or a file's metadata (``path`` names where it came from), checked as
-    :func:`read_json` checks a file's content."""
+    :func:`read_json` checks a file's content; ``foreign``: another library's file (diffusers
+    scheduler configs hold ``-Infinity``), whose non-finite numbers are left to that library."""
     raw = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
     try:
         depth = json_depth(raw)
         if depth > max_depth:
             raise fail(path, what, f"nested {depth} levels deep (at most {max_depth} accepted)")
         try:
-            data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+            data = json.loads(raw.decode("utf-8"), **({} if foreign else {"parse_constant": _no_constant}))
         except UnicodeDecodeError:
             raise fail(path, what, "not UTF-8 text") from None
         except (ValueError, RecursionError) as exc:
             raise fail(path, what, f"not valid JSON ({exc})") from None
-        bad = _first_nonfinite(data)
+        bad = None if foreign else _first_nonfinite(data)
         if bad is not None:
             raise fail(path, what, f"field '{bad}' is a number out of range (inf)")
         check_value(data, Field(top, schema=schema), Path(path), what, "")
