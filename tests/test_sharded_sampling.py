@@ -73,8 +73,9 @@ def test_killed_run_resumes_and_redoes_only_missing_shards(tmp_path, monkeypatch
         sharded.sample_npz(m, labels, out, s, batch_size=2, shard_size=4, progress=False)
     shards = tmp_path / "run.npz.shards"
     assert not out.exists()
-    assert sorted(p.name for p in shards.iterdir()) == ["images-00000000-00000004.npy",
-                                                         "images-00000004-00000008.npy", "run.json"]
+    assert sorted(p.name for p in shards.iterdir()) == [
+        "images-00000000-00000004.npy", "images-00000000-00000004.sha256",
+        "images-00000004-00000008.npy", "images-00000004-00000008.sha256", "run.json"]
     (shards / ".images-00000008-00000012.npy.ditas-partial-99999999.npy").write_bytes(b"partial")  # as a SIGKILL leaves it
     calls.clear()
     monkeypatch.setattr(sharded, "sample_batch", lambda *a, **k: (calls.append(list(a[3])), real(*a, **k))[1])

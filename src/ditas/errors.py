@@ -15,3 +15,7 @@ class ConfigError(DitasError, ValueError):
 
 class CalibrationError(DitasError):
     """Calibration met bad numbers (NaN or inf) or bad inputs; the message names layer and step."""
+
+
+class InputFileError(DitasError, ValueError):
+    """A file ditas reads is missing, malformed, too large or holds wrong values (names file and field)."""

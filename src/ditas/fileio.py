@@ -209,9 +209,11 @@ def _partials(path: Path, what: str, folder: bool) -> list[Path]:
 
 def read_marker(folder: Path) -> dict | None:
     """The ``"ditas_output"`` marker of a folder ditas wrote, or None (not a ditas output)."""
+    from .readers import read_json
+
     try:
-        data = json.loads((folder / MARKER_FILE).read_text())
-    except (OSError, ValueError, RecursionError):
+        data = read_json(folder / MARKER_FILE, "output marker")
+    except DitasError:
         return None
     marker = data.get(MARKER_KEY) if isinstance(data, dict) else None
     if not isinstance(marker, dict) or not isinstance(marker.get("files"), list):

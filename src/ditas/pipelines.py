@@ -11,7 +11,6 @@ encoders, VAE, scheduler) from there without being told again.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -49,10 +48,9 @@ def load_pipeline(path: str | os.PathLike, transformer: torch.nn.Module | None =
     path = Path(path)
     if not is_pipeline_dir(path):
         raise DitasError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-    try:
-        index = json.loads((path / "model_index.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}/model_index.json is not readable JSON ({exc})") from None
+    from .readers import read_json
+
+    index = read_json(path / "model_index.json", "pipeline index", error=CheckpointError)
     entry = index.get("transformer")
     cls_name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
     from .model.adapters.registry import text_to_image_transformers
@@ -62,6 +60,8 @@ def load_pipeline(path: str | os.PathLike, transformer: torch.nn.Module | None =
         raise DitasError(f"{path}: the pipeline's transformer is {cls_name or 'missing'}; ditas quantizes pipelines "
                          f"whose transformer is one of {', '.join(supported)}")
     from diffusers import DiffusionPipeline
+
+    _check_pipeline_configs(path, index, cls_name, DiffusionPipeline)
 
     if transformer is not None and type(transformer).__name__ != cls_name:
         raise DitasError(f"the quantized transformer is a {type(transformer).__name__} but the pipeline in {path} "
@@ -78,6 +78,29 @@ def load_pipeline(path: str | os.PathLike, transformer: torch.nn.Module | None =
     except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: diffusers could not load this pipeline ({first})") from None
+
+
+def _check_pipeline_configs(path: Path, index: dict, transformer_class: str, base: type) -> None:
+    """The pipeline folder's JSON files as ditas's reader sees them, before diffusers parses them:
+    a known pipeline class, each component's config readable (depth, size, an object), and the
+    transformer's config naming the class ``model_index.json`` gives it."""
+    import diffusers
+
+    from .readers import Field, read_json
+
+    name = index.get("_class_name")
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise CheckpointError(f"pipeline index {path / 'model_index.json'}: '_class_name' {str(name)[:60]!r} is "
+                              "not a diffusers pipeline class")
+    for component, entry in index.items():
+        if component.startswith("_") or not isinstance(entry, list) or entry == [None, None]:
+            continue
+        for cfg in ("config.json", "scheduler_config.json"):
+            f = path / component / cfg
+            if f.exists() or f.is_symlink():
+                schema = {"_class_name": Field(str, choices=(transformer_class,))} if component == "transformer" else None
+                read_json(f, f"{component} config", schema, error=CheckpointError, foreign=True)
 
 
 def _call_kwargs(pipe, steps: int, guidance: float | None, seed: int, height: int | None, width: int | None,
@@ -161,15 +184,13 @@ def pipeline_ref(pipeline_dir: str | os.PathLike, pipe) -> dict[str, Any]:
 def read_pipeline_ref(folder: str | os.PathLike) -> dict[str, Any] | None:
     """The pipeline a quantized folder came from (None if it records none)."""
     p = Path(folder) / PIPELINE_FILE
-    if not p.is_file():
+    if not (p.exists() or p.is_symlink()):
         return None
-    try:
-        ref = json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{p} is not readable JSON ({exc})") from None
-    if not isinstance(ref, dict) or not isinstance(ref.get("pipeline"), str):
-        raise CheckpointError(f"{p} does not name a pipeline folder")
-    return ref
+    from .readers import Field, read_json
+
+    return read_json(p, "pipeline reference", {"pipeline": Field(str), "pipeline_class": Field(str, required=False),
+                                               "transformer_class": Field(str, required=False)},
+                     error=CheckpointError)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,14 +200,9 @@ def read_pipeline_ref(folder: str | os.PathLike) -> dict[str, Any] | None:
 
 def _read_json_object(p: Path) -> dict[str, Any]:
     """A JSON object file of a pipeline folder, or a one-line ``CheckpointError`` naming it."""
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, ValueError, RecursionError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        raise CheckpointError(f"{p} is not readable JSON ({why})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{p} holds a {type(data).__name__}, expected a JSON object")
-    return data
+    from .readers import read_json
+
+    return read_json(p, p.name, error=CheckpointError, foreign=True)
 
 
 def check_pipeline_components(path: str | os.PathLike, with_transformer: bool = True) -> dict[str, Any]:

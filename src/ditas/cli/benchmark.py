@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import DitasError
+from ..readers import Field, read_json
 
 KIND = "ditas-benchmark"
 EVAL_K = 3  # neighbours of the precision/recall manifolds in both evaluators
@@ -139,7 +139,9 @@ def _open_folder(out: Path, settings: dict, overwrite: bool) -> None:
         if marker is None or marker.get("kind") != KIND:
             raise DitasError(f"--out {out} exists and is not a benchmark folder ditas wrote; choose another name")
         refuse_foreign(out, unexpected_entries(out, LAYOUT))
-        old = json.loads((out / "config.json").read_text()).get("settings")
+        old = _read_settings(out)
+        if not overwrite:
+            _check_resume_state(out)
         if overwrite:
             import shutil
 
@@ -156,6 +158,8 @@ def _open_folder(out: Path, settings: dict, overwrite: bool) -> None:
     else:
         out.mkdir()
     for sub in ("samples", "evals", "grids"):
+        if (out / sub).is_symlink() or ((out / sub).exists() and not (out / sub).is_dir()):
+            raise DitasError(f"--out {out}: {sub} is not a folder; remove it or choose another name")
         (out / sub).mkdir(exist_ok=True)
     with atomic_file(out / "config.json") as tmp:
         tmp.write_text(json_text({MARKER_KEY: {"kind": KIND, "files": OWN_FILES}, "settings": settings}))
@@ -361,7 +365,7 @@ def _benchmark(args, out: Path, specs, configs, steps_list, domain, device, rank
             if rank != 0:
                 continue
             if ev.exists():
-                metrics = json.loads(ev.read_text())
+                metrics = read_metrics(ev)
             else:
                 metrics = evaluator(npz) if evaluator is not None else evaluate_digits(npz)
                 metrics.update(recipe=label, steps=s, quantization=qreport and {
@@ -378,7 +382,7 @@ def _benchmark(args, out: Path, specs, configs, steps_list, domain, device, rank
     if rank != 0:
         return 0
     table = markdown(rows, domain)
-    result = {"settings": json.loads((out / "config.json").read_text())["settings"], "domain": domain,
+    result = {"settings": _read_settings(out), "domain": domain,
               "rows": rows, "published_source": PUBLISHED_SOURCE,
               "this_run": {"sampled_rows": sampled, "evaluated_rows": evaluated,
                            "wall_time_s": round(time.perf_counter() - t0, 1)}}
@@ -390,6 +394,34 @@ def _benchmark(args, out: Path, specs, configs, steps_list, domain, device, rank
     print(table)
     print(f"wrote {out}/results.md and {out}/results.json ({sampled} rows sampled, {evaluated} evaluated this run)")
     return 0
+
+
+_SCORE = Field((float, type(None)), required=False, lo=0.0)
+_FRACTION = Field((float, type(None)), required=False, lo=0.0, hi=1.0)
+METRICS_SCHEMA = {"fid": _SCORE, "sfid": _SCORE, "is": _SCORE, "precision": _FRACTION, "recall": _FRACTION,
+                  "class_accuracy": _FRACTION, "num_samples": Field(int, lo=1),
+                  "num_ref": Field((int, type(None)), required=False, lo=1)}
+
+
+def read_metrics(path: Path) -> dict:
+    """A row's metrics from an earlier run, every field the table uses checked (a hand-edited or
+    corrupted file is one error naming it, not a traceback or a wrong table)."""
+    try:
+        return read_json(path, "benchmark metrics", METRICS_SCHEMA)
+    except DitasError as exc:
+        raise DitasError(f"{exc}; delete it to evaluate that row again") from None
+
+
+def _read_settings(out: Path) -> dict:
+    """The settings a benchmark folder was made with (its config.json, checked)."""
+    return read_json(out / "config.json", "benchmark config", {"settings": Field(dict)})["settings"]
+
+
+def _check_resume_state(out: Path) -> None:
+    """What a resumed benchmark will read, checked before any work: every stored row's metrics."""
+    if (out / "evals").is_dir() and not (out / "evals").is_symlink():
+        for ev in sorted((out / "evals").glob("*.json")):
+            read_metrics(ev)
 
 
 def _finished_samples(path: Path, num: int) -> bool:

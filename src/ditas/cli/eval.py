@@ -11,7 +11,6 @@ Two domains share one JSON layout (``fid``, ``sfid``, ``is``, ``precision``, ``r
 from __future__ import annotations
 
 import argparse
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -58,27 +57,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def read_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    path = Path(path)
-    if not path.exists():
-        raise DitasError(f"{path}: no such file")
-    if path.is_dir():
-        raise DitasError(f"{path}: is a folder, expected an .npz file")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            keys = set(data.files)
-            missing = [k for k in ("arr_0", "labels") if k not in keys]
-            if missing:
-                raise DitasError(f"{path}: missing key(s) {', '.join(missing)} (found: "
-                                 f"{', '.join(sorted(keys)) or 'none'}); expected 'arr_0' images and 'labels'")
-            images, labels = data["arr_0"], data["labels"]
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-        raise DitasError(f"{path}: not a readable .npz file ({exc})") from None
+    """The images and labels of a labelled samples npz (checked by ``ditas.readers`` before loading)."""
+    from ..readers import ArraySpec, fail, read_npz_arrays
+
+    what = "samples"
+    arrays = read_npz_arrays(path, what, {"arr_0": ArraySpec("u"), "labels": ArraySpec("iu")}).arrays
+    images, labels = arrays["arr_0"], arrays["labels"]
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise DitasError(f"{path}: 'arr_0' has shape {images.shape}; expected (N, H, W, 3) uint8 images")
+        raise fail(path, what, f"'arr_0' has shape {images.shape}; expected (N, H, W, 3) uint8 images")
     if labels.ndim != 1 or len(labels) != len(images):
-        raise DitasError(f"{path}: 'labels' has shape {labels.shape}; expected ({len(images)},), one per image")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise DitasError(f"{path}: 'labels' must be integers, got {labels.dtype}")
+        raise fail(path, what, f"'labels' has shape {labels.shape}; expected ({len(images)},), one per image")
     return images, labels
 
 

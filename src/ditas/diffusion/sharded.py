@@ -31,11 +31,18 @@ from tqdm.auto import tqdm
 
 from ..errors import DitasError
 from ..fileio import atomic_file, check_new_file, check_writable, path_lock
+from ..readers import ArraySpec, Field, check_value, fail, read_json, read_npy, sha256_file
 from .run import SamplingSettings, sample_batch
 
 MANIFEST = "run.json"
 DEFAULT_SHARD_SIZE = 1000
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: the same run gives the same bytes
+_COUNT = Field(int, lo=1, hi=1 << 40)
+MANIFEST_SCHEMA = {
+    "format": Field(str), "num": Field(int, lo=0, hi=1 << 40), "shard_size": _COUNT,
+    "batch_size": Field(int, required=False, lo=1, hi=1 << 40),  # missing in older runs: reported as a difference
+    "labels_sha256": Field(str), "settings": Field(dict), "image_shape": Field(list, items=Field(int, lo=1, hi=1 << 20)),
+    "model": Field(str)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,15 +83,26 @@ def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
     return buf.getvalue()
 
 
-def _read_npy(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    """Memory-maps a shard and checks its shape (a wrong one means a foreign or broken file)."""
+def checksum_path(shard: Path) -> Path:
+    """The file beside a finished shard holding its sha256 (written before the shard is published)."""
+    return shard.with_suffix(".sha256")
+
+
+def _verified_shard(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """A finished shard, memory-mapped after its header, size, dtype and sha256 were checked (a
+    truncated, zero-filled or foreign file is one error naming it)."""
+    arr = read_npy(path, "shard", ArraySpec("u", shape))
+    if arr.dtype != np.uint8:
+        raise fail(path, "shard", f"holds {arr.dtype}, expected uint8; delete it to sample it again")
+    side = checksum_path(path)
     try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise DitasError(f"{path}: not a readable shard ({exc}); delete it to sample it again") from None
-    if arr.shape != shape or arr.dtype != np.uint8:
-        raise DitasError(f"{path}: holds {arr.dtype} {arr.shape}, expected uint8 {shape}; delete it to sample "
-                         "it again")
+        with open(side, "rb") as f:
+            expected = f.read(128).decode("ascii", "replace").strip()
+    except OSError:
+        raise fail(path, "shard", f"has no readable checksum file {side.name}; delete it to sample it again") from None
+    if sha256_file(path) != expected:
+        raise fail(path, "shard", f"does not match its checksum in {side.name} (corrupted); delete both to "
+                   "sample it again")
     return arr
 
 
@@ -125,8 +143,11 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def _manifest(model: nn.Module, labels: np.ndarray, settings: SamplingSettings, shard_size: int,
-              image_shape: tuple[int, ...]) -> dict:
+              image_shape: tuple[int, ...], batch_size: int) -> dict:
+    """What identifies a run. The batch size is in it: a quantized model with per-tensor activation
+    scales shares one scale per batch, so its images depend on which samples share a batch."""
     return {"format": "ditas-sample-shards", "num": int(len(labels)), "shard_size": int(shard_size),
+            "batch_size": int(batch_size),
             "labels_sha256": hashlib.sha256(labels.astype(np.int64).tobytes()).hexdigest(),
             "settings": {k: getattr(settings, k) for k in settings.__dataclass_fields__},
             "image_shape": list(image_shape), "model": model_fingerprint(model)}
@@ -153,15 +174,20 @@ def _device_of(model: nn.Module) -> torch.device:
     return model_device(model)
 
 
+def read_manifest(shard_dir: Path) -> dict:
+    """The shard folder's ``run.json``, every field checked (one error naming file and field)."""
+    path = shard_dir / MANIFEST
+    data = read_json(path, "shard manifest", {"format": Field(str, required=False)})
+    if data.get("format") != "ditas-sample-shards":
+        raise DitasError(f"{shard_dir} holds something else than ditas sample shards; give another --shard-dir")
+    check_value(data, Field(dict, schema=MANIFEST_SCHEMA), path, "shard manifest", "")
+    return data
+
+
 def _check_or_write_manifest(shard_dir: Path, manifest: dict, rank: int) -> None:
     path = shard_dir / MANIFEST
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-            raise DitasError(f"{path}: unreadable shard manifest; remove the folder {shard_dir}") from None
-        if old.get("format") != manifest["format"]:
-            raise DitasError(f"{shard_dir} holds something else than ditas sample shards; give another --shard-dir")
+    if path.exists() or path.is_symlink():
+        old = read_manifest(shard_dir)
         diff = sorted(k for k in manifest if old.get(k) != manifest[k])
         if diff:
             raise DitasError(f"{shard_dir} holds shards of a different run (differs in {', '.join(diff)}); "
@@ -210,10 +236,7 @@ def _sample_npz(model: nn.Module, labels: Sequence[int] | torch.Tensor | np.ndar
     rank, world = process_group()
     if shard_size is None:
         old = shard_dir / MANIFEST
-        try:
-            shard_size = int(json.loads(old.read_text())["shard_size"]) if old.exists() else None
-        except (ValueError, KeyError, TypeError, OSError):
-            shard_size = None
+        shard_size = read_manifest(shard_dir)["shard_size"] if old.exists() or old.is_symlink() else None
         # a multiple of the batch size, so that batches are cut at the same sample indices whatever the
         # number of processes: a quantized model with per-tensor activation scales shares one scale
         # per batch, so its images depend on which samples share a batch
@@ -221,7 +244,7 @@ def _sample_npz(model: nn.Module, labels: Sequence[int] | torch.Tensor | np.ndar
     if shard_size < 1:
         raise DitasError(f"--shard-size must be at least 1, got {shard_size}")
     image_shape = _image_shape(model, vae, decode_to_uint8)
-    manifest = _manifest(model, labels_np, settings, shard_size, image_shape)
+    manifest = _manifest(model, labels_np, settings, shard_size, image_shape, batch_size)
     if rank == 0:
         shard_dir.mkdir(parents=True, exist_ok=True)
     barrier()
@@ -231,20 +254,26 @@ def _sample_npz(model: nn.Module, labels: Sequence[int] | torch.Tensor | np.ndar
     barrier()
 
     ranges = _shard_ranges(n, shard_size)
-    mine = [r for k, r in enumerate(ranges) if k % world == rank and not (shard_dir / shard_name(*r)).exists()]
+    own = [r for k, r in enumerate(ranges) if k % world == rank]
+    for r in own:  # finished shards of an earlier run are checked before any new work
+        if (shard_dir / shard_name(*r)).exists():
+            _verified_shard(shard_dir / shard_name(*r), (r[1] - r[0], *image_shape))
+    mine = [r for r in own if not (shard_dir / shard_name(*r)).exists()]
     todo = sum(b - a for a, b in mine)
     with tqdm(total=todo, desc=f"sampling (rank {rank}/{world})" if world > 1 else "sampling", unit="img",
               disable=not progress or rank != 0, leave=False) as bar:
         for start, stop in mine:
             target = shard_dir / shard_name(start, stop)
             with atomic_file(target) as tmp:
+                digest = hashlib.sha256()
                 with open(tmp, "wb") as f:
-                    f.write(_npy_header((stop - start, *image_shape), np.uint8))
-                    for lo in range(start, stop, batch_size):
-                        hi = min(stop, lo + batch_size)
-                        x = sample_batch(model, labels_t[lo:hi], settings, range(lo, hi))
-                        f.write(np.ascontiguousarray(decode_to_uint8(model, x, vae)).tobytes())
-                        bar.update(hi - lo)
+                    for block, images in _shard_blocks(model, labels_t, settings, vae, start, stop, batch_size,
+                                                       image_shape):
+                        f.write(block)
+                        digest.update(block)
+                        bar.update(images)
+                with atomic_file(checksum_path(target)) as side:  # before the shard: a published shard has one
+                    side.write_text(digest.hexdigest() + "\n")
     barrier()
     if rank != 0:
         return None
@@ -253,9 +282,12 @@ def _sample_npz(model: nn.Module, labels: Sequence[int] | torch.Tensor | np.ndar
         raise DitasError(f"{len(missing)} shards are missing in {shard_dir} after sampling (first: "
                          f"{shard_name(*missing[0])})")
 
+    for start, stop in ranges:  # every checksum before the npz is started
+        _verified_shard(shard_dir / shard_name(start, stop), (stop - start, *image_shape))
+
     def chunks():
         for start, stop in ranges:
-            arr = _read_npy(shard_dir / shard_name(start, stop), (stop - start, *image_shape))
+            arr = read_npy(shard_dir / shard_name(start, stop), "shard", ArraySpec("u", (stop - start, *image_shape)))
             for lo in range(0, len(arr), batch_size):  # a memory-mapped shard, read a batch at a time
                 yield arr[lo:lo + batch_size]
             del arr
@@ -264,6 +296,7 @@ def _sample_npz(model: nn.Module, labels: Sequence[int] | torch.Tensor | np.ndar
     if not keep_shards:
         for start, stop in ranges:
             (shard_dir / shard_name(start, stop)).unlink(missing_ok=True)
+            checksum_path(shard_dir / shard_name(start, stop)).unlink(missing_ok=True)
         (shard_dir / MANIFEST).unlink(missing_ok=True)
         for stale in shard_dir.glob(".images-*.ditas-*"):  # partial shards and locks of killed processes
             stale.unlink(missing_ok=True)
@@ -272,6 +305,18 @@ def _sample_npz(model: nn.Module, labels: Sequence[int] | torch.Tensor | np.ndar
         except OSError:
             pass  # something else lives there: leave it
     return out_path
+
+
+def _shard_blocks(model: nn.Module, labels_t: torch.Tensor, settings: SamplingSettings, vae, start: int, stop: int,
+                  batch_size: int, image_shape: tuple[int, ...]):
+    """(bytes, images in them) of shard ``start..stop``: its .npy header, then each sampled batch."""
+    from .pipeline import decode_to_uint8
+
+    yield _npy_header((stop - start, *image_shape), np.uint8), 0
+    for lo in range(start, stop, batch_size):
+        hi = min(stop, lo + batch_size)
+        x = sample_batch(model, labels_t[lo:hi], settings, range(lo, hi))
+        yield np.ascontiguousarray(decode_to_uint8(model, x, vae)).tobytes(), hi - lo
 
 
 def init_from_env(device: torch.device) -> tuple[int, int, torch.device]:

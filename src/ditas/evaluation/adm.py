@@ -42,11 +42,15 @@ from tqdm.auto import tqdm
 
 from ..errors import DitasError
 from ..fileio import atomic_file
+from ..readers import ArraySpec, check_finite, fail, read_npz_arrays, safe_reason, sha256_file
 
 IS_SPLIT_SIZE = 5000
 PR_NEIGHBOURS = 3
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 CACHE_FORMAT = "ditas-adm-reference-cache-v1"
+EVALUATOR_VERSION = "ditas-adm-2"  # part of the cache key: a change of the feature arithmetic invalidates caches
+PSD_TOLERANCE = 1e-6  # relative to the largest |entry|: asymmetry and negative eigenvalues beyond rounding
+STATS_SPEC = ArraySpec("fiu")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,37 +61,24 @@ CACHE_FORMAT = "ditas-adm-reference-cache-v1"
 class NpzImages:
     """The ``arr_0`` uint8 NHWC images of an ADM-style ``.npz``, read in batches (memory: one batch).
 
-    The header is checked on construction, so a wrong file fails before any long work with one line
+    The header is checked on construction (through :mod:`ditas.readers`: dtype, shape, claimed
+    bytes against the bytes present), so a wrong file fails before any long work with one line
     naming it. Other small arrays (``labels``, ``mu``, ...) are read with :meth:`small_array`.
     """
 
-    def __init__(self, path: str | Path, key: str = "arr_0"):
-        self.path = Path(path)
-        self.key = key
-        if not self.path.exists():
-            raise DitasError(f"{self.path}: no such file")
-        if self.path.is_dir():
-            raise DitasError(f"{self.path}: is a folder, expected an .npz file")
-        try:
-            with zipfile.ZipFile(self.path) as zf:
-                self.keys = sorted(n[:-4] for n in zf.namelist() if n.endswith(".npy"))
-                if f"{key}.npy" not in zf.namelist():
-                    raise DitasError(f"{self.path}: no '{key}' array (found: {', '.join(self.keys) or 'none'}); "
-                                     "expected uint8 images under 'arr_0' as the ADM evaluator reads them")
-                with zf.open(f"{key}.npy") as f:
-                    shape, fortran, dtype, streamable = _read_header(f)
-        except DitasError:
-            raise
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-            raise DitasError(f"{self.path}: not a readable .npz file ({exc})") from None
-        if dtype != np.uint8:
-            raise DitasError(f"{self.path}: '{key}' has dtype {dtype}, expected uint8 images in [0, 255]")
+    def __init__(self, path: str | Path, key: str = "arr_0", what: str = "npz file"):
+        self.path, self.key, self.what = Path(path), key, what
+        contents = read_npz_arrays(self.path, what, {key: ArraySpec("u", load=False)})
+        self.keys = contents.keys
+        self.header = contents.headers[key]
+        shape = self.header.shape
+        if self.header.dtype != np.uint8:
+            raise fail(self.path, what, f"'{key}' has dtype {self.header.dtype}, expected uint8 images in [0, 255]")
         if len(shape) != 4 or shape[-1] not in (1, 3):
-            raise DitasError(f"{self.path}: '{key}' has shape {tuple(shape)}; expected (N, H, W, 3) uint8 images")
+            raise fail(self.path, what, f"'{key}' has shape {tuple(shape)}; expected (N, H, W, 3) uint8 images")
         if shape[0] < 1 or shape[1] < 1 or shape[2] < 1:
-            raise DitasError(f"{self.path}: '{key}' holds no images (shape {tuple(shape)})")
-        self.shape = tuple(int(s) for s in shape)
-        self.streamable = streamable and not fortran
+            raise fail(self.path, what, f"'{key}' holds no images (shape {tuple(shape)})")
+        self.shape = shape
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -97,54 +88,55 @@ class NpzImages:
         n, h, w, c = self.shape
         per_image = h * w * c
         try:
-            if not self.streamable:  # rare: Fortran order or an unusual header, load whole
-                with np.load(self.path, allow_pickle=False) as data:
-                    arr = data[self.key]
+            if self.header.fortran:  # rare: Fortran order, load whole (its size was checked)
+                arr = read_npz_arrays(self.path, self.what, {self.key: ArraySpec("u")}).arrays[self.key]
                 for i in range(0, n, batch_size):
                     yield self._rgb(np.ascontiguousarray(arr[i:i + batch_size]))
                 return
             with zipfile.ZipFile(self.path) as zf, zf.open(f"{self.key}.npy") as f:
-                _read_header(f)
+                f.read(self.header.data_offset)
                 for i in range(0, n, batch_size):
                     b = min(batch_size, n - i)
                     data = f.read(b * per_image)
                     if len(data) != b * per_image:
-                        raise DitasError(f"{self.path}: '{self.key}' is truncated (image {i + len(data) // per_image} "
-                                         f"of {n} is incomplete)")
+                        raise fail(self.path, self.what, f"'{self.key}' is truncated (image "
+                                   f"{i + len(data) // per_image} of {n} is incomplete)")
                     yield self._rgb(np.frombuffer(data, dtype=np.uint8).reshape(b, h, w, c))
         except DitasError:
             raise
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-            raise DitasError(f"{self.path}: corrupted data in '{self.key}' ({exc})") from None
+            raise fail(self.path, self.what, f"corrupted data in '{self.key}' ({safe_reason(exc)})") from None
 
     @staticmethod
     def _rgb(batch: np.ndarray) -> np.ndarray:
         return np.repeat(batch, 3, axis=-1) if batch.shape[-1] == 1 else batch
 
-    def small_array(self, key: str) -> np.ndarray | None:
-        """Another array of the file (labels, ADM statistics), or None if absent."""
+    def small_array(self, key: str, spec: ArraySpec | None = None) -> np.ndarray | None:
+        """Another array of the file (labels, ADM statistics), checked against ``spec`` (default:
+        any plain numbers), or None if absent."""
         if key not in self.keys:
             return None
-        try:
-            with np.load(self.path, allow_pickle=False) as data:
-                return data[key]
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-            raise DitasError(f"{self.path}: cannot read '{key}' ({exc})") from None
+        return read_npz_arrays(self.path, self.what, {key: spec or ArraySpec("biuf")}).arrays[key]
 
-    def fingerprint(self) -> dict[str, Any]:
-        """What identifies the file's content for the reference cache: size, mtime and header."""
-        st = self.path.stat()
-        return {"name": self.path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "shape": list(self.shape)}
+    def content_key(self) -> dict[str, Any]:
+        """What identifies the file for the reference cache: its content (sha256, streamed) and the
+        evaluator's version; a copy with other bytes but the same name, size and mtime differs."""
+        return {"sha256": sha256_file(self.path), "shape": list(self.shape), "evaluator": EVALUATOR_VERSION}
 
 
-def _read_header(f) -> tuple[tuple, bool, np.dtype, bool]:
-    """(shape, fortran_order, dtype, streamable) of an .npy stream, left at the start of the data."""
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        return (*np.lib.format.read_array_header_1_0(f), True)
-    if version == (2, 0):
-        return (*np.lib.format.read_array_header_2_0(f), True)
-    raise ValueError(f"unsupported .npy format version {version}")
+def check_stats(mu: np.ndarray, sigma: np.ndarray, path: Path, what: str, names: tuple[str, str]) -> None:
+    """A Gaussian's statistics as a file gives them: ``mu`` (d,), ``sigma`` (d, d), both finite,
+    ``sigma`` symmetric positive semi-definite within rounding (``-I`` would give FID 0)."""
+    d = len(mu)
+    if sigma.shape != (d, d):
+        raise fail(path, what, f"'{names[1]}' has shape {sigma.shape}, expected ({d}, {d}) to match '{names[0]}'")
+    check_finite(((names[0], mu), (names[1], sigma)), path, what)
+    scale = max(float(np.abs(sigma).max(initial=0.0)), np.finfo(np.float64).tiny)
+    if float(np.abs(sigma - sigma.T).max(initial=0.0)) > PSD_TOLERANCE * scale:
+        raise fail(path, what, f"'{names[1]}' is not symmetric; not a covariance matrix")
+    low = float(np.linalg.eigvalsh((sigma + sigma.T) / 2).min(initial=0.0)) if d else 0.0
+    if low < -PSD_TOLERANCE * scale:
+        raise fail(path, what, f"'{names[1]}' has a negative eigenvalue ({low:.3g}); not a covariance matrix")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,6 +325,7 @@ class Activations:
 
 def compute_activations(reader: NpzImages, extractor: Callable, batch_size: int = 50, progress: bool = True,
                         desc: str = "inception") -> Activations:
+    stats, stats_s, source = _npz_stats(reader)  # checked before the long work
     pools, spatial = [], RunningStats()
     bar = tqdm(total=len(reader), desc=desc, unit="img", disable=not progress, leave=False)
     for batch in reader.batches(batch_size):
@@ -342,21 +335,25 @@ def compute_activations(reader: NpzImages, extractor: Callable, batch_size: int 
         bar.update(len(batch))
     bar.close()
     pool = np.concatenate(pools)
-    stats, stats_s, source = _npz_stats(reader)
     if stats is None:
         stats, stats_s, source = GaussianStats.of(pool), spatial.stats(), "features"
     return Activations(pool, stats, stats_s, source)
 
 
 def _npz_stats(reader: NpzImages) -> tuple[GaussianStats | None, GaussianStats | None, str]:
-    """ADM's ``read_statistics``: precomputed statistics in the file win over its images."""
+    """ADM's ``read_statistics``: precomputed statistics in the file win over its images (checked:
+    float vectors and matrices of matching shapes, finite, ``sigma`` symmetric PSD)."""
     if "mu" not in reader.keys:
         return None, None, "features"
     missing = [k for k in STATS_KEYS if k not in reader.keys]
     if missing:
-        raise DitasError(f"{reader.path}: has 'mu' but lacks {', '.join(missing)} (ADM reference batches carry "
-                         f"all of {', '.join(STATS_KEYS)})")
-    arrays = {k: reader.small_array(k).astype(np.float64) for k in STATS_KEYS}
+        raise fail(reader.path, reader.what, f"has 'mu' but lacks {', '.join(missing)} (ADM reference batches "
+                   f"carry all of {', '.join(STATS_KEYS)})")
+    specs = {"mu": ArraySpec("f", (None,)), "sigma": ArraySpec("f", (None, None)),
+             "mu_s": ArraySpec("f", (None,)), "sigma_s": ArraySpec("f", (None, None))}
+    arrays = {k: v.astype(np.float64) for k, v in read_npz_arrays(reader.path, reader.what, specs).arrays.items()}
+    check_stats(arrays["mu"], arrays["sigma"], reader.path, reader.what, ("mu", "sigma"))
+    check_stats(arrays["mu_s"], arrays["sigma_s"], reader.path, reader.what, ("mu_s", "sigma_s"))
     return (GaussianStats(arrays["mu"], arrays["sigma"]), GaussianStats(arrays["mu_s"], arrays["sigma_s"]), "npz")
 
 
@@ -364,13 +361,14 @@ def reference_activations(reader: NpzImages, extractor: Callable, cache: str | P
                           batch_size: int = 50, progress: bool = True, extractor_id: str = "") -> Activations:
     """The reference batch's activations, read from ``cache`` when it was made from the same file.
 
-    The cache is an npz written by ditas (marked with its format name); a stale one (other
-    reference file, other extractor) is recomputed and replaced, a foreign file is never touched.
+    The cache is an npz written by ditas (marked with its format name), keyed on the reference's
+    content (sha256), the evaluator's version and the extractor; a stale one is recomputed and
+    replaced, a foreign file is never touched, a corrupted one is an error.
     """
-    key = json.dumps({**reader.fingerprint(), "extractor": extractor_id}, sort_keys=True)
     cache = Path(cache) if cache is not None else None
-    if cache is not None and cache.exists():
-        cached = _read_cache(cache, key)
+    key = json.dumps({**reader.content_key(), "extractor": extractor_id}, sort_keys=True) if cache else ""
+    if cache is not None and (cache.exists() or cache.is_symlink()):
+        cached = _read_cache(cache, key, len(reader))
         if cached is not None:
             return cached
     acts = compute_activations(reader, extractor, batch_size, progress, desc="reference")
@@ -385,27 +383,41 @@ def reference_activations(reader: NpzImages, extractor: Callable, cache: str | P
     return acts
 
 
-def _read_cache(cache: Path, key: str) -> Activations | None:
-    if cache.is_dir():
-        raise DitasError(f"reference cache {cache}: is a folder")
-    try:
-        with np.load(cache, allow_pickle=False) as data:
-            if "format" not in data.files or str(data["format"]) != CACHE_FORMAT:
-                raise DitasError(f"reference cache {cache}: exists and is not a ditas reference cache; "
-                                 "choose another path (ditas does not overwrite files it did not write)")
-            if str(data["key"]) != key:
-                return None  # ours, but made from another reference file or extractor: recompute
-            def factor(name: str) -> np.ndarray | None:
-                return data[name] if name in data.files else None
+_CACHE_TEXT = {"format": ArraySpec("U", (), required=False), "key": ArraySpec("U", (), required=False)}
+_CACHE_ARRAYS = {
+    "pool": ArraySpec("f", (None, None), finite=True), "mu": ArraySpec("f", (None,)),
+    "sigma": ArraySpec("f", (None, None)), "mu_s": ArraySpec("f", (None,)), "sigma_s": ArraySpec("f", (None, None)),
+    "factor": ArraySpec("f", (None, None), required=False, finite=True),
+    "factor_s": ArraySpec("f", (None, None), required=False, finite=True),
+    "stats_source": ArraySpec("U", ())}
 
-            return Activations(data["pool"], GaussianStats(data["mu"], data["sigma"], factor("factor")),
-                               GaussianStats(data["mu_s"], data["sigma_s"], factor("factor_s")),
-                               str(data["stats_source"]))
-    except DitasError:
-        raise
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError):
-        raise DitasError(f"reference cache {cache}: exists and is not a readable ditas reference cache; "
-                         "choose another path") from None
+
+def _read_cache(cache: Path, key: str, num_ref: int) -> Activations | None:
+    """The cached activations; None when the cache is ours but of another reference or extractor.
+    Every array is checked (types, shapes, finite, covariances PSD): a bad one is an error."""
+    what = "reference cache"
+    text = read_npz_arrays(cache, what, _CACHE_TEXT).arrays
+    if "format" not in text or str(text["format"]) != CACHE_FORMAT:
+        raise fail(cache, what, "exists and is not a ditas reference cache; choose another path (ditas does not "
+                   "overwrite files it did not write)")
+    if "key" not in text:
+        raise fail(cache, what, "has no 'key'; remove it to recompute")
+    if str(text["key"]) != key:
+        return None  # ours, but made from another reference file, evaluator or extractor: recompute
+    a = read_npz_arrays(cache, what, _CACHE_ARRAYS).arrays
+    d = a["pool"].shape[1]
+    if a["pool"].shape[0] != num_ref or len(a["mu"]) != d:
+        raise fail(cache, what, f"'pool' has shape {a['pool'].shape} and 'mu' {a['mu'].shape}, expected "
+                   f"({num_ref}, d) and (d,) for this reference; remove it to recompute")
+    check_stats(a["mu"], a["sigma"], cache, what, ("mu", "sigma"))
+    check_stats(a["mu_s"], a["sigma_s"], cache, what, ("mu_s", "sigma_s"))
+    for name, mu in (("factor", a["mu"]), ("factor_s", a["mu_s"])):
+        if name in a and a[name].shape[1] != len(mu):
+            raise fail(cache, what, f"'{name}' has shape {a[name].shape}, expected (r, {len(mu)})")
+    if str(a["stats_source"]) not in ("features", "npz"):
+        raise fail(cache, what, f"'stats_source' is {str(a['stats_source'])[:40]!r}, expected features or npz")
+    return Activations(a["pool"], GaussianStats(a["mu"], a["sigma"], a.get("factor")),
+                       GaussianStats(a["mu_s"], a["sigma_s"], a.get("factor_s")), str(a["stats_source"]))
 
 
 def extractor_id(path: Path) -> str:
@@ -442,7 +454,7 @@ def evaluate(samples: NpzImages, ref: NpzImages, extractor: Callable, logits_wei
     if logits_weight is None:
         out["is_note"] = ("not computed: the Inception Score needs the 1008-class head, which the offline "
                           "network lacks; give --inception PATH (pytorch-fid's pt_inception-2015-12-05 state dict)")
-    labels = samples.small_array("labels")
+    labels = samples.small_array("labels", ArraySpec("iu", (len(samples),)))
     out.update({
         "domain": "inception",
         "k": PR_NEIGHBOURS,

@@ -165,10 +165,12 @@ def load_classifier(path: str | Path | None = None) -> DigitClassifier:
     cfg_file, weights = path / "config.json", path / "model.safetensors"
     if not cfg_file.exists() or not weights.exists():
         raise CheckpointError(f"{path}: a digit classifier folder needs config.json and model.safetensors")
+    from ..readers import Field, read_json
+
+    data = read_json(cfg_file, "digit classifier config", {"classifier": Field(dict)}, error=CheckpointError)
     try:
-        data = json.loads(cfg_file.read_text())
         config = ClassifierConfig(**data["classifier"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{cfg_file}: not a digit classifier config ({exc})") from None
     model = DigitClassifier(config)
     try:

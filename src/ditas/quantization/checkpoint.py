@@ -28,7 +28,7 @@ from ..errors import CheckpointError, ConfigError
 from ..fileio import json_text, publish_dir
 from ..model.adapters.registry import adapter_class, adapter_for
 from ..model.empty import empty_parameters
-from ..model.state_files import read_config_json, read_safetensors
+from ..model.state_files import read_safetensors
 from ..memory import release_freed_memory
 from ..validate import check_finite_state, check_scales, state_config_problem
 from . import packing
@@ -128,10 +128,13 @@ def _compact_zero_points(zero: torch.Tensor) -> torch.Tensor:
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The parsed ``config.json`` of a quantized folder (``CheckpointError`` if it is not one)."""
     cfg_file = Path(path) / "config.json"
-    if not cfg_file.exists():
+    if not (cfg_file.exists() or cfg_file.is_symlink()):
         raise CheckpointError(f"{path}: not a quantized model folder (no config.json)")
-    data = read_config_json(cfg_file)
-    if not isinstance(data, dict) or "quantization" not in data:
+    from ..readers import Field, read_json
+
+    data = read_json(cfg_file, "quantized model config", {"quantization": Field(dict, required=False)},
+                     error=CheckpointError)
+    if "quantization" not in data:
         raise CheckpointError(f"{path}: not a ditas quantized model folder (config.json has no 'quantization')")
     return data
 
