@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import barrier, process_group
 from ..errors import DitasError
 from ..fileio import atomic_file, check_writable
 from .run import SamplingSettings, sample_batch
@@ -35,30 +36,6 @@ from .run import SamplingSettings, sample_batch
 MANIFEST = "run.json"
 DEFAULT_SHARD_SIZE = 1000
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: the same run gives the same bytes
-
-
-# ----------------------------------------------------------------------------------------------
-#                                     Processes
-# ----------------------------------------------------------------------------------------------
-
-
-def process_group() -> tuple[int, int]:
-    """(rank, world size) of the initialised ``torch.distributed`` group, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[torch.cuda.current_device()])
-        else:
-            dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,48 +233,3 @@ def sample_npz(model: nn.Module, labels: Sequence[int] | torch.Tensor | np.ndarr
         except OSError:
             pass  # something else lives there: leave it
     return out_path
-
-
-def init_from_env(device: torch.device) -> tuple[int, int, torch.device]:
-    """Joins the ``torchrun`` process group when the environment says so (``WORLD_SIZE`` > 1).
-
-    gloo on the CPU, nccl on CUDA (each process then takes ``cuda:LOCAL_RANK``). Returns
-    (rank, world size, this process's device); (0, 1, device) outside torchrun.
-    """
-    import datetime
-
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, device
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), device
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        if local >= torch.cuda.device_count():
-            raise DitasError(f"process {local} of torchrun has no GPU: {torch.cuda.device_count()} CUDA device(s) "
-                             "here; use --nproc_per_node at most that")
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=datetime.timedelta(hours=12), device_id=device)
-    else:
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def shutdown() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def leave_together(result: int) -> int:
-    """Ends a successful multi-process command: every process waits for the others, then tears the
-    group down, and returns ``result``. A process that destroyed its gloo group while a peer was
-    still working (process 0 scoring and publishing) was seen to abort in C++ ("terminate called
-    without an active exception") in one CI run; on failure paths ``shutdown`` alone is used."""
-    barrier()
-    shutdown()
-    return result
