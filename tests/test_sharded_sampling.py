@@ -124,10 +124,29 @@ def _threads(n: int):
         torch.set_num_threads(before)
 
 
-def _torchrun(*args: str) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node 2 -m ditas ARGS`` on the CPU, one thread per process; must succeed."""
+_ONLY_PROCESS_0_QUANTIZES = """
+import os, sys
+import ditas.quantization.apply as apply
+from ditas.cli.main import main
+
+def refuse(*a, **k):
+    raise AssertionError("process " + os.environ["RANK"] + " quantized or calibrated: only process 0 may")
+
+if os.environ["RANK"] != "0":
+    apply.quantize = apply.record = refuse
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _torchrun(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 -m ditas ARGS`` on the CPU, one thread per process; must succeed.
+    The processes other than 0 fail if they quantize or record a calibration run: whatever their
+    rounding, they must use process 0's model (on this CPU another thread count happens to round
+    the same, so equal results alone would not show it)."""
     pytest.importorskip("torch.distributed.run")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ditas",
+    script = tmp_path / "ditas_only_process_0_quantizes.py"
+    script.write_text(_ONLY_PROCESS_0_QUANTIZES)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
            *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -160,7 +179,7 @@ def test_compare_under_torchrun_equals_one_process(tmp_path):
             "--eps-samples", "2", "--domain", "on", "--device", "cpu", "--no-progress", "--batch-size", "2"]
     with _threads(2):
         assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    proc = _torchrun(*args, "--out", str(tmp_path / "two"))
+    proc = _torchrun(tmp_path, *args, "--out", str(tmp_path / "two"))
     assert proc.stdout.count("wrote ") == 1  # process 0 only
     timing = {"sample_time_s", "quantize_time_s"}
 
@@ -178,18 +197,18 @@ def test_compare_under_torchrun_equals_one_process(tmp_path):
 def test_benchmark_under_torchrun_equals_one_process(tmp_path):
     """``ditas benchmark`` under torchrun (1 thread per process) against one process with 2 threads:
     one quantized model (process 0's) samples every shard, so each row's npz is byte-equal."""
-    args = ["benchmark", "--recipes", "fp,ditas", "--num-samples", "7", "--steps", "2", "--calib-steps", "2",
+    args = ["benchmark", "--recipes", "rtn", "--num-samples", "7", "--steps", "2", "--calib-steps", "2",
             "--calib-labels", "2", "--lora-rank", "2", "--lora-rounds", "1", "--batch-size", "2",
             "--device", "cpu", "--no-progress"]
     with _threads(2):
         assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    proc = _torchrun(*args, "--out", str(tmp_path / "two"))
+    proc = _torchrun(tmp_path, *args, "--out", str(tmp_path / "two"))
     assert proc.stdout.count("wrote ") == 1  # process 0 only
     results = {k: json.loads((tmp_path / k / "results.json").read_text())["rows"] for k in ("one", "two")}
-    assert [r["recipe"] for r in results["two"]] == ["fp", "ditas@w4a8"]
+    assert [r["recipe"] for r in results["two"]] == ["rtn@w4a8"]
     _assert_rows_match({r["recipe"]: r for r in results["one"]}, {r["recipe"]: r for r in results["two"]})
-    for name in ("fp_s2.npz", "ditas_w4a8_s2.npz"):
-        assert (tmp_path / "two" / "samples" / name).read_bytes() == (tmp_path / "one" / "samples" / name).read_bytes()
+    name = "samples/rtn_w4a8_s2.npz"
+    assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
 
 
 def test_missing_cuda_is_a_one_line_error(tmp_path, capsys, monkeypatch):

@@ -54,12 +54,16 @@ DEFAULT_LORA_LIMBS = 3
 
 @lru_cache(maxsize=None)
 def onednn_works() -> bool:
-    """Whether this torch build has a working oneDNN quantized linear (checked once, exactly)."""
+    """Whether this torch build has a oneDNN quantized linear that is exact on this CPU (checked
+    once). The check includes codes 255 against weights 127 and -128: without VNNI (an AVX2-only
+    CPU, or ``ONEDNN_MAX_CPU_ISA=AVX2``) oneDNN sums pairs of u8 x s8 products in int16 and
+    saturates them, so there the "int_mm" kernel is used instead."""
     try:
-        a = torch.arange(24, dtype=torch.uint8).reshape(3, 8)
-        w = (torch.arange(32, dtype=torch.int64).reshape(4, 8) % 7 - 3).to(torch.int8)
+        a = torch.cat([torch.arange(24).reshape(3, 8), torch.full((1, 8), 255)]).to(torch.uint8)
+        w = torch.cat([torch.arange(32).reshape(4, 8) % 7 - 3, torch.full((1, 8), 127),
+                       torch.full((1, 8), -128)]).to(torch.int8)
         packed = torch.ops.onednn.qlinear_prepack(w, None)
-        y = torch.ops.onednn.qlinear_pointwise(a, 1.0, 5, packed, torch.ones(4), torch.zeros(4, dtype=torch.int64),
+        y = torch.ops.onednn.qlinear_pointwise(a, 1.0, 5, packed, torch.ones(6), torch.zeros(6, dtype=torch.int64),
                                                None, 1.0, 0, torch.float32, "none", [], "")
         return torch.equal(y, ((a.long() - 5) @ w.long().t()).float())
     except (RuntimeError, AttributeError, NotImplementedError):
@@ -67,6 +71,20 @@ def onednn_works() -> bool:
 
 
 _onednn_works = onednn_works
+
+
+@lru_cache(maxsize=None)
+def int_mm_exact_on_cpu() -> bool:
+    """Whether ``torch._int_mm`` is exact on this CPU (checked once) for the extreme products
+    127 x 127 and 127 x -128: without VNNI oneDNN computes s8 x s8 as (a + 128) x w summed in
+    int16 pairs, which saturate (measured under ``ONEDNN_MAX_CPU_ISA=AVX2``: 8160 for 1032256)."""
+    try:
+        a = torch.full((32, 64), 127, dtype=torch.int8)
+        w = torch.cat([torch.full((64, 8), 127), torch.full((64, 8), -128), torch.arange(-64, 64).reshape(64, 2)
+                       .repeat(1, 8)], dim=1).to(torch.int8)
+        return torch.equal(torch._int_mm(a, w).long(), a.long() @ w.long())
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
 
 
 def available_kernels() -> tuple[str, ...]:
@@ -252,7 +270,8 @@ def prepare_int_weight(module, kernel: str | None = None, limbs: int | None = No
     if kernel == "onednn" and module.qweight.device.type != "cpu":
         raise ValueError(f"the 'onednn' kernel runs on the CPU, not {module.qweight.device}; use kernel='int_mm'")
     if kernel == "onednn" and not onednn_works():
-        raise ValueError("the 'onednn' kernel is not available in this torch build; use kernel='int_mm'")
+        raise ValueError("the 'onednn' kernel is not available (or not exact) with this torch build on this CPU; "
+                         "use kernel='int_mm'")
     if module.layout != "channel":
         raise ValueError(f"the integer backend needs per-channel weights, got layout {module.layout!r}")
     q = module.qweight

@@ -38,6 +38,7 @@ class Kernel:
     preference: int                   # lower: preferred by "auto"
     available: Callable[[], bool]     # whether this torch build has it
     summary: str
+    exact_on: Callable[[torch.device], bool] = lambda device: True  # whether its products are exact there
 
     def problem(self, layer, device: torch.device) -> str | None:
         """Why this kernel cannot run ``layer`` on ``device`` (None: it can)."""
@@ -48,7 +49,9 @@ class Kernel:
         if layer.abits > self.max_abits:
             return f"needs <= {self.max_abits}-bit activations, the layer has {layer.abits}"
         if not self.available():
-            return "is not available in this torch build"
+            return "is not available (or not exact) with this torch build on this CPU"
+        if not self.exact_on(device):
+            return f"is not exact on this {device.type} (int8 products saturate without VNNI)"
         return None
 
 
@@ -62,11 +65,17 @@ def _int_mm_available() -> bool:
     return hasattr(torch, "_int_mm")
 
 
+def _int_mm_exact(device: torch.device) -> bool:
+    from .int_kernels import int_mm_exact_on_cpu
+
+    return device.type != "cpu" or int_mm_exact_on_cpu()
+
+
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
     Kernel("onednn", ("cpu",), ("channel",), 8, 0, _onednn_available,
            "oneDNN u8 x s8 quantized linear (CPU)"),
     Kernel("int_mm", ("cpu", "cuda"), ("channel",), 8, 1, _int_mm_available,
-           "torch._int_mm s8 x s8 -> s32 with zero-point corrections (CPU, CUDA)"),
+           "torch._int_mm s8 x s8 -> s32 with zero-point corrections (CPU, CUDA)", _int_mm_exact),
     Kernel("simulated", ("cpu", "cuda", "mps", "xpu"), ("channel", "group", "reference32"), 16, 9,
            lambda: True, "float simulation (any device, any layout)"),
 )}
