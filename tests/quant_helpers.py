@@ -108,3 +108,13 @@ def assert_close_to_recorded(out: torch.Tensor, recorded: torch.Tensor, ulps: fl
     tol = ulps * torch.finfo(recorded.dtype).eps * float(recorded.abs().max())
     err = float((out - recorded).abs().max())
     assert err <= tol, f"differs from the recorded tensor by {err:.3g} (more than {ulps} ulps of its largest value)"
+
+
+
+def needs_int_kernel(test):
+    """Skips ``test`` where no integer kernel is exact (a CPU without VNNI, or
+    ``ONEDNN_MAX_CPU_ISA=AVX2``): ditas then runs the simulated kernel, which other tests cover."""
+    import pytest
+    from ditas.quantization.int_kernels import available_kernels
+
+    return pytest.mark.skipif(not available_kernels(), reason="no integer kernel is exact on this CPU")(test)

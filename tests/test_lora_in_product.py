@@ -16,12 +16,14 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from ditas.errors import ConfigError
-from ditas.quantization.int_kernels import (LIMB_BASE, MAX_LORA_LIMBS, available_kernels, int_forward, int_linear,
-                                            lora_limbs, onednn_works)
+from ditas.quantization.int_kernels import (LIMB_BASE, MAX_LORA_LIMBS, available_kernels, int_forward,
+                                            int_linear, lora_limbs, onednn_works)
 from ditas.quantization.kernels import use_kernels
 from ditas.quantization.linear import QuantLinear
+from quant_helpers import needs_int_kernel
 
 KERNELS = available_kernels()
+pytestmark = pytest.mark.exactness
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -58,6 +60,7 @@ def test_limbs_reconstruct_the_rows_within_their_bound(seed, limbs, scale):
         assert (recon - down).norm() < (prev - down).norm()
 
 
+@needs_int_kernel
 def test_limbs_reject_bad_counts():
     with pytest.raises(ValueError, match="limbs"):
         lora_limbs(torch.ones(2, 3), 0)
@@ -143,6 +146,7 @@ def test_fewer_limbs_and_float_options_are_bounded_approximations(kernel):
     assert 1e-5 < bf16_err < 1e-2
 
 
+@needs_int_kernel
 def test_use_kernels_sets_and_checks_the_limbs():
     model = nn.Sequential(_layer(16, 8, 2, seed=1), _layer(16, 8, 2, seed=2))
     with pytest.raises(ConfigError, match="lora_limbs"):

@@ -88,8 +88,9 @@ def int_mm_exact_on_cpu() -> bool:
 
 
 def available_kernels() -> tuple[str, ...]:
-    """The integer kernels this torch build has, fastest first (see ``kernels.KERNELS``)."""
-    return KERNELS if onednn_works() else ("int_mm",)
+    """The integer kernels this torch build has that are exact on this CPU, fastest first (see
+    ``kernels.KERNELS``); none on a CPU without VNNI."""
+    return tuple(k for k in KERNELS if (onednn_works() if k == "onednn" else int_mm_exact_on_cpu()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,6 +265,9 @@ def prepare_int_weight(module, kernel: str | None = None, limbs: int | None = No
     if not isinstance(limbs, int) or not 0 <= limbs <= MAX_LORA_LIMBS:
         raise ValueError(f"lora limbs must be an integer in 0..{MAX_LORA_LIMBS}, got {limbs!r}")
     if kernel is None:
+        if not available_kernels():
+            raise ValueError("no integer kernel is exact on this CPU (int8 products saturate without VNNI); "
+                             "use the simulated kernel")
         kernel = available_kernels()[0]
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
