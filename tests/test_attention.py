@@ -47,6 +47,7 @@ def test_per_token_codes_match_a_straightforward_reference():
 
 @given(st.integers(1, 3), st.integers(1, 9), st.integers(1, 9), st.integers(1, 17), st.integers(0, 10 ** 6))
 @settings(max_examples=25, deadline=None)
+@pytest.mark.exactness
 def test_int8_scores_are_exact(g, n, m, d, seed):
     gen = torch.Generator().manual_seed(seed)
     q8 = torch.randint(-127, 128, (g, n, d), generator=gen, dtype=torch.int8)
@@ -56,6 +57,7 @@ def test_int8_scores_are_exact(g, n, m, d, seed):
     assert out.dtype == torch.int32 and torch.equal(out.long(), ref)
 
 
+@pytest.mark.exactness
 def test_int8_attention_equals_its_step_by_step_reference():
     """The whole core against the method written out in float64 from the same integer codes: only
     the bf16 roundings of P, V and the output separate them."""

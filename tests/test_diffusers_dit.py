@@ -13,7 +13,7 @@ from ditas.errors import CheckpointError
 from ditas.model.adapters.registry import adapter_for
 from ditas.quantization.apply import calibrate
 from ditas.quantization.linear import QuantLinear
-from quant_helpers import class_loop_calls, fold_smoothing_in_float, tiny_diffusers_dit
+from quant_helpers import class_loop_calls, fold_smoothing_in_float, needs_int_kernel, tiny_diffusers_dit
 
 pytest.importorskip("diffusers")
 
@@ -121,6 +121,7 @@ def test_save_load_forward_is_bit_exact(tmp_path, kernel):
     assert torch.equal(a.timestep_embedder.linear_1.weight, b.timestep_embedder.linear_1.weight)
 
 
+@needs_int_kernel
 def test_int_kernel_agrees_with_the_simulated_path(tmp_path):
     m = tiny_diffusers_dit(5)
     fp = copy.deepcopy(m)

@@ -22,6 +22,7 @@ from ditas.quantization.linear import QuantLinear
 from ditas.quantization.recipes import recipe_config
 from ditas.quantization.smoothing import OnTheFlySmooth, apply_fold
 from ditas.quantization.weight_only import WeightOnlyInt8Linear
+from quant_helpers import needs_int_kernel
 import family_models as fm
 
 BUILDERS = {
@@ -195,6 +196,7 @@ def test_save_load_forward_is_bit_exact(tmp_path, quantized_family, kernel):
         use_kernels(q, "simulated")
 
 
+@needs_int_kernel
 def test_int_kernel_agrees_with_the_simulated_path(tmp_path, quantized_family):
     family, fp, q = quantized_family
     out = save_quantized(q, tmp_path / family)

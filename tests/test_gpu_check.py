@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from quant_helpers import needs_int_kernel
+
 PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
 
@@ -18,6 +20,7 @@ def _module():
     return mod
 
 
+@needs_int_kernel
 def test_gpu_check_on_cpu(capsys):
     mod = _module()
     rows = mod.run_checks(torch.device("cpu"), "DiT-S/8", quick=True)

@@ -9,9 +9,9 @@ from torch import nn
 
 from ditas.errors import ConfigError
 from ditas.quantization.kernels import KERNELS, canonical, choose, use_kernels
-from ditas.quantization.kernels.onednn import onednn_works
 from ditas.quantization.config import ActivationFormat, WeightFormat
 from ditas.quantization.linear import QuantLinear
+from quant_helpers import integer_kernels, needs_int_kernel
 
 
 def _layer(k=40, n=24, layout="channel", abits=8, wbits=4, seed=0, lora_rank=0):
@@ -29,9 +29,14 @@ def _layer(k=40, n=24, layout="channel", abits=8, wbits=4, seed=0, lora_rank=0):
 
 def test_choices():
     ch, grouped, a16 = _layer(), _layer(layout="group"), _layer(abits=16)
-    assert choose(ch) == ("onednn" if onednn_works() else "int_mm")
+    assert choose(ch) == (*integer_kernels(), "simulated")[0]  # none exact on a CPU without VNNI
     assert choose(grouped) == "simulated" and choose(a16) == "simulated"
-    assert choose(ch, "int_mm") == "int_mm" and choose(ch, "simulated") == "simulated"
+    if "int_mm" in integer_kernels():
+        assert choose(ch, "int_mm") == "int_mm"
+    else:
+        with pytest.raises(ConfigError, match="not exact on this cpu"):
+            choose(ch, "int_mm")
+    assert choose(ch, "simulated") == "simulated"
     for former, now in (("fake", "simulated"), ("int", "auto")):  # the former backend names are refused
         with pytest.raises(ConfigError, match=f"now called '{now}'"):
             choose(ch, former)
@@ -48,17 +53,19 @@ def test_choices():
 
 def test_explicit_unsupported_choice_changes_nothing():
     model = nn.Sequential(_layer(seed=1), _layer(layout="group", seed=2))
-    with pytest.raises(ConfigError, match="^1: kernel 'int_mm'"):
+    first = "1" if "int_mm" in integer_kernels() else "0"  # layer 0 too where int_mm is not exact
+    with pytest.raises(ConfigError, match=f"^{first}: kernel 'int_mm'"):
         use_kernels(model, "int_mm")
     assert [m.kernel for m in model] == ["simulated", "simulated"]
     assert use_kernels(model) == {"0": choose(model[0]), "1": "simulated"}
 
 
+@needs_int_kernel
 @settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 10_000), kernel=st.sampled_from(["onednn", "int_mm"]), rank=st.sampled_from([0, 3]))
 def test_one_copy_of_the_weight_and_exact_codes(seed, kernel, rank):
-    if kernel == "onednn" and not onednn_works():
-        kernel = "int_mm"
+    if kernel not in integer_kernels():
+        kernel = integer_kernels()[0]
     layer = _layer(seed=seed, lora_rank=rank)
     codes = layer.qweight.clone()
     x = torch.randn(5, 40, generator=torch.Generator().manual_seed(seed))

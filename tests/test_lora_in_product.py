@@ -21,9 +21,10 @@ from ditas.quantization.kernels.integer import LIMB_BASE, MAX_LORA_LIMBS, lora_l
 from ditas.quantization.kernels.onednn import onednn_works
 from ditas.quantization.config import ActivationFormat, WeightFormat
 from ditas.quantization.linear import QuantLinear
-from quant_helpers import int_forward, int_linear, integer_kernels
+from quant_helpers import int_forward, int_linear, integer_kernels, needs_int_kernel
 
 KERNELS = integer_kernels()
+pytestmark = pytest.mark.exactness
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -60,6 +61,7 @@ def test_limbs_reconstruct_the_rows_within_their_bound(seed, limbs, scale):
         assert (recon - down).norm() < (prev - down).norm()
 
 
+@needs_int_kernel
 def test_limbs_reject_bad_counts():
     with pytest.raises(ValueError, match="limbs"):
         lora_limbs(torch.ones(2, 3), 0)
@@ -145,6 +147,7 @@ def test_fewer_limbs_and_float_options_are_bounded_approximations(kernel):
     assert 1e-5 < bf16_err < 1e-2
 
 
+@needs_int_kernel
 def test_use_kernels_sets_and_checks_the_limbs():
     model = nn.Sequential(_layer(16, 8, 2, seed=1), _layer(16, 8, 2, seed=2))
     with pytest.raises(ConfigError, match="lora_limbs"):

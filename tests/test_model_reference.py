@@ -11,6 +11,8 @@ from ditas.diffusion.gaussian import create_diffusion, space_timesteps
 from ditas.diffusion.samplers import sample_loop
 from ditas.model.dit import DiT, DiTConfig, DiT_models, dit_config, get_2d_sincos_pos_embed
 
+pytestmark = pytest.mark.exactness
+
 
 def test_forward_matches_reference(tiny_model, reference_outputs):
     o = reference_outputs

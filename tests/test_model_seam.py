@@ -13,8 +13,8 @@ from ditas.errors import ConfigError
 from ditas.model.adapters.base import Fold
 from ditas.model.adapters.registry import adapter_for
 from ditas.loaders import load_dit
-from ditas.quantization.checkpoint import load_quantized
-from quant_helpers import random_dit
+from ditas.quantization.checkpoint import load_quantized, quant_layers
+from quant_helpers import assert_close_to_recorded, random_dit
 
 DATA = Path(__file__).resolve().parent / "data"
 SRC = Path(__file__).resolve().parents[1] / "src" / "ditas"
@@ -54,9 +54,15 @@ def test_fold_spec_is_validated():
         Fold("adaln_rows", "x", num_chunks=2, shift_chunk=0, scale_chunk=2)
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("backend", ["fake", "int"])
-def test_folder_written_before_families_still_loads_and_computes_the_same(backend):
-    """tests/data/legacy_quantized_v1 was saved by the code before the seam (see its script)."""
+def test_folder_written_before_families_still_loads_and_computes_the_same(backend, tmp_path):
+    """tests/data/legacy_quantized_v1 was saved by the code before the seam (see its script): it
+    loads with the same integer codes, computes the recorded outputs up to float rounding (they
+    were recorded on another CPU), and saved again in today's format it computes bit for bit what
+    it computes itself."""
+    from ditas.quantization.checkpoint import save_quantized
+
     folder = DATA / "legacy_quantized_v1"
     assert "family" not in (folder / "config.json").read_text()
     ref = load_file(str(DATA / f"legacy_quantized_v1_{backend}.safetensors"))
@@ -65,18 +71,24 @@ def test_folder_written_before_families_still_loads_and_computes_the_same(backen
     from ditas.quantization.recipes import recipe_config  # the flat config it was saved with reads back
     assert q.quant_config == recipe_config("ditas", steps=2, calib_labels=2, lora_rank=4, lora_rounds=2,
                                            alpha_grid=(0.3, 0.7), lora_dtype="float32")  # fp32 factors then
+    resaved = save_quantized(q, tmp_path / "resaved", q.quant_config)
+    old, new = load_file(str(folder / "model.safetensors")), load_file(str(resaved / "model.safetensors"))
+    codes = [k for k in old if k.endswith(".qweight")]
+    assert codes and all(torch.equal(new[k], old[k]) for k in codes)  # the packed integer codes
+    again = load_dit(resaved, kernel={"fake": "simulated", "int": "auto"}[backend])
     with torch.no_grad():
         torch.manual_seed(0)
         out = q(ref["x"], ref["t"], ref["y"])
+        assert torch.equal(again(ref["x"], ref["t"], ref["y"]), out)  # two computations of this run
         if backend == "int":
             # the LoRA down-projection now runs inside the integer product (3 int8 limbs per row):
-            # the same function up to float rounding; the route of the reference run is bit-exact
+            # the same function up to float rounding; the route of the reference run is that of the recording
             assert float((out - ref["out"]).norm() / ref["out"].norm()) < 2e-6
             from ditas.quantization.kernels import use_kernels
 
             use_kernels(q, "auto", lora_limbs=0)
             out = q(ref["x"], ref["t"], ref["y"])
-    assert torch.equal(out, ref["out"])
+    assert_close_to_recorded(out, ref["out"])
 
 
 def _module_name(path: Path) -> str:
@@ -167,9 +179,11 @@ def test_quantized_folder_records_its_family(tmp_path):
         assert torch.equal(back(x, t, y), q(x, t, y))
 
 
+@pytest.mark.exactness
 def test_dit_quantization_is_unchanged_by_the_seam():
-    """From the same calibration trajectory, quantizing the same DiT with the same config gives
-    bit-for-bit the output the code before the seam gave (tests/data/legacy_quantized_v1_*, see
+    """From the same calibration trajectory, quantizing the same DiT with the same config gives the
+    integer codes and zero points the code before the seam gave, bit for bit, and its scales and
+    output up to float rounding (tests/data/legacy_quantized_v1*, recorded on another CPU, see
     make_legacy_quantized.py; the trajectory is replayed because the sampler's noise changed since)."""
     from ditas.model.adapters.base import BlockCall, CalibrationRecord
     from ditas.quantization.apply import quantize
@@ -182,7 +196,12 @@ def test_dit_quantization_is_unchanged_by_the_seam():
     cfg = recipe_config("ditas", steps=2, calib_labels=2, lora_rank=4, lora_rounds=2, alpha_grid=(0.3, 0.7),
                         lora_dtype="float32")  # recorded when the recipe kept fp32 LoRA factors
     q, _ = quantize(m, cfg, calib, progress=False, kernel="simulated")  # as the _fake file
+    legacy = quant_layers(load_dit(DATA / "legacy_quantized_v1", kernel="simulated"))
+    assert set(quant_layers(q)) == set(legacy)
+    for name, layer in quant_layers(q).items():  # the integers exactly, the scales to float rounding
+        assert torch.equal(layer.qweight, legacy[name].qweight) and torch.equal(layer.wzero, legacy[name].wzero), name
+        assert_close_to_recorded(layer.wscale, legacy[name].wscale)
     ref = load_file(str(DATA / "legacy_quantized_v1_fake.safetensors"))
     with torch.no_grad():
         torch.manual_seed(0)
-        assert torch.equal(q(ref["x"], ref["t"], ref["y"]), ref["out"])
+        assert_close_to_recorded(q(ref["x"], ref["t"], ref["y"]), ref["out"])

@@ -14,7 +14,9 @@ from ditas.quantization.apply import quantize
 from ditas.quantization.linear import QuantLinear
 from ditas.quantization.recipes import recipe_config
 from ditas.quantization.weight_only import WeightOnlyInt8Linear
-from quant_helpers import random_dit
+from quant_helpers import needs_int_kernel, random_dit
+
+pytestmark = pytest.mark.exactness
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +192,7 @@ def test_format_1_folders_read_as_float32_lora_and_bad_dtypes_are_refused(tmp_pa
         ditas.load_dit(out)
 
 
+@needs_int_kernel
 def test_int_backend_agrees_with_the_simulated_path(tmp_path, quantized):
     q, cfg, _ = quantized
     out = ckpt.save_quantized(q, tmp_path / "q", cfg)

@@ -1,4 +1,5 @@
-"""The ``paper`` recipe reproduces the published DiTAS reference numerics exactly."""
+"""The ``paper`` recipe reproduces the published DiTAS reference numerics (to float rounding: they
+were recorded on another machine)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import reference_file
+from quant_helpers import assert_close_to_recorded
 from ditas.quantization.lora import training_free_lora
 from ditas.quantization.recipes import recipe_config
 from ditas.quantization.search import LayerInputs, _quant_inputs, weight_quantizer
+
+pytestmark = pytest.mark.exactness
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +36,9 @@ def test_paper_activation_quantizer_matches_reference(ref):
     x = ref["aq.in"].reshape(-1, ref["aq.in"].shape[-1])
     inputs = LayerInputs([x], x.amin(0, keepdim=True), x.amax(0, keepdim=True), x.abs().amax(0))
     out = _quant_inputs(inputs, 1, None, recipe_config("paper", a_bits=8))
-    assert torch.equal(out.reshape(ref["aq.out8"].shape), ref["aq.out8"])
+    # recorded on another machine: equal to float rounding; one flipped code would move a value by a
+    # whole quantization step (1/255 of the range, about 4e5 ulps)
+    assert_close_to_recorded(out.reshape(ref["aq.out8"].shape), ref["aq.out8"], ulps=4)
 
 
 def test_paper_lora_matches_reference(ref):

@@ -16,10 +16,11 @@ Every file is written atomically when it is finished, so a run that stops (kille
 is resumed by the same command: finished samples and evaluations are kept, a recipe is quantized
 only if one of its rows still needs sampling, and a row's sampling itself resumes from its
 finished shards (``diffusion.sharded.sample_npz``). Under ``torchrun --nproc_per_node N -m ditas
-benchmark ...`` every process quantizes the recipe (data-free, from the same seeds) and samples its
-share of each row; process 0 evaluates and writes the tables. Changing a setting that the kept files depend on
-(model, number of images, seed, guidance, quantization options, ...) is refused with a message,
-rather than mixing rows made under different settings.
+benchmark ...`` process 0 quantizes each recipe and sends the model to the others (one model for
+every image, whatever each process's rounding), and every process samples its share of each row;
+process 0 evaluates and writes the tables. Changing a setting that the kept files depend on (model,
+number of images, seed, guidance, quantization options, ...) is refused with a message, rather than
+mixing rows made under different settings.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import barrier
 from ..errors import DitasError
 from ..readers import Field, read_json
 
@@ -233,7 +235,7 @@ def markdown(rows: list[dict], domain: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
-    from ..diffusion.sharded import init_from_env, leave_together, shutdown
+    from ..distributed import init_from_env, leave_together, shutdown
     from ..fileio import check_not_input, check_writable, path_lock
     from ..validate import check_problems, check_sampling_options, min_samples_problem
     from .compare import parse_recipes
@@ -267,19 +269,13 @@ def run(args: argparse.Namespace) -> int:
         if rank == 0:
             with path_lock(out):
                 _open_folder(out, settings, args.overwrite)
-                _barrier()
+                barrier()
                 rc = _benchmark(args, out, specs, configs, steps_list, domain, device, rank, model)
             return leave_together(rc)
-        _barrier()  # process 0 has checked and opened the folder
+        barrier()  # process 0 has checked and opened the folder
         return leave_together(_benchmark(args, out, specs, configs, steps_list, domain, device, rank, model))
     finally:
         shutdown()
-
-
-def _barrier() -> None:
-    from ..diffusion.sharded import barrier
-
-    barrier()
 
 
 def _pair_name(label: str, steps: int) -> str:
@@ -315,6 +311,7 @@ def _benchmark(args, out: Path, specs, configs, steps_list, domain, device, rank
     from ..diffusion.images import make_grid, save_png
     from ..evaluation.adm import NpzImages
     from ..fileio import atomic_file, json_text
+    from ..quantization.checkpoint import broadcast_quantized
     from .eval import InceptionEvaluator, evaluate_digits
 
     progress = not args.no_progress and rank == 0
@@ -340,11 +337,13 @@ def _benchmark(args, out: Path, specs, configs, steps_list, domain, device, rank
     for label, recipe, w_bits, a_bits in specs:
         names = {s: _pair_name(label, s) for s in steps_list}
         todo = [s for s in steps_list if not _finished_samples(out / "samples" / f"{names[s]}.npz", args.num)]
-        _barrier()  # every process has looked before any writes
+        barrier()  # every process has looked before any writes
         qmodel, qreport = model, None
         if todo and recipe != "fp":
             t1 = time.perf_counter()
-            qmodel, qreport = quantized_copy(model, configs[label], progress, args.kernel)
+            if rank == 0:  # quantized once, on process 0, and sent to the others: one model for every image
+                qmodel, qreport = quantized_copy(model, configs[label], progress, args.kernel)
+            qmodel = broadcast_quantized(qmodel if rank == 0 else None, args.kernel, device)
             if rank == 0:
                 print(f"{label}: quantized in {time.perf_counter() - t1:.1f}s", flush=True)
         for s in steps_list:
@@ -377,7 +376,7 @@ def _benchmark(args, out: Path, specs, configs, steps_list, domain, device, rank
                 "published_fid": published_fid(model, recipe, w_bits, a_bits, s, args),
                 "samples": f"samples/{name}.npz", "grid": f"grids/{name}.png"})
         del qmodel
-    _barrier()
+    barrier()
     if rank != 0:
         return 0
     table = markdown(rows, domain)

@@ -133,7 +133,7 @@ def markdown_table(rows: dict[str, dict]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
-    from ..diffusion.sharded import barrier, init_from_env, leave_together, shutdown
+    from ..distributed import barrier, init_from_env, leave_together, shutdown
     from ..fileio import output_dir
     from ..validate import check_sampling_options
 

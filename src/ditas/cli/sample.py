@@ -128,7 +128,7 @@ def _quantized_dit_as_model(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
-    from ..diffusion.sharded import init_from_env, leave_together, shutdown
+    from ..distributed import init_from_env, leave_together, shutdown
 
     check_attention(args.attention)
     device = resolve_device(args.device)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import barrier, process_group
 from ..errors import DitasError
 from ..fileio import atomic_file, check_new_file, check_writable, path_lock
 from ..readers import ArraySpec, Field, check_value, fail, read_json, read_npy, sha256_file
@@ -43,30 +44,6 @@ MANIFEST_SCHEMA = {
     "batch_size": Field(int, required=False, lo=1, hi=1 << 40),  # missing in older runs: reported as a difference
     "labels_sha256": Field(str), "settings": Field(dict), "image_shape": Field(list, items=Field(int, lo=1, hi=1 << 20)),
     "model": Field(str)}
-
-
-# ----------------------------------------------------------------------------------------------
-#                                     Processes
-# ----------------------------------------------------------------------------------------------
-
-
-def process_group() -> tuple[int, int]:
-    """(rank, world size) of the initialised ``torch.distributed`` group, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[torch.cuda.current_device()])
-        else:
-            dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,7 +287,7 @@ def _sample_npz(model: nn.Module, labels: Sequence[int] | torch.Tensor | np.ndar
 def _shard_blocks(model: nn.Module, labels_t: torch.Tensor, settings: SamplingSettings, vae, start: int, stop: int,
                   batch_size: int, image_shape: tuple[int, ...]):
     """(bytes, images in them) of shard ``start..stop``: its .npy header, then each sampled batch."""
-    from .pipeline import decode_to_uint8
+    from .images import decode_to_uint8
 
     yield _npy_header((stop - start, *image_shape), np.uint8), 0
     for lo in range(start, stop, batch_size):
@@ -318,52 +295,3 @@ def _shard_blocks(model: nn.Module, labels_t: torch.Tensor, settings: SamplingSe
         x = sample_batch(model, labels_t[lo:hi], settings, range(lo, hi))
         yield np.ascontiguousarray(decode_to_uint8(model, x, vae)).tobytes(), hi - lo
 
-
-def init_from_env(device: torch.device) -> tuple[int, int, torch.device]:
-    """Joins the ``torchrun`` process group when the environment says so (``WORLD_SIZE`` > 1).
-
-    gloo on the CPU, nccl on CUDA (each process then takes ``cuda:LOCAL_RANK``). Returns
-    (rank, world size, this process's device); (0, 1, device) outside torchrun.
-    """
-    import datetime
-
-    import torch.distributed as dist
-
-    from ..validate import world_env_problem
-
-    problem = world_env_problem(os.environ)  # a stray WORLD_SIZE would wait for peers forever
-    if problem:
-        raise DitasError(problem)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, device
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), device
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        if local >= torch.cuda.device_count():
-            raise DitasError(f"process {local} of torchrun has no GPU: {torch.cuda.device_count()} CUDA device(s) "
-                             "here; use --nproc_per_node at most that")
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=datetime.timedelta(hours=12), device_id=device)
-    else:
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def shutdown() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def leave_together(result: int) -> int:
-    """Ends a successful multi-process command: every process waits for the others, then tears the
-    group down, and returns ``result``. A process that destroyed its gloo group while a peer was
-    still working (process 0 scoring and publishing) was seen to abort in C++ ("terminate called
-    without an active exception") in one CI run; on failure paths ``shutdown`` alone is used."""
-    barrier()
-    shutdown()
-    return result

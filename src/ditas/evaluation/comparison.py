@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ..diffusion.images import decode_to_uint8, generate
-from ..diffusion.run import SamplingSettings, eps_mse, eps_trajectory, sample_batch
-from ..diffusion.sharded import process_group
+from ..diffusion.run import SamplingSettings, eps_mse, eps_trajectory, model_device, sample_batch
+from ..distributed import process_group
 from .metrics import psnr
 
 
@@ -57,13 +57,16 @@ def compare_recipes(model: nn.Module, configs: dict[str, object | None], labels:
 
     ``configs`` maps a label (``"ditas@w4a8"``) to its ``QuantConfig``; ``on_row(label, row)`` is
     called as each row is done (the CLI prints it). Under ``torchrun`` every process must call this
-    with the same arguments: each quantizes every recipe (data-free, the same result) and samples its
-    share; process 0 returns the rows and images, the others empty dicts. ``attention`` is the attention core of the
-    quantized models (``quantization.attention.use_attention``; the FP model keeps fp32); ``kernel``
-    that of their layers (``auto``: what ``ditas sample`` of a saved folder runs).
+    with the same arguments: process 0 records the calibration runs and quantizes every recipe,
+    the others receive its models (``checkpoint.broadcast_quantized``: one model whatever each
+    process's rounding), and every process samples its share; process 0 returns the rows and
+    images, the others empty dicts. ``attention`` is the attention core of the quantized models
+    (``quantization.attention.use_attention``; the FP model keeps fp32); ``kernel`` that of their
+    layers (``auto``: what ``ditas sample`` of a saved folder runs).
     """
     from ..quantization.apply import quantize, record
     from ..quantization.attention import check_attention_mode, use_attention
+    from ..quantization.checkpoint import broadcast_quantized
     from ..quantization.kernels import canonical
 
     check_attention_mode(attention)  # before the FP run
@@ -89,16 +92,20 @@ def compare_recipes(model: nn.Module, configs: dict[str, object | None], labels:
             imgs = fp_images
         else:
             row = {"recipe": cfg.recipe}
-            key = cfg.calibration_key()
-            if key not in trajectories:
-                trajectories[key] = record(model, cfg, progress)
-            qmodel, rep = quantize(model, cfg, trajectory=trajectories[key], progress=progress, kernel=kernel)
+            qmodel = rep = None
+            if main:  # quantized once, on process 0, and sent to the others: one model for every image
+                key = cfg.calibration_key()
+                if key not in trajectories:
+                    trajectories[key] = record(model, cfg, progress)
+                qmodel, rep = quantize(model, cfg, trajectory=trajectories[key], progress=progress, kernel=kernel)
+            qmodel = broadcast_quantized(qmodel, kernel=kernel, device=model_device(model))
             if attention != "fp32":
                 use_attention(qmodel, attention)
                 row["attention"] = attention
-            row.update(w_bits=cfg.weights.bits, a_bits=cfg.activations.bits, mean_rel_output_error=rep["mean_rel_output_error"],
-                       quantize_time_s=round(time.perf_counter() - t1, 1),
-                       alphas={n: v["alpha"] for n, v in rep["layers"].items()})
+            if main:
+                row.update(w_bits=cfg.weights.bits, a_bits=cfg.activations.bits, mean_rel_output_error=rep["mean_rel_output_error"],
+                           quantize_time_s=round(time.perf_counter() - t1, 1),
+                           alphas={n: v["alpha"] for n, v in rep["layers"].items()})
             t2 = time.perf_counter()
             imgs = _sample(qmodel, labels, settings, batch_size, vae, progress)
             row["sample_time_s"] = round(time.perf_counter() - t2, 1)

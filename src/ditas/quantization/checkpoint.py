@@ -266,3 +266,35 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
     del state
     release_freed_memory()  # the file's bytes and the unpacked copies (about 1 GB at DiT-XL/2 size)
     return model.eval()
+
+
+def broadcast_quantized(model: nn.Module | None, kernel: str = AUTO,
+                        device: str | torch.device | None = None) -> nn.Module:
+    """Process 0's quantized ``model`` on every process of a ``torchrun`` group (the others pass
+    None); outside a group, ``model`` itself.
+
+    Why: quantizing is float work (calibration runs, searches), so processes with other thread
+    counts, or GPUs with non-deterministic reductions, would each make a slightly different model,
+    and the images of one row would come from several models. Process 0 sends its folder's files
+    (no shared file system needed) and the others load them (save then load is bit-exact).
+    """
+    import tempfile
+
+    from ..distributed import broadcast_object, process_group
+
+    rank, world = process_group()
+    if world == 1:
+        return model
+    files = None
+    if rank == 0:
+        with tempfile.TemporaryDirectory(prefix="ditas-broadcast-") as tmp:
+            write_quantized(model, Path(tmp))
+            files = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
+    files = broadcast_object(files)
+    if rank == 0:
+        return model
+    with tempfile.TemporaryDirectory(prefix="ditas-broadcast-") as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+        del files
+        return load_quantized(tmp, kernel=kernel, device=device)

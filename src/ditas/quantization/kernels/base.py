@@ -36,6 +36,11 @@ class Kernel:
         """Whether this torch build has the kernel (checked lazily: some checks run a product)."""
         return True
 
+    def exact_on(self, device: torch.device) -> bool:
+        """Whether its products are exact on ``device`` (integer kernels: int8 products saturate on
+        CPUs without VNNI, where oneDNN sums pairs of u8 x s8 products in int16)."""
+        return True
+
     def supports(self, layer: Any, device: torch.device | str | None = None) -> str | None:
         """Why this kernel cannot run ``layer`` on ``device`` (default: the layer's); None: it can."""
         device = layer_device(layer) if device is None else torch.device(device)
@@ -51,7 +56,9 @@ class Kernel:
         if a.bits < 16 and a.granularity not in self.act_granularities:
             return f"needs per-{' or per-'.join(self.act_granularities)} activations"
         if not self.available():
-            return "is not available in this torch build"
+            return "is not available (or not exact) with this torch build on this CPU"
+        if not self.exact_on(device):
+            return f"is not exact on this {device.type} (int8 products saturate without VNNI)"
         return weights_problem(layer)
 
     def prepare(self, layer: Any) -> Any:

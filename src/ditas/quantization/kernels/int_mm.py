@@ -8,6 +8,8 @@ keeps the corrections exact: past int32 they run in int64.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from .integer import IntegerKernel, IntWeightState
@@ -93,6 +95,20 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 
+@lru_cache(maxsize=None)
+def int_mm_exact_on_cpu() -> bool:
+    """Whether ``torch._int_mm`` is exact on this CPU (checked once) for the extreme products
+    127 x 127 and 127 x -128: without VNNI oneDNN computes s8 x s8 as (a + 128) x w summed in
+    int16 pairs, which saturate (measured under ``ONEDNN_MAX_CPU_ISA=AVX2``: 8160 for 1032256)."""
+    try:
+        a = torch.full((32, 64), 127, dtype=torch.int8)
+        w = torch.cat([torch.full((64, 8), 127), torch.full((64, 8), -128), torch.arange(-64, 64).reshape(64, 2)
+                       .repeat(1, 8)], dim=1).to(torch.int8)
+        return torch.equal(torch._int_mm(a, w).long(), a.long() @ w.long())
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
 class IntMM(IntegerKernel):
     name = "int_mm"
     summary = "torch._int_mm s8 x s8 -> s32 with zero-point corrections (CPU, CUDA)"
@@ -101,6 +117,9 @@ class IntMM(IntegerKernel):
 
     def available(self) -> bool:
         return hasattr(torch, "_int_mm")
+
+    def exact_on(self, device: torch.device) -> bool:
+        return device.type != "cpu" or int_mm_exact_on_cpu()
 
     def pack(self, w_int8: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return w_int8, None

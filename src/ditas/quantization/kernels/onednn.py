@@ -18,12 +18,16 @@ from .integer import IntegerKernel, IntWeightState
 
 @lru_cache(maxsize=None)
 def onednn_works() -> bool:
-    """Whether this torch build has a working oneDNN quantized linear (checked once, exactly)."""
+    """Whether this torch build has a oneDNN quantized linear that is exact on this CPU (checked
+    once). The check includes codes 255 against weights 127 and -128: without VNNI (an AVX2-only
+    CPU, or ``ONEDNN_MAX_CPU_ISA=AVX2``) oneDNN sums pairs of u8 x s8 products in int16 and
+    saturates them."""
     try:
-        a = torch.arange(24, dtype=torch.uint8).reshape(3, 8)
-        w = (torch.arange(32, dtype=torch.int64).reshape(4, 8) % 7 - 3).to(torch.int8)
+        a = torch.cat([torch.arange(24).reshape(3, 8), torch.full((1, 8), 255)]).to(torch.uint8)
+        w = torch.cat([torch.arange(32).reshape(4, 8) % 7 - 3, torch.full((1, 8), 127),
+                       torch.full((1, 8), -128)]).to(torch.int8)
         packed = torch.ops.onednn.qlinear_prepack(w, None)
-        y = torch.ops.onednn.qlinear_pointwise(a, 1.0, 5, packed, torch.ones(4), torch.zeros(4, dtype=torch.int64),
+        y = torch.ops.onednn.qlinear_pointwise(a, 1.0, 5, packed, torch.ones(6), torch.zeros(6, dtype=torch.int64),
                                                None, 1.0, 0, torch.float32, "none", [], "")
         return torch.equal(y, ((a.long() - 5) @ w.long().t()).float())
     except (RuntimeError, AttributeError, NotImplementedError):
