@@ -60,4 +60,25 @@ def float_dtype(module: torch.nn.Module, default: torch.dtype = torch.float32) -
     return default
 
 
-__all__: list[Any] = ["DTYPES", "resolve_dtype", "dtype_name", "device_only", "float_dtype"]
+# what a model computes in when the user does not say, as its publishers ship it: text-to-image
+# pipelines (PixArt, SD3, Flux) in bf16, class-conditional DiT in fp32
+PIPELINE_DEFAULT, DIT_DEFAULT = torch.bfloat16, torch.float32
+
+
+def add_dtype_argument(parser) -> None:
+    """The ``--dtype`` option of ``quantize`` and ``sample`` (default None: by what the model is)."""
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                        help="compute dtype of the model (default: bfloat16 for text-to-image pipelines, float32 "
+                             "for DiT, as their publishers ship them); quantized layers keep their integer codes, "
+                             "fp32 scales and LoRA storage whatever it is")
+
+
+def cli_dtype(name: str | None, pipeline: bool) -> torch.dtype:
+    """The ``--dtype`` value as a torch dtype, or the default for a pipeline / a DiT."""
+    if name is None:
+        return PIPELINE_DEFAULT if pipeline else DIT_DEFAULT
+    return resolve_dtype(name)
+
+
+__all__: list[Any] = ["DTYPES", "resolve_dtype", "dtype_name", "device_only", "float_dtype", "add_dtype_argument",
+                      "cli_dtype"]
