@@ -23,7 +23,7 @@ from .quantization.checkpoint import load_quantized
 
 
 def load_dit(path: str | os.PathLike | None = None, config: DiTConfig | None = None,
-             device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = None,
+             device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = "float32",
              **kwargs: Any) -> torch.nn.Module:
     """Loads a DiT (float or ditas-quantized) in eval mode. ``None``: the embedded default model.
 
@@ -31,8 +31,8 @@ def load_dit(path: str | os.PathLike | None = None, config: DiTConfig | None = N
     available); a device that is not there is a ``DitasError``. The model is built on the meta
     device and its weights are materialised on ``device`` directly. Extra keyword arguments go to
     the quantized-model loader (``kernel=``: ``"auto"`` by default; see ``quantization.kernels``).
-    ``dtype``: what the model computes in (``float32``, ``bfloat16``, ``float16``; default as saved,
-    fp32 for DiT checkpoints); a quantized model's codes, scales and LoRA factors keep their precision.
+    ``dtype``: what the model computes in (``float32`` by default, ``bfloat16``, ``float16``; None: as
+    saved); a quantized model's codes, scales and LoRA factors keep their precision.
     """
     from .dtypes import resolve_dtype
     from .validate import check_problems, path_problem, type_problem

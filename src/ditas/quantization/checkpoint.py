@@ -148,7 +148,7 @@ def _config_of(data: Any):
 
 
 def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, kernel: str = AUTO,
-                   device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                   device: str | torch.device | None = None, dtype: torch.dtype | None = torch.float32,
                    **kwargs: Any) -> nn.Module:
     """Builds a quantized model from its folder, in its family's class (for diffusers families the
     user's diffusers class); ``data`` is the parsed ``config.json`` (read if None).
@@ -156,7 +156,8 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
     ``kernel``: ``"auto"`` (default: the most preferred kernel that supports each layer on
     ``device``) or a name in ``kernels.KERNELS``; a named kernel that cannot run a layer is an
     error. ``device``: where the model goes (default CPU). ``dtype``: the compute dtype of the
-    float parts (default: as saved; the quantized layers keep their declared precisions). Scales and zero points that would give
+    float parts (default float32, as diffusers loads; None: as saved; the quantized layers keep
+    their declared precisions). Scales and zero points that would give
     garbage on any kernel are refused here (``validate.check_scales``), whichever kernel is asked for.
     """
     if data is None:
