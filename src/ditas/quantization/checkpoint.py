@@ -256,6 +256,10 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
         if tuple(state[k].shape) != tuple(v.shape) or (state[k].dtype != v.dtype and not as_saved):
             raise CheckpointError(f"{weights}: {k} is {tuple(state[k].shape)} {state[k].dtype}, expected "
                                   f"{tuple(v.shape)} {v.dtype}")
+    if dtype is not None:  # the saved float model in ``dtype``, as diffusers' torch_dtype: buffers it
+        # computes itself (not in the file, e.g. PixArt's fp32 position table) keep their dtype
+        state = {k: v.to(dtype) if v.is_floating_point() and not k.startswith(quantized) else v
+                 for k, v in state.items()}
     # fresh, aligned storage (the int8 kernels crash on tensors that view into the file's buffer)
     model.load_state_dict({k: v.clone(memory_format=torch.contiguous_format) for k, v in state.items()},
                           strict=True, assign=True)
@@ -264,8 +268,8 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
         raise CheckpointError(f"{path}: {empty[0]} was not restored from the file")
     model.quant_config = _config_of(q.get("config", {}))
     model.quant_family = family
-    if device is not None or dtype is not None:
-        model = model.to(device=device, dtype=dtype)  # casts the float model only (ditas.dtypes)
+    if device is not None:
+        model = model.to(device)
     use_kernels(model, kernel)
     del state
     release_freed_memory()  # the file's bytes and the unpacked copies (about 1 GB at DiT-XL/2 size)
