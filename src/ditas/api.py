@@ -68,10 +68,16 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, overwrite: bool = 
     return _save(model, path, config, getattr(model, "quant_report", None), overwrite=overwrite)
 
 
-def load_quantized(path: str | os.PathLike, device: Any = None, kernel: str = "auto") -> nn.Module:
+def load_quantized(path: str | os.PathLike, device: Any = None, kernel: str = "auto",
+                   dtype: Any = "float32") -> nn.Module:
     """The quantized model of a ``save_quantized`` folder, in its family's class, on ``device``,
-    its layers on ``kernel`` (``auto``: the most preferred kernel that supports each layer there)."""
+    its layers on ``kernel`` (``auto``: the most preferred kernel that supports each layer there).
+    ``dtype`` (``torch.bfloat16`` or ``"bfloat16"``, float16, float32; default float32, as diffusers'
+    ``from_pretrained``; None: as saved): what the model computes in, i.e. the dtype of the pipeline
+    it goes into; the integer codes, scales and LoRA factors keep the precision the folder declares
+    (``ditas.dtypes``)."""
     from .devices import resolve_device
+    from .dtypes import resolve_dtype
     from .quantization.checkpoint import load_quantized as _load
     from .quantization.kernels import canonical
     from .validate import check_problems, path_problem
@@ -80,4 +86,4 @@ def load_quantized(path: str | os.PathLike, device: Any = None, kernel: str = "a
     if device is not None:
         device = resolve_device(device)  # as load_dit: a device that is not there is a one-line error
     canonical(kernel)
-    return _load(path, None, kernel=kernel, device=device)
+    return _load(path, None, kernel=kernel, device=device, dtype=resolve_dtype(dtype))

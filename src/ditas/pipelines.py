@@ -42,9 +42,12 @@ def read_prompts(path: str | os.PathLike | None = None) -> list[str]:
     return prompts
 
 
-def load_pipeline(path: str | os.PathLike, transformer: torch.nn.Module | None = None):
+def load_pipeline(path: str | os.PathLike, transformer: torch.nn.Module | None = None,
+                  dtype: torch.dtype | None = None):
     """The diffusers pipeline in the local folder ``path`` (nothing is downloaded); with
-    ``transformer``, that module replaces the folder's transformer (which is then not loaded)."""
+    ``transformer``, that module replaces the folder's transformer (which is then not loaded).
+    ``dtype``: diffusers' ``torch_dtype`` of the components it loads (None: as saved); a given
+    ``transformer`` keeps its own (``ditas.load_quantized(..., dtype=)``)."""
     path = Path(path)
     if not is_pipeline_dir(path):
         raise DitasError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
@@ -73,6 +76,8 @@ def load_pipeline(path: str | os.PathLike, transformer: torch.nn.Module | None =
     kwargs.update({k: None for k, v in index.items() if not k.startswith("_") and v == [None, None]})
     if transformer is not None:
         kwargs["transformer"] = transformer
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
     try:
         return DiffusionPipeline.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:

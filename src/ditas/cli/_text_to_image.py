@@ -98,6 +98,7 @@ def quantize(args: argparse.Namespace, cfg, claim) -> int:
     """``ditas quantize --model PIPELINE_DIR``: ``cfg`` is the recipe's config with the CLI overrides;
     ``claim`` the claimed output folder (``fileio.output_dir``): everything is written into
     ``claim.tmp`` and appears at once on ``claim.publish()``."""
+    from ..dtypes import cli_dtype
     from ..fileio import json_text
     from ..pipelines import PIPELINE_FILE, load_pipeline, pipeline_ref, read_prompts, record_pipeline_calibration
     from ..quantization.apply import quantize as quantize_model
@@ -107,7 +108,7 @@ def quantize(args: argparse.Namespace, cfg, claim) -> int:
     if args.calib_prompts:
         prompts = prompts[: args.calib_prompts]
     t0 = time.perf_counter()
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, dtype=cli_dtype(getattr(args, "dtype", None), pipeline=True))
     if getattr(args, "device", None) is not None:
         pipe = pipe.to(args.device)  # the calibration run and the block-wise search run there
     t_load = time.perf_counter() - t0
@@ -133,6 +134,7 @@ def quantize(args: argparse.Namespace, cfg, claim) -> int:
 def sample(args: argparse.Namespace, device=None, world: int = 1) -> int:
     """``ditas sample --quantized DIR [--model PIPELINE_DIR] --prompt ... --out x.png`` on ``device``
     (``--device``; ``--kernel auto`` picks the quantized layers' kernels for that device)."""
+    from ..dtypes import cli_dtype
     from ..fileio import check_new_file, check_not_input
     from ..pipelines import generate_images, load_pipeline, read_pipeline_ref, save_image_grid
     from ..validate import cfg_scale_problem, check_sampling_options
@@ -165,12 +167,14 @@ def sample(args: argparse.Namespace, device=None, world: int = 1) -> int:
         raise DitasError("give --model PIPELINE_DIR and/or --quantized DIR")
     check_pipeline_run(pipeline_dir, args.height, args.width, device, n, with_transformer=not args.quantized,
                        what=f"sampling {n} image(s) in one pipeline call")
+    dtype = cli_dtype(getattr(args, "dtype", None), pipeline=True)
     transformer = None
     if args.quantized:
         from ..quantization.checkpoint import load_quantized
 
-        transformer = load_quantized(args.quantized, device=device, kernel=args.kernel)  # auto: for that device
-    pipe = load_pipeline(pipeline_dir, transformer=transformer)
+        transformer = load_quantized(args.quantized, device=device, kernel=args.kernel,  # auto: for that device
+                                     dtype=dtype)
+    pipe = load_pipeline(pipeline_dir, transformer=transformer, dtype=dtype)
     if device is not None:
         pipe = pipe.to(device)
     prompts = [args.prompt[i % len(args.prompt)] for i in range(n)]

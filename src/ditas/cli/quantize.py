@@ -6,6 +6,7 @@ import argparse
 import time
 
 from ..devices import add_device_argument
+from ..dtypes import add_dtype_argument
 from ..errors import ConfigError, DitasError
 from ..pipelines import is_pipeline_dir
 from . import _text_to_image
@@ -106,6 +107,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_quant_arguments(p)
     _text_to_image.add_quantize_arguments(p)
     add_device_argument(p)
+    add_dtype_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help="output model folder (new; written atomically)")
     p.add_argument("--overwrite", action="store_true",
@@ -129,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _quantize(args: argparse.Namespace, cfg, claim) -> int:
     """The work of ``run`` once the output folder is claimed; publishes into ``claim``."""
+    from ..dtypes import cli_dtype
     from ..fileio import json_text
     from ..loaders import load_dit
     from ..quantization.apply import quantize
@@ -137,7 +140,7 @@ def _quantize(args: argparse.Namespace, cfg, claim) -> int:
 
     out = claim.path
     t0 = time.perf_counter()
-    model = load_dit(args.model, device=args.device)
+    model = load_dit(args.model, device=args.device, dtype=cli_dtype(args.dtype, pipeline=False))
     if getattr(model, "quant_config", None) is not None:
         raise DitasError(f"{args.model} is a quantized model already: quantize a float model")
     t_load = time.perf_counter() - t0

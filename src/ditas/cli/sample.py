@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..devices import add_device_argument
+from ..dtypes import add_dtype_argument
 from ..diffusion.sharded import DEFAULT_SHARD_SIZE
 from ..errors import DitasError
 from ..quantization.kernels import add_kernel_argument
@@ -77,6 +78,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .png (grid) or .npz (arr_0 uint8 NHWC + labels); new file")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _text_to_image.add_sample_arguments(p)
+    add_dtype_argument(p)
     return p
 
 
@@ -145,6 +147,7 @@ def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
     from ..diffusion.sharded import sample_npz
     from ..fileio import check_new_file, check_not_input
     from ..validate import check_sampling_options
+    from ..dtypes import cli_dtype
     from ..loaders import load_dit
     from ..model.vae import load_vae
 
@@ -168,7 +171,7 @@ def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
     classes = _parse_classes(args.classes)
     settings = SamplingSettings(steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler, eta=args.eta,
                                 seed=args.seed, guide_channels=None if args.guide_all_channels else 3)
-    model = load_dit(args.model, device=device, kernel=args.kernel)
+    model = load_dit(args.model, device=device, kernel=args.kernel, dtype=cli_dtype(args.dtype, pipeline=False))
     if args.attention:
         from ..quantization.attention import use_attention
 

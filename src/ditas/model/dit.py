@@ -354,8 +354,9 @@ class DiT(nn.Module):
         return x.reshape(x.shape[0], c, h * p, h * p)
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens entering the first block and the conditioning vector ``c = t_emb + y_emb``."""
-        tokens = self.x_embedder(x) + self.pos_embed
+        """Tokens entering the first block and the conditioning vector ``c = t_emb + y_emb``, in the
+        model's compute dtype (its patch embedding's: fp32, bf16 or fp16; the input is cast to it)."""
+        tokens = self.x_embedder(x.to(self.x_embedder.proj.weight.dtype)) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
         return tokens, c
 
@@ -364,11 +365,12 @@ class DiT(nn.Module):
         return self.unpatchify(self.final_layer(tokens, c))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x: (N, C, H, W) inputs; t: (N,) diffusion timesteps; y: (N,) class labels."""
+        """x: (N, C, H, W) inputs; t: (N,) diffusion timesteps; y: (N,) class labels. The model
+        computes in its own dtype; the output has ``x``'s dtype (a sampler keeps fp32 latents)."""
         tokens, c = self.embed(x, t, y)
         for block in self.blocks:
             tokens = block(tokens, c)
-        return self.head(tokens, c)
+        return self.head(tokens, c).to(x.dtype)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
                          guide_channels: int | None = 3) -> torch.Tensor:

@@ -151,13 +151,16 @@ def _config_of(data: Any):
 
 
 def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, kernel: str = AUTO,
-                   device: str | torch.device | None = None, **kwargs: Any) -> nn.Module:
+                   device: str | torch.device | None = None, dtype: torch.dtype | None = torch.float32,
+                   **kwargs: Any) -> nn.Module:
     """Builds a quantized model from its folder, in its family's class (for diffusers families the
     user's diffusers class); ``data`` is the parsed ``config.json`` (read if None).
 
     ``kernel``: ``"auto"`` (default: the most preferred kernel that supports each layer on
     ``device``) or a name in ``kernels.KERNELS``; a named kernel that cannot run a layer is an
-    error. ``device``: where the model goes (default CPU). Scales and zero points that would give
+    error. ``device``: where the model goes (default CPU). ``dtype``: the compute dtype of the
+    float parts (default float32, as diffusers loads; None: as saved; the quantized layers keep
+    their declared precisions). Scales and zero points that would give
     garbage on any kernel are refused here (``validate.check_scales``), whichever kernel is asked for.
     """
     if data is None:
@@ -248,10 +251,18 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
     if missing or unknown:
         raise CheckpointError(f"{weights}: does not match its config.json (missing {missing[:4]}, "
                               f"unknown {unknown[:4]})")
+    quantized = tuple(f"{name}." for name in (*q["layers"], *q.get("weight_only_layers", {})))
     for k, v in expected.items():
-        if tuple(state[k].shape) != tuple(v.shape) or state[k].dtype != v.dtype:
+        # the float model around the quantized layers may be saved in any float dtype (a bf16 model's
+        # folder holds bf16 tensors); the quantized layers' tensors have their declared dtypes
+        as_saved = state[k].is_floating_point() and v.is_floating_point() and not k.startswith(quantized)
+        if tuple(state[k].shape) != tuple(v.shape) or (state[k].dtype != v.dtype and not as_saved):
             raise CheckpointError(f"{weights}: {k} is {tuple(state[k].shape)} {state[k].dtype}, expected "
                                   f"{tuple(v.shape)} {v.dtype}")
+    if dtype is not None:  # the saved float model in ``dtype``, as diffusers' torch_dtype: buffers it
+        # computes itself (not in the file, e.g. PixArt's fp32 position table) keep their dtype
+        state = {k: v.to(dtype) if v.is_floating_point() and not k.startswith(quantized) else v
+                 for k, v in state.items()}
     # fresh, aligned storage (the int8 kernels crash on tensors that view into the file's buffer)
     model.load_state_dict({k: v.clone(memory_format=torch.contiguous_format) for k, v in state.items()},
                           strict=True, assign=True)

@@ -13,6 +13,11 @@ Tensors are named for their role (as nunchaku's quantized linear):
 - ``lora_down`` (rank, in), ``lora_up`` (out, rank): the float low-rank branch (fp32 or bf16,
   ``lora_dtype``; computed in fp32 either way), or absent.
 
+Compute dtype: the layer takes and returns its input's float dtype (fp32, bf16 or fp16); inside,
+every kernel works in fp32 (integer products accumulate exactly, then one float epilogue) and
+converts once at the end. ``.to(dtype)`` never casts the layer's tensors (see ``ditas.dtypes``):
+they keep the precision the checkpoint declares whatever the model computes in.
+
 The layer computes ``y = Q_A(x / smooth) (W_q + lora_up lora_down)^T + bias`` where ``Q_A`` is
 dynamic activation quantization (per tensor or per token). Its ``kernel`` (a name in
 ``kernels.KERNELS``; given by ``kernels.use_kernels(model, ...)``) decides how: the layer asks that
@@ -33,6 +38,7 @@ import torch.nn as nn
 
 from .kernels import KERNELS
 from .kernels.integer import DEFAULT_LORA_LIMBS
+from ..dtypes import device_only
 from ..errors import ConfigError
 from .config import ActivationFormat, WeightFormat
 from .layer_schema import LORA_DTYPES, layer_tensors
@@ -192,8 +198,24 @@ class QuantLinear(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
+        """``.to(device)`` moves the layer; ``.to(dtype)`` (and ``.half()``, ``.type()``, ...) never
+        casts it: codes, scales, bias and LoRA factors keep the precision the checkpoint declares
+        (``ditas.dtypes``), and the layer computes for inputs of any float dtype. The kernel's
+        prepared state is dropped (codes restored first) and prepared again at the next forward."""
         self.invalidate()
-        return super()._apply(fn, recurse)
+        return super()._apply(device_only(fn), recurse)
+
+    def __getstate__(self):
+        """Copies and pickles hold the codes, not the kernel's prepared state (oneDNN's packed
+        weight cannot be copied); the copy prepares its kernel at its first forward."""
+        state = dict(super().__getstate__())
+        kernel_state = state.get("_kernel_state")
+        if kernel_state is not None:
+            buffers = dict(state["_buffers"])
+            if "qweight" not in buffers:
+                buffers["qweight"] = kernel_state.codes()
+            state["_buffers"], state["_kernel_state"] = buffers, None
+        return state
 
     # -- forward ----------------------------------------------------------------------------------
     def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -206,6 +228,7 @@ class QuantLinear(nn.Module):
         return activation_codes(x, a.bits, a.granularity, a.range_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in any float dtype; the kernels compute in fp32 and return ``x``'s dtype."""
         if self._kernel_state is None:
             self.prepare_kernel()  # after a move, a reload or a change in place
         return self.kernel_entry.forward(self, x)

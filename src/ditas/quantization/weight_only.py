@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..dtypes import device_only
+
 __all__ = ["WeightOnlyInt8Linear", "quantize_weight_only", "quantize_adaln_weight_only", "adaln_linear_names"]
 
 Compute = Literal["bf16", "fp32"]
@@ -62,8 +64,10 @@ class WeightOnlyInt8Linear(nn.Module):
         self._kernel_args = None
 
     def _apply(self, fn, recurse=True):
+        """Moves the layer; never casts it (``ditas.dtypes.device_only``): int8 codes, fp32 scales
+        and bias, whatever dtype the model around it computes in."""
         self.invalidate()
-        return super()._apply(fn, recurse)
+        return super()._apply(device_only(fn), recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self.invalidate()

@@ -38,7 +38,10 @@ class Simulated(Kernel):
     def forward(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
         st = layer.kernel_state
         shape = x.shape
-        codes, a_scale, a_zero = layer.quantize_input(x.reshape(-1, shape[-1]))
+        x2 = x.reshape(-1, shape[-1])
+        if x2.dtype != torch.float32:  # bf16/fp16 models: quantized and multiplied in fp32, as stored
+            x2 = x2.float()
+        codes, a_scale, a_zero = layer.quantize_input(x2)
         xq = codes if a_scale is None else (codes - a_zero) * a_scale
         if st.weight is None or st.rank != layer.lora_rank:
             st.weight, st.rank = layer.effective_weight(), layer.lora_rank
