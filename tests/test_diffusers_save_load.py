@@ -183,3 +183,5 @@ def test_docs_example_runs(tmp_path, monkeypatch):
     scope = {"MODEL": str(tmp_path / "pixart")}
     exec(compile(code, "docs/api.md", "exec"), scope)
     assert scope["same"] is True
+    assert any(isinstance(m, QuantLinear) for m in scope["back"].transformer.modules())
+    assert any(isinstance(m, QuantLinear) for m in scope["also"].modules())
