@@ -6,7 +6,6 @@ too late shows up as that failure rather than as a slow pass."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 

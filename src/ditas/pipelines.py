@@ -59,6 +59,10 @@ def load_pipeline(path: str | os.PathLike, transformer: torch.nn.Module | None =
     from .model.adapters.registry import text_to_image_transformers
 
     supported = text_to_image_transformers()
+    if cls_name == "DiTTransformer2DModel":  # class-conditional: no prompts, ditas' DiT commands
+        raise DitasError(f"{path} is a DiTPipeline (class labels, no prompts): give its transformer folder "
+                         f"(--model {path / 'transformer'} --vae {path / 'vae'}), or in Python "
+                         "ditas.quantize_(pipe.transformer) then pipe.save_pretrained(dir)")
     if cls_name not in supported:
         raise DitasError(f"{path}: the pipeline's transformer is {cls_name or 'missing'}; ditas quantizes pipelines "
                          f"whose transformer is one of {', '.join(supported)}")

@@ -24,16 +24,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..diffusers_quantizer import attach, ditas_view, is_ditas_config
 from ..errors import CheckpointError, ConfigError
 from ..fileio import json_text, publish_dir
 from ..model.adapters.registry import adapter_class, adapter_for
 from ..model.empty import empty_parameters
-from ..model.state_files import read_safetensors
+from ..model.state_files import read_config_json, read_safetensors
 from ..memory import release_freed_memory
 from ..validate import check_finite_state, check_scales, state_config_problem
 from . import packing
 from .kernels import AUTO, canonical, use_kernels
-from .layer_schema import TENSOR_NAMES, check_layer_table, check_layer_tensors, layer_args, layer_meta
+from .layer_schema import check_layer_table, check_layer_tensors, layer_args, layer_meta
 from .linear import QuantLinear
 from .weight_only import WeightOnlyInt8Linear
 
@@ -72,28 +73,41 @@ def write_quantized(model: nn.Module, folder: Path, quant_config: dict[str, Any]
     layers = quant_layers(model)
     if not layers:
         raise CheckpointError("the model has no quantized layers: save it with ditas.save_dit")
+    wbits = {name: m.weight_format.bits for name, m in layers.items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in packed_state(wbits, model.state_dict()).items()}
+    qmeta = quantization_meta(model, quant_config)
+    adapter = adapter_for(model)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "ditas-quantized"})
+    (folder / "config.json").write_text(json_text({"format": "ditas-quantized", "family": adapter.family,
+                                                  "quantization": qmeta, "model": adapter.model_config()},
+                                                  "config.json"))
+    if report is not None:
+        (folder / "report.json").write_text(json_text(report, "report.json"))
+
+
+def packed_state(wbits: dict[str, int], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` (a model's state dict) as saved: the codes of each quantized layer (``wbits``: layer
+    name -> weight bits) bit-packed and its zero points compacted (``_compact_zero_points``); every
+    other tensor as it is. Shared by ``save_quantized`` and diffusers' ``save_pretrained``
+    (``ditas.diffusers_quantizer``)."""
+    out = dict(state)
+    for name, bits in wbits.items():
+        if f"{name}.qweight" in out:
+            out[f"{name}.qweight"] = packing.pack_codes(out[f"{name}.qweight"], bits)
+        if f"{name}.wzero" in out:
+            out[f"{name}.wzero"] = _compact_zero_points(out[f"{name}.wzero"])
+    return out
+
+
+def quantization_meta(model: nn.Module, quant_config: Any = None) -> dict[str, Any]:
+    """The ``quantization`` table of a quantized model's ``config.json`` (format, recipe, formats,
+    the config and one entry per quantized and weight-only layer)."""
+    layers = quant_layers(model)
     cfg = quant_config if quant_config is not None else getattr(model, "quant_config", {}) or {}
     if hasattr(cfg, "to_dict"):
         cfg = cfg.to_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    quant_keys = set()
-    for name, m in layers.items():
-        for t in TENSOR_NAMES:
-            v = getattr(m, t)
-            if v is None:
-                continue
-            key = f"{name}.{t}"
-            quant_keys.add(key)
-            if t == "qweight":
-                v = packing.pack_codes(v, m.weight_format.bits)
-            elif t == "wzero":
-                v = _compact_zero_points(v)
-            tensors[key] = v.detach().contiguous().cpu()
-    for k, v in model.state_dict().items():
-        if k not in quant_keys:
-            tensors[k] = v.detach().contiguous().cpu()
     first = next(iter(layers.values()))
-    qmeta = {
+    return {
         "format_version": FORMAT_VERSION,
         "recipe": cfg.get("recipe", "custom"),
         "bits": {"weights": first.weight_format.bits, "activations": first.activation_format.bits},
@@ -108,13 +122,6 @@ def write_quantized(model: nn.Module, folder: Path, quant_config: dict[str, Any]
                                       "bias": m.bias is not None, "compute": m.compute, "bits": 8}
                                for name, m in weight_only_layers(model).items()},
     }
-    adapter = adapter_for(model)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "ditas-quantized"})
-    (folder / "config.json").write_text(json_text({"format": "ditas-quantized", "family": adapter.family,
-                                                  "quantization": qmeta, "model": adapter.model_config()},
-                                                  "config.json"))
-    if report is not None:
-        (folder / "report.json").write_text(json_text(report, "report.json"))
 
 
 def _compact_zero_points(zero: torch.Tensor) -> torch.Tensor:
@@ -134,78 +141,18 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 
     data = read_json(cfg_file, "quantized model config", {"quantization": Field(dict, required=False)},
                      error=CheckpointError)
+    if is_ditas_config(data):  # written by diffusers' save_pretrained (ditas.diffusers_quantizer)
+        return ditas_view(data)
     if "quantization" not in data:
         raise CheckpointError(f"{path}: not a ditas quantized model folder (config.json has no 'quantization')")
     return data
 
 
-def _config_of(data: Any):
-    """The stored config as a ``QuantConfig`` (nested, or the flat form of older folders); the raw
-    table if it is not one (a folder written by hand)."""
-    from .config import QuantConfig
-
-    try:
-        return QuantConfig.from_dict(data)
-    except ConfigError:
-        return data
-
-
-def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, kernel: str = AUTO,
-                   device: str | torch.device | None = None, dtype: torch.dtype | None = torch.float32,
-                   **kwargs: Any) -> nn.Module:
-    """Builds a quantized model from its folder, in its family's class (for diffusers families the
-    user's diffusers class); ``data`` is the parsed ``config.json`` (read if None).
-
-    ``kernel``: ``"auto"`` (default: the most preferred kernel that supports each layer on
-    ``device``) or a name in ``kernels.KERNELS``; a named kernel that cannot run a layer is an
-    error. ``device``: where the model goes (default CPU). ``dtype``: the compute dtype of the
-    float parts (default float32, as diffusers loads; None: as saved; the quantized layers keep
-    their declared precisions). Scales and zero points that would give
-    garbage on any kernel are refused here (``validate.check_scales``), whichever kernel is asked for.
-    """
-    if data is None:
-        data = read_config(path)
-    if kwargs:
-        raise CheckpointError(f"unexpected options for a quantized model: {sorted(kwargs)} (the kernel is "
-                              "chosen with kernel=)")
-    path = Path(path)
-    try:
-        kernel = canonical(kernel)
-    except ConfigError as exc:
-        raise CheckpointError(str(exc)) from None
-    q = data.get("quantization")
-    check_layer_table(q, f"{path}/config.json")
-    version = q.get("format_version")
-    if version not in READABLE_VERSIONS:
-        raise CheckpointError(f"{path}: quantized format version {version!r} is not supported "
-                              f"(this ditas reads versions {', '.join(map(str, READABLE_VERSIONS))})")
-    family = data.get("family", "dit")  # folders written before families were all DiT
-    if not isinstance(family, str):
-        raise CheckpointError(f"{path}/config.json: 'family' is {family!r}, expected a model family name")
-    try:
-        adapter_cls = adapter_class(family)
-    except ConfigError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
-    if not isinstance(data.get("model"), dict):
-        raise CheckpointError(f"{path}/config.json: bad model config (no 'model' table)")
-    weights = path / "model.safetensors"
-    if not weights.exists():
-        raise CheckpointError(f"{path}: model.safetensors is missing")
-    state, _ = read_safetensors(weights)
-    check_finite_state(state, str(weights))
-    check_scales(state, str(weights))
-    if q.get("qweight_packing") != "packed":
-        raise CheckpointError(f"{path}/config.json: qweight_packing is {q.get('qweight_packing')!r}; this ditas "
-                              "reads bit-packed codes ('packed')")
-
-    with empty_parameters():  # parameters take no memory; computed buffers stay real
-        try:
-            model = adapter_cls.build(data["model"])
-        except (KeyError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"{path}/config.json: bad model config ({exc})") from None
-    problem = state_config_problem(getattr(model, "config", None), state)
-    if problem:
-        raise CheckpointError(f"{path}: {problem}")
+def put_quant_layers(model: nn.Module, q: dict[str, Any], path: Any) -> None:
+    """Puts empty (meta) ``QuantLinear`` and ``WeightOnlyInt8Linear`` modules in place of the layers
+    that the checked ``quantization`` table ``q`` lists, so the saved tensors land in them and no
+    float weight is allocated for a quantized layer (``load_quantized`` and diffusers'
+    ``from_pretrained``)."""
     with torch.device("meta"):
         for name, meta in q["layers"].items():
             try:
@@ -233,6 +180,102 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
             if (old.in_features, old.out_features) != (new.in_features, new.out_features):
                 raise CheckpointError(f"{path}: weight-only layer {name} does not match the model config")
             model.set_submodule(name, new)
+
+
+def unpack_qweight(key: str, meta: dict[str, Any], packed: torch.Tensor, source: Any) -> torch.Tensor:
+    """The (out, in) codes of a layer's saved, bit-packed ``qweight`` (a one-line error naming the
+    tensor when the bytes cannot be the codes its entry ``meta`` describes)."""
+    try:
+        return packing.unpack_codes(packed, meta["wbits"], (meta["out_features"], meta["in_features"]))
+    except ValueError as exc:
+        raise CheckpointError(f"{source}: {key} does not hold the {meta['wbits']}-bit codes of a "
+                              f"{meta['in_features']}->{meta['out_features']} layer ({exc})") from None
+
+
+def _read_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The saved tensors of a quantized folder: ditas' ``model.safetensors``, or the (possibly
+    sharded) ``diffusion_pytorch_model.safetensors`` that diffusers' ``save_pretrained`` writes."""
+    for name in ("model.safetensors", "diffusion_pytorch_model.safetensors"):
+        if (path / name).exists():
+            return path / name, read_safetensors(path / name)[0]
+    index = path / "diffusion_pytorch_model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(read_config_json(index).get("weight_map", {}).values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            if not (path / shard).exists():
+                raise CheckpointError(f"{path}: shard {shard} named in {index.name} is missing")
+            state.update(read_safetensors(path / shard)[0])
+        return index, state
+    raise CheckpointError(f"{path}: model.safetensors is missing")
+
+
+def _config_of(data: Any):
+    """The stored config as a ``QuantConfig`` (nested, or the flat form of older folders); the raw
+    table if it is not one (a folder written by hand)."""
+    from .config import QuantConfig
+
+    try:
+        return QuantConfig.from_dict(data)
+    except ConfigError:
+        return data
+
+
+def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, kernel: str = AUTO,
+                   device: str | torch.device | None = None, dtype: torch.dtype | None = torch.float32,
+                   **kwargs: Any) -> nn.Module:
+    """Builds a quantized model from its folder, in its family's class (for diffusers families the
+    user's diffusers class); ``data`` is the parsed ``config.json`` (read if None).
+
+    ``kernel``: ``"auto"`` (default: the most preferred kernel that supports each layer on
+    ``device``) or a name in ``kernels.KERNELS``; a named kernel that cannot run a layer is an
+    error. ``device``: where the model goes (default CPU). ``dtype``: the compute dtype of the
+    float parts (default float32, as diffusers loads; None: as saved; the quantized layers keep
+    their declared precisions). Scales and zero points that would give garbage on any kernel are refused here (``validate.check_scales``), whichever kernel is asked for.
+    """
+    if data is None:
+        data = read_config(path)
+    elif is_ditas_config(data):
+        data = ditas_view(data)
+    if kwargs:
+        raise CheckpointError(f"unexpected options for a quantized model: {sorted(kwargs)} (the kernel is "
+                              "chosen with kernel=)")
+    path = Path(path)
+    try:
+        kernel = canonical(kernel)
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    q = data.get("quantization")
+    check_layer_table(q, f"{path}/config.json")
+    version = q.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path}: quantized format version {version!r} is not supported "
+                              f"(this ditas reads versions {', '.join(map(str, READABLE_VERSIONS))})")
+    family = data.get("family", "dit")  # folders written before families were all DiT
+    if not isinstance(family, str):
+        raise CheckpointError(f"{path}/config.json: 'family' is {family!r}, expected a model family name")
+    try:
+        adapter_cls = adapter_class(family)
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    if not isinstance(data.get("model"), dict):
+        raise CheckpointError(f"{path}/config.json: bad model config (no 'model' table)")
+    weights, state = _read_weights(path)
+    check_finite_state(state, str(weights))
+    check_scales(state, str(weights))
+    if q.get("qweight_packing") != "packed":
+        raise CheckpointError(f"{path}/config.json: qweight_packing is {q.get('qweight_packing')!r}; this ditas "
+                              "reads bit-packed codes ('packed')")
+
+    with empty_parameters():  # parameters take no memory; computed buffers stay real
+        try:
+            model = adapter_cls.build(data["model"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{path}/config.json: bad model config ({exc})") from None
+    problem = state_config_problem(getattr(model, "config", None), state)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
+    put_quant_layers(model, q, path)
     expected = model.state_dict()
     for name, meta in q["layers"].items():
         check_layer_tensors(name, meta, state, str(weights))
@@ -241,11 +284,7 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
             state[zkey] = state[zkey].to(expected[zkey].dtype)
         key = f"{name}.qweight"
         if key in state:
-            try:
-                state[key] = packing.unpack_codes(state[key], meta["wbits"], (meta["out_features"], meta["in_features"]))
-            except ValueError as exc:
-                raise CheckpointError(f"{weights}: {key} does not hold the {meta['wbits']}-bit codes of a "
-                                      f"{meta['in_features']}->{meta['out_features']} layer ({exc})") from None
+            state[key] = unpack_qweight(key, meta, state[key], weights)
     missing = sorted(set(expected) - set(state))
     unknown = sorted(set(state) - set(expected))
     if missing or unknown:
@@ -271,6 +310,7 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
         raise CheckpointError(f"{path}: {empty[0]} was not restored from the file")
     model.quant_config = _config_of(q.get("config", {}))
     model.quant_family = family
+    attach(model)  # diffusers' save_pretrained of it round-trips (or refuses)
     if device is not None:
         model = model.to(device)
     use_kernels(model, kernel)

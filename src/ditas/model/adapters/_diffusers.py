@@ -44,7 +44,8 @@ class DiffusersAdapter(ModelAdapter):
                    for c in type(model).__mro__)
 
     def model_config(self) -> dict[str, Any]:
-        cfg = {k: jsonable(v) for k, v in dict(self.model.config).items() if not k.startswith("_")}
+        cfg = {k: jsonable(v) for k, v in dict(self.model.config).items()
+               if not k.startswith("_") and k != "quantization_config"}  # ditas' own table says that
         return {"class": self.class_name, "config": cfg}
 
     @classmethod
