@@ -17,7 +17,6 @@ integer layer drops int vs simulated to ~20 dB and fails this test.)
 from __future__ import annotations
 
 import pytest
-import torch
 
 import ditas
 from ditas.diffusion.images import decode_to_uint8, generate, start_noise
