@@ -16,6 +16,9 @@ from .model.loading import default_model_path, save_dit
 from .quantization.config import QuantConfig
 from .model.adapters.base import CalibrationRecord
 from .api import load_quantized, quantize_, record_calibration, recipe_config, save_quantized
+from . import lora_adapters
+
+lora_adapters.install()  # peft LoRA adapters on quantized linears (registered when peft is imported)
 
 __version__ = "0.1.0"
 
