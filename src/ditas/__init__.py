@@ -18,7 +18,7 @@ from .model.adapters.base import CalibrationRecord
 from .api import load_quantized, quantize_, record_calibration, recipe_config, save_quantized
 from . import lora_adapters
 
-lora_adapters.install()  # peft LoRA adapters on quantized linears (registered when peft is imported)
+lora_adapters.install()  # LoRA adapters on quantized linears (registered when peft / diffusers are imported)
 
 __version__ = "0.1.0"
 
