@@ -292,3 +292,18 @@ def test_pixart_through_peft():
         m.unmerge()
     assert torch.equal(run(lora_q), out_q)
     assert psnr(fused, out_q, peak) > psnr(ref_q, ref, peak) + 10
+
+
+def test_the_docs_example_runs(lora_case):
+    """docs/api.md "LoRA adapters": its code block, run on a fresh tiny pipeline of the case's family."""
+    from pathlib import Path
+
+    family, _, _, folder = lora_case
+    text = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    block = text.split("### LoRA adapters", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    pipe = _pipeline(family)
+    with ditas.record_calibration(pipe.transformer) as calib:
+        _images(pipe)
+    env = {"pipe": pipe, "calib": calib, "prompt": ["a red fox"]}
+    exec(block.replace('"some/flux-lora"', repr(str(folder))), env)
+    assert len(env["images"]) == 1 and not any(isinstance(m, BaseTunerLayer) for m in pipe.transformer.modules())
