@@ -19,6 +19,9 @@ from .api import load_quantized, quantize_, record_calibration, recipe_config, s
 from .diffusers_quantizer import install as _install_diffusers_quantizer
 
 _install_diffusers_quantizer()  # "ditas" becomes a diffusers quant_method once diffusers is imported
+from . import lora_adapters
+
+lora_adapters.install()  # LoRA adapters on quantized linears (registered when peft / diffusers are imported)
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,309 @@
+"""LoRA adapters (peft, diffusers' LoRA loaders) on ditas-quantized transformers.
+
+Layer level: the adapter beside a ``QuantLinear`` is peft's LoRA on the float input; fusing appends
+its ranks to ditas' own low-rank branch (the integer kernels prepare their LoRA limbs again) and
+unfusing restores it exactly. Pipeline level (tiny random Flux and SD3 pipelines, diffusers'
+``save_lora_weights`` / ``load_lora_weights``; PixArt through peft, which diffusers gives no LoRA
+loader): a LoRA made on the FP model does to the quantized model what it does to FP.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("peft")  # the `lora` extra; the test extra installs it, so this runs in CI
+from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict  # noqa: E402
+from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
+from peft.utils import get_peft_model_state_dict  # noqa: E402
+
+import ditas  # noqa: E402
+from ditas.errors import ConfigError  # noqa: E402
+from ditas.evaluation.metrics import psnr  # noqa: E402
+from ditas.lora_adapters.peft_layer import QuantLoraLinear  # noqa: E402
+from ditas.quantization.config import ActivationFormat, WeightFormat  # noqa: E402
+from ditas.quantization.linear import QuantLinear  # noqa: E402
+import family_models as fm  # noqa: E402
+from quant_helpers import integer_kernels  # noqa: E402
+
+# the block linears of the tiny families (peft matches name suffixes); all of them are quantized
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "proj_mlp",
+           "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "attn2.to_q"]
+SCALE = 2.0  # lora_alpha / r
+
+
+class _Holder(nn.Module):
+    """One quantized linear as a model peft can inject into (peft reads the device of a model's
+    first parameter, so it holds one, as every real transformer does: norms, embeddings)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.lin = layer
+        self.unused = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _quant_layer(abits: int = 8, seed: int = 0) -> QuantLinear:
+    """A W4 layer with bias, an on-the-fly smoothing factor and a rank-3 ditas branch (bf16, as the recipes)."""
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(24, 20)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(20, 24, generator=g) * 0.2)
+    return QuantLinear.from_linear(lin, WeightFormat(4), ActivationFormat(abits), smooth=torch.rand(24, generator=g) + 0.5,
+                                   lora_down=torch.randn(3, 24, generator=g) * 0.1,
+                                   lora_up=torch.randn(20, 3, generator=g) * 0.1, lora_dtype=torch.bfloat16)
+
+
+def _with_adapter(layer: QuantLinear, seed: int = 1) -> tuple[_Holder, QuantLoraLinear]:
+    model = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2 * SCALE, target_modules=["lin"]), _Holder(layer))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (model.lin.lora_A["default"].weight, model.lin.lora_B["default"].weight):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model, model.lin
+
+
+def _adapter_on(wrapper: QuantLoraLinear, x: torch.Tensor) -> torch.Tensor:
+    a, b = wrapper.lora_A["default"].weight, wrapper.lora_B["default"].weight
+    return SCALE * (x @ a.t()) @ b.t()
+
+
+def test_import_ditas_leaves_peft_alone_and_registers_when_peft_is_imported():
+    code = ("import sys, ditas\nassert 'peft' not in sys.modules\n"
+            "from peft.tuners.lora.model import LoraModel\n"
+            "assert LoraModel._create_new_module.ditas_original is not None\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kernel", ["simulated", *integer_kernels()])
+def test_adapter_runs_beside_the_product_on_the_float_input(kernel, recwarn):
+    layer = _quant_layer()
+    layer.set_kernel(kernel)
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        base = layer(x)
+        model, wrapper = _with_adapter(layer)
+        y = model(x)
+    assert isinstance(wrapper, QuantLoraLinear) and wrapper.get_base_layer() is layer
+    assert not [w for w in recwarn if "Unsupported layer type" in str(w.message)]
+    torch.testing.assert_close(y, base + _adapter_on(wrapper, x), rtol=1e-5, atol=1e-6)
+    assert (y - base).abs().max() > 0.1  # the adapter visibly acts
+
+
+@pytest.mark.parametrize("kernel", ["simulated", *integer_kernels()])
+def test_fuse_appends_ranks_to_ditas_branch_and_unfuse_restores_it(kernel):
+    layer = _quant_layer()
+    layer.set_kernel(kernel)
+    model, wrapper = _with_adapter(layer)
+    x = torch.randn(5, 24)
+    down0, up0 = layer.lora_down, layer.lora_up
+    with torch.no_grad():
+        unfused = model(x)
+        base = layer(x)
+        wrapper.merge()
+        assert wrapper.merged and layer.lora_rank == 5 and layer.lora_down.dtype == torch.float32
+        fused = model(x)
+        # the fused adapter reads the layer's quantized input Q_A(x / smooth), as ditas' branch does
+        codes, s, z = layer.quantize_input(x)
+        xq = (codes - z) * s * layer.smooth
+        torch.testing.assert_close(fused, base + _adapter_on(wrapper, xq), rtol=1e-4, atol=1e-5)
+        if kernel != "simulated":  # the integer kernel prepared its LoRA limbs again, for 3 + 2 ranks
+            assert layer.kernel_state.lora_rank == 5
+            assert layer.kernel_state.product_features == 20 + 5 * layer.kernel_state.lora_limbs
+        wrapper.unmerge()
+        assert layer.lora_down is down0 and layer.lora_up is up0 and layer.lora_rank == 3
+        assert torch.equal(model(x), unfused)
+
+
+def test_fused_equals_unfused_for_float_activations():
+    layer = _quant_layer(abits=16)
+    model, wrapper = _with_adapter(layer)
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        unfused = model(x)
+        wrapper.merge()
+        torch.testing.assert_close(model(x), unfused, rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_onto_a_layer_without_a_branch_and_back():
+    lin = nn.Linear(24, 20)
+    layer = QuantLinear.from_linear(lin, WeightFormat(4), ActivationFormat(8))
+    model, wrapper = _with_adapter(layer)
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        before = model(x)
+        wrapper.merge()
+        assert layer.lora_rank == 2
+        wrapper.unmerge()
+        assert layer.lora_rank == 0 and layer.lora_down is None and torch.equal(model(x), before)
+
+
+@pytest.mark.parametrize("option", [dict(lora_bias=True), dict(use_dora=True)])
+def test_refuses_what_would_change_the_quantized_weight(option):
+    with pytest.raises(ConfigError, match="LoRA"):
+        inject_adapter_in_model(LoraConfig(r=2, target_modules=["lin"], **option), _Holder(_quant_layer()))
+
+
+# -- pipelines ------------------------------------------------------------------------------------------
+def _pipeline(family: str):
+    """A tiny random pipeline in memory (the components of ``family_models.save_tiny_*_pipeline``)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    if family == "flux":
+        (tok1, enc1), (tok2, enc2) = fm._clip(fm.POOLED_DIM), fm._t5()
+        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=fm._vae(2), text_encoder=enc1,
+                            tokenizer=tok1, text_encoder_2=enc2, tokenizer_2=tok2, transformer=fm.tiny_flux())
+    else:
+        (tok1, enc1), (tok2, enc2) = fm._clip(fm.TEXT_DIM // 2, fm.POOLED_DIM // 2), fm._clip(fm.TEXT_DIM // 2,
+                                                                                              fm.POOLED_DIM // 2)
+        pipe = StableDiffusion3Pipeline(transformer=fm.tiny_sd3(), scheduler=FlowMatchEulerDiscreteScheduler(),
+                                        vae=fm._vae(4), text_encoder=enc1, tokenizer=tok1, text_encoder_2=enc2,
+                                        tokenizer_2=tok2, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _images(pipe) -> torch.Tensor:
+    out = pipe(["a red fox", "a blue house in snow"], num_inference_steps=3, height=16, width=16, output_type="latent",
+               generator=torch.Generator().manual_seed(5))
+    return out.images  # the latents: the transformer's work, before the (random, tiny) VAE
+
+
+def _random_lora(model: nn.Module, seed: int = 3, gain: float = 0.2) -> None:
+    """Non-zero random LoRA factors (peft initialises lora_B to zero, an adapter that does nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * gain / p.shape[1] ** 0.5)
+
+
+def _quantized_copy(pipe):
+    q = copy.deepcopy(pipe)
+    with ditas.record_calibration(q.transformer) as calib:
+        _images(q)
+    ditas.quantize_(q.transformer, ditas.recipe_config("ditas", lora_rank=4, lora_rounds=2), calib)
+    return q
+
+
+@pytest.fixture(scope="module", params=["flux", "sd3"])
+def lora_case(request, tmp_path_factory):
+    """(family, FP pipeline, quantized pipeline, LoRA folder in diffusers' format)."""
+    fp = _pipeline(request.param)
+    q = _quantized_copy(fp)
+    maker = copy.deepcopy(fp.transformer)
+    maker.add_adapter(LoraConfig(r=4, lora_alpha=4 * SCALE, target_modules=TARGETS, init_lora_weights=False))
+    _random_lora(maker)
+    folder = tmp_path_factory.mktemp(f"lora-{request.param}")
+    type(fp).save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(maker))
+    return request.param, fp, q, folder
+
+
+def test_lora_file_on_the_quantized_pipeline_acts_as_on_fp(lora_case):
+    family, fp, q, folder = lora_case
+    ref, ref_q = _images(fp), _images(q)
+    fp.load_lora_weights(folder, adapter_name="style")
+    q.load_lora_weights(folder, adapter_name="style")
+    try:
+        lora_fp, lora_q = _images(fp), _images(q)
+    finally:
+        fp.unload_lora_weights()
+        q.unload_lora_weights()
+    wrapped = [m for m in q.transformer.modules() if isinstance(m, QuantLoraLinear)]
+    assert not wrapped  # unloaded
+    peak = float(ref.abs().max())
+    quant_error, lora_quant_error = psnr(ref_q, ref, peak), psnr(lora_q, lora_fp, peak)
+    assert lora_quant_error > quant_error - 1.0, (quant_error, lora_quant_error)
+    change_fp, change_q = (lora_fp - ref).flatten(), (lora_q - ref_q).flatten()
+    assert psnr(lora_fp, ref, peak) < 60  # far above float rounding (> 120 dB): the LoRA visibly acts
+    # on the quantized pipeline it moves the latents the same way, by about as much
+    assert torch.cosine_similarity(change_q, change_fp, dim=0) > 0.7
+    assert 0.5 < float(change_q.norm() / change_fp.norm()) < 2.0
+    assert torch.equal(_images(q), ref_q)  # unloaded: the original output
+
+
+def test_set_adapters_fuse_unfuse_and_unload_on_the_quantized_pipeline(lora_case):
+    family, fp, q, folder = lora_case
+    ref_q = _images(q)
+    q.load_lora_weights(folder, adapter_name="style")
+    try:
+        wrapped = [m for m in q.transformer.modules() if isinstance(m, BaseTunerLayer)]
+        assert wrapped and all(isinstance(m, QuantLoraLinear) for m in wrapped)
+        adapter = _images(q)
+        q.set_adapters(["style"], adapter_weights=[0.0])
+        assert torch.equal(_images(q), ref_q)
+        q.set_adapters(["style"], adapter_weights=[0.5])
+        half = _images(q)
+        assert (half - ref_q).norm() < 0.75 * (adapter - ref_q).norm()  # half the weight, a smaller change
+        q.set_adapters(["style"], adapter_weights=[1.0])
+        assert torch.equal(_images(q), adapter)
+        q.fuse_lora()
+        fused = _images(q)
+        q.unfuse_lora()
+        assert torch.equal(_images(q), adapter)  # unfused: bit-equal to before
+        # fused reads 8-bit activations: far closer to the unfused adapter than quantization is to FP
+        peak = float(ref_q.abs().max())
+        assert psnr(fused, adapter, peak) > psnr(ref_q, _images(fp), peak) + 10
+    finally:
+        q.unload_lora_weights()
+    assert torch.equal(_images(q), ref_q)
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: smoothing factors that ditas folds into a preceding layer "
+                   "(PixArt's prev_rows / adaLN rows) change what the quantized linears read and output, and the "
+                   "layers do not record them, so the adapter sees x / s there (issue 21, LoRA)")
+def test_pixart_through_peft():
+    """PixArt (no diffusers LoRA loader): peft's own inject / set state dict / merge."""
+    fp = fm.tiny_pixart()
+    with ditas.record_calibration(fp) as calib, torch.no_grad():
+        for step in range(3):
+            fp(**fm.call_kwargs(fp, seed=1, step=step))
+    q = copy.deepcopy(fp)
+    ditas.quantize_(q, ditas.recipe_config("ditas", lora_rank=4, lora_rounds=2), calib)
+    config = LoraConfig(r=4, lora_alpha=4 * SCALE, target_modules=TARGETS, init_lora_weights=False)
+
+    def run(model):
+        with torch.no_grad():
+            return torch.cat([model(**fm.call_kwargs(model, seed=7, step=s))[0] for s in range(3)])
+
+    ref, ref_q = run(fp), run(q)
+    peak = float(ref.abs().max())
+    lora_fp = inject_adapter_in_model(config, copy.deepcopy(fp))
+    _random_lora(lora_fp)
+    lora_q = inject_adapter_in_model(config, q)
+    assert not set_peft_model_state_dict(lora_q, get_peft_model_state_dict(lora_fp)).unexpected_keys
+    out_fp, out_q = run(lora_fp), run(lora_q)
+    assert psnr(out_q, out_fp, peak) > psnr(ref_q, ref, peak) - 1.0
+    assert abs(psnr(out_q, ref_q, peak) - psnr(out_fp, ref, peak)) < 1.5
+    layers = [m for m in lora_q.modules() if isinstance(m, QuantLoraLinear)]
+    for m in layers:
+        m.merge()
+    fused = run(lora_q)
+    for m in layers:
+        m.unmerge()
+    assert torch.equal(run(lora_q), out_q)
+    assert psnr(fused, out_q, peak) > psnr(ref_q, ref, peak) + 10
+
+
+def test_the_docs_example_runs(lora_case):
+    """docs/api.md "LoRA adapters": its code block, run on a fresh tiny pipeline of the case's family."""
+    from pathlib import Path
+
+    family, _, _, folder = lora_case
+    text = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    block = text.split("### LoRA adapters", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    pipe = _pipeline(family)
+    with ditas.record_calibration(pipe.transformer) as calib:
+        _images(pipe)
+    env = {"pipe": pipe, "calib": calib, "prompt": ["a red fox"]}
+    exec(block.replace('"some/flux-lora"', repr(str(folder))), env)
+    assert len(env["images"]) == 1 and not any(isinstance(m, BaseTunerLayer) for m in pipe.transformer.modules())
