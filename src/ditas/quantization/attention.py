@@ -55,9 +55,9 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    from .kernels.int_mm import int_mm  # pads where a device needs it (CUDA)
+    from .kernels import ops  # the custom op ditas::int_mm: pads where a device needs it (CUDA), traceable
 
-    return int_mm(a, b)
+    return ops.int_mm(a, b)
 
 
 def _dense(x: torch.Tensor) -> torch.Tensor:
