@@ -174,3 +174,22 @@ def test_export_of_a_quantized_block(quantized_dits, kernel):
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
     if KERNELS[kernel].holds_codes:
         assert f"ditas.{kernel}_linear.default" in targets, sorted(targets)
+
+
+@pytest.mark.slow
+def test_inductor_compile_of_a_quantized_pixart_equals_eager():
+    """A tiny diffusers PixArt transformer quantized by the default recipe (the default kernels)."""
+    import family_models as fm
+    from ditas.calibration.recording import record_calibration
+
+    model = fm.tiny_pixart(0, layers=1)
+    with torch.no_grad(), record_calibration(model) as calib:
+        for step in range(2):
+            model(**fm.call_kwargs(model, seed=1, step=step))
+    ditas.quantize_(model, ditas.recipe_config("ditas", lora_rank=4, lora_rounds=1, alpha_grid=(0.5,)), calib)
+    kwargs = fm.call_kwargs(model, seed=7)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model(**kwargs)[0]
+        compiled = torch.compile(model, fullgraph=True)(**kwargs)[0]
+    assert float((compiled - eager).abs().max() / eager.abs().max()) < 1e-5
