@@ -27,8 +27,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from bench_int_backend import Variant, _randomize_zero_inits, _rel, available_kernels, quantize_dit, run_interleaved
-from ditas.model.dit import DiT, DiTConfig
+from bench_int_backend import Variant, _rel, available_kernels, quantize_dit, run_interleaved, xl_width_dit
 from machine import cpu_name
 
 
@@ -43,12 +42,7 @@ def _compiled(model: nn.Module, call, dtype: torch.dtype) -> tuple[nn.Module, fl
 def variants(depth: int) -> tuple[list[Variant], dict[str, float]]:
     """The six variants (eager and compiled fp32, bf16, W4A8) of one random DiT-XL/2-width model,
     each with its error against its eager twin; and the compile seconds of each compiled one."""
-    torch.manual_seed(0)
-    model = DiT(DiTConfig(depth=depth, hidden_size=1152, num_heads=16, patch_size=2)).eval()
-    _randomize_zero_inits(model)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, 32, 32, generator=g)
-    t, y = torch.tensor([500, 20]), torch.tensor([3, 1000])
+    model, x, t, y = xl_width_dit(depth)
 
     def call(m: nn.Module, dtype: torch.dtype) -> torch.Tensor:
         return m(x.to(dtype), t, y)
