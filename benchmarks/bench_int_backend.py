@@ -427,16 +427,22 @@ def bench_digits(rounds: int, min_sample_s: float) -> str:
     return table("digit model (32x32x1, patch 4, hidden 192, depth 6), one CFG step, batch 20", vs)
 
 
-def profile_dit(depth: int, rows: int = 18) -> str:
-    """Self-CPU time per operator of one forward: the default W4A8 +lora32 model, then bf16."""
-    from torch.profiler import ProfilerActivity, profile
-
+def xl_width_dit(depth: int) -> tuple[DiT, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random DiT at DiT-XL/2 widths with ``depth`` blocks (non-zero adaLN) and its inputs
+    (batch 2, 32x32x4 latent: 256 tokens)."""
     torch.manual_seed(0)
     model = DiT(DiTConfig(depth=depth, hidden_size=1152, num_heads=16, patch_size=2)).eval()
     _randomize_zero_inits(model)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, 32, 32, generator=g)
-    t, y = torch.tensor([500, 20]), torch.tensor([3, 1000])
+    return model, x, torch.tensor([500, 20]), torch.tensor([3, 1000])
+
+
+def profile_dit(depth: int, rows: int = 18) -> str:
+    """Self-CPU time per operator of one forward: the default W4A8 +lora32 model, then bf16."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, x, t, y = xl_width_dit(depth)
     out = []
     with torch.inference_mode():
         model_bf = copy.deepcopy(model).bfloat16()

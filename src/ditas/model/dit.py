@@ -118,7 +118,11 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 def _in_place_ok(out: torch.Tensor, *others: torch.Tensor) -> bool:
     """Whether an in-place update of ``out`` gives what the out-of-place expression gives: same
-    result dtype, and no autograd graph to keep (training uses the out-of-place form)."""
+    result dtype, and no autograd graph to keep (training uses the out-of-place form). Under
+    torch.compile the out-of-place form (dynamo cannot trace ``torch.result_type``; inductor fuses
+    the expression and reuses buffers itself)."""
+    if torch.compiler.is_compiling():
+        return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (out, *others)):
         return False
     return all(torch.result_type(out, t) == out.dtype for t in others)

@@ -55,16 +55,17 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact int32 ``a @ b`` of int8 matrices: ``torch._int_mm`` where it is exact; on a CPU without
-    VNNI (where it saturates, ``kernels.int_mm.int_mm_exact_on_cpu``) a float product, exact too: each
-    product is at most 2^14, so every partial sum of K <= 1024 of them fits float32's 24 bits
-    (float64's 53 beyond)."""
-    from .kernels.int_mm import int_mm, int_mm_exact_on_cpu  # pads where a device needs it (CUDA)
+    """Exact int32 ``a @ b`` of int8 matrices: the custom op ``ditas::int_mm`` (``torch._int_mm``,
+    padded where a device needs it, traceable) where it is exact; on a CPU without VNNI (where it
+    saturates, ``kernels.int_mm.int_mm_exact_on_cpu``) a float product, exact too: each product is
+    at most 2^14, so every partial sum of K <= 1024 of them fits float32's 24 bits (float64's 53 beyond)."""
+    from .kernels import ops
+    from .kernels.int_mm import int_mm_exact_on_cpu
 
     if a.device.type == "cpu" and not int_mm_exact_on_cpu():
         dtype = torch.float32 if a.shape[1] <= 1024 else torch.float64
         return (a.to(dtype) @ b.to(dtype)).to(torch.int32)
-    return int_mm(a, b)
+    return ops.int_mm(a, b)
 
 
 def _dense(x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,9 @@ granularities, whether this torch build has it) and holds ``prepare(layer)`` and
   corrections, CPU and CUDA.
 - ``simulated`` (``simulated.py``): the float simulation, any device, any layout; the reference.
 
+The integer products are custom ops (``ops.py``, namespace ``ditas::``), so that ``torch.compile``
+and ``torch.export`` trace a quantized model.
+
 The one vocabulary is ``kernel``, with the values ``auto`` and the entry names. :func:`use_kernels`
 is the one explicit call: ``"auto"`` (the default everywhere) gives every layer the most preferred
 kernel that supports it on its device; a named kernel that does not support a layer is a
@@ -27,6 +30,7 @@ from .base import Kernel, layer_device
 from .int_mm import IntMM
 from .integer import MAX_LORA_LIMBS
 from .onednn import OneDNN
+from . import ops  # noqa: F401  registers the ditas:: custom ops the kernels call
 from .simulated import Simulated
 
 AUTO = "auto"

@@ -77,6 +77,18 @@ class Kernel:
         return f"<kernel {self.name}: {self.summary}>"
 
 
+def cached(state: Any, attr: str, make) -> torch.Tensor:
+    """``state.attr``, made by ``make()`` and kept at the first eager call. While torch.compile or
+    torch.export traces, a missing value is made in the graph and NOT kept: the tracer's tensors
+    (fake tensors) must not leak into the eager state."""
+    value = getattr(state, attr)
+    if value is None:
+        value = make()
+        if not torch.compiler.is_compiling():
+            setattr(state, attr, value)
+    return value
+
+
 def layer_device(layer: Any) -> torch.device:
     """The device of a layer's tensors (its scales; CPU for a layer without any)."""
     for t in (layer.wscale, layer.bias):

@@ -94,6 +94,22 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a, b)[:m, :n]
 
 
+def int_mm_linear(codes: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor, w_int8: torch.Tensor,
+                  rowsum: torch.Tensor, wscale: torch.Tensor, residual: torch.Tensor | None,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """Float32 (M, N) product of a prepared weight (``integer.IntWeightState``'s tensors):
+    ``a - 128`` in int8, exact zero-point corrections, then one scaling pass. ``a_scale``/``a_zero``
+    are scalars (per-tensor) or (M, 1) (per-token). Reads tensor values on the host (the int32/int64
+    choice), so torch.compile sees it only as the custom op ``ditas::int_mm_linear`` (``ops.py``)."""
+    per_tensor = a_scale.numel() == 1
+    a8 = (codes.to(torch.int16) - 128).to(torch.int8)
+    za8 = (a_zero.reshape(-1, 1) if not per_tensor else a_zero.reshape(1, 1)).to(torch.int64) - 128
+    acc = int8_matmul_zp(a8, za8, w_int8, residual, rowsum, wide=True)
+    y = acc.float().mul_(wscale).mul_(a_scale.reshape(-1, 1) if not per_tensor else a_scale.reshape(()))
+    if bias is not None:
+        y.add_(bias)
+    return y
+
 
 @lru_cache(maxsize=None)
 def int_mm_exact_on_cpu() -> bool:
@@ -129,11 +145,6 @@ class IntMM(IntegerKernel):
 
     def product(self, st: IntWeightState, codes: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor,
                 per_tensor: bool) -> torch.Tensor:
-        """``a - 128`` in int8, exact corrections, then one scaling pass."""
-        a8 = (codes.to(torch.int16) - 128).to(torch.int8)
-        za8 = (a_zero.reshape(-1, 1) if not per_tensor else a_zero.reshape(1, 1)).to(torch.int64) - 128
-        acc = int8_matmul_zp(a8, za8, st.w_int8, st.residual, st.rowsum, wide=True)
-        y = acc.float().mul_(st.wscale).mul_(a_scale.reshape(-1, 1) if not per_tensor else a_scale.reshape(()))
-        if st.bias is not None:
-            y.add_(st.bias)
-        return y
+        """``int_mm_linear`` as the custom op ``ditas::int_mm_linear`` (traceable by torch.compile)."""
+        return torch.ops.ditas.int_mm_linear(codes, a_scale, a_zero, st.w_int8, st.rowsum, st.wscale, st.residual,
+                                             st.bias)

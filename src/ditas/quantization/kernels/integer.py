@@ -33,7 +33,7 @@ import torch
 
 from ...errors import ConfigError
 from ..quantizers import activation_qparams
-from .base import Kernel, weights_problem
+from .base import Kernel, cached, weights_problem
 
 LIMB_BASE = 128  # each further int8 limb of the LoRA down rows adds 7 bits
 MAX_LORA_LIMBS = 3  # three limbs already match the fp32 product (2.4e-7 of a row's largest entry)
@@ -292,9 +292,8 @@ class IntegerKernel(Kernel):
         limbs = st.lora_limbs
         if module.lora_rank and not limbs:
             if lora_bf16:
-                if st.lora_bf16 is None:
-                    st.lora_bf16 = (module.lora_down.to(torch.bfloat16), module.lora_up.to(torch.bfloat16))
-                down, up = st.lora_bf16
+                down, up = cached(st, "lora_bf16", lambda: (module.lora_down.to(torch.bfloat16),
+                                                            module.lora_up.to(torch.bfloat16)))
                 h = (codes.to(torch.bfloat16) @ down.t()).float()
                 h.sub_(a_zero * st.lora_down_sum).mul_(a_scale)
                 lora = h.to(torch.bfloat16) @ up.t()
@@ -315,9 +314,8 @@ class IntegerKernel(Kernel):
                 h = h + y[:, n + j * r:n + (j + 1) * r]
             y = y[:, :n]  # a view: the up-projection accumulates into it, no copy
             if lora_bf16:
-                if st.lora_up_bf16 is None:
-                    st.lora_up_bf16 = module.lora_up.to(torch.bfloat16).t()
-                y.add_(h.to(torch.bfloat16) @ st.lora_up_bf16)
+                up_t = cached(st, "lora_up_bf16", lambda: module.lora_up.to(torch.bfloat16).t())
+                y.add_(h.to(torch.bfloat16) @ up_t)
             else:
                 y.addmm_(h, module.lora_up.float().t())  # bf16 factors: a (N, r) conversion per call
         return y.reshape(*shape[:-1], module.out_features).to(x.dtype)

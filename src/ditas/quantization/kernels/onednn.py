@@ -34,16 +34,50 @@ def onednn_works() -> bool:
         return False
 
 
-def _qlinear(codes_u8: torch.Tensor, x_scale: float, x_zero: int, st: IntWeightState, bias: torch.Tensor | None,
-             other: torch.Tensor | None = None) -> torch.Tensor:
+def _qlinear(codes_u8: torch.Tensor, x_scale: float, x_zero: int, packed: torch.Tensor, wscale: torch.Tensor,
+             zero_points: torch.Tensor, bias: torch.Tensor | None, other: torch.Tensor | None = None) -> torch.Tensor:
     """One oneDNN product of the prepared weight (``other``: added in the epilogue)."""
-    zeros = st.zero_points
     if other is None:
-        return torch.ops.onednn.qlinear_pointwise(codes_u8, x_scale, x_zero, st.packed, st.wscale, zeros, bias,
+        return torch.ops.onednn.qlinear_pointwise(codes_u8, x_scale, x_zero, packed, wscale, zero_points, bias,
                                                   1.0, 0, torch.float32, "none", [], "")
-    return torch.ops.onednn.qlinear_pointwise.binary(codes_u8, x_scale, x_zero, st.packed, st.wscale, zeros, other,
+    return torch.ops.onednn.qlinear_pointwise.binary(codes_u8, x_scale, x_zero, packed, wscale, zero_points, other,
                                                      bias, 1.0, 0, torch.float32, 1.0, 0, "add", 1.0, "none", [], "")
 
+
+def onednn_linear(codes: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor, packed: torch.Tensor,
+                  wscale: torch.Tensor, zero_points: torch.Tensor, rowsum_scaled: torch.Tensor,
+                  residual_scaled: torch.Tensor | None, bias: torch.Tensor | None,
+                  other: torch.Tensor | None) -> torch.Tensor:
+    """Float32 (M, rows) product of a prepared weight (``integer.IntWeightState``'s tensors).
+
+    Per-tensor activations: one oneDNN call (``other``, if given, added in its epilogue: only
+    without residual zero points); per-token: one common zero point inside the kernel and the
+    per-token remainder outside. Passes the scale and zero point to oneDNN as host numbers, so
+    torch.compile sees it only as the custom op ``ditas::onednn_linear`` (``ops.py``).
+    """
+    k = codes.shape[1]
+    q = codes.to(torch.uint8)
+    if other is not None:
+        if a_scale.numel() != 1 or residual_scaled is not None:
+            raise ValueError("the fused LoRA epilogue needs per-tensor activations and no residual zero points")
+        return _qlinear(q, float(a_scale), int(a_zero), packed, wscale, zero_points, bias, other=other)
+    if a_scale.numel() == 1:
+        y = _qlinear(q, float(a_scale), int(a_zero), packed, wscale, zero_points, bias)
+        if residual_scaled is not None:
+            s = (codes.sum(dim=1, dtype=torch.float64) - k * float(a_zero)).float() * float(a_scale)
+            y.addr_(s, residual_scaled, alpha=-1)
+        return y
+    # per-token: one common zero point inside the kernel, the per-token remainder outside
+    zc = int(torch.round(a_zero.float().mean()))
+    y = _qlinear(q, 1.0, zc, packed, wscale, zero_points, None)
+    y.addr_(a_zero.reshape(-1).float() - zc, rowsum_scaled, alpha=-1)
+    if residual_scaled is not None:
+        s = (codes.sum(dim=1, dtype=torch.float64) - k * a_zero.reshape(-1).double()).float()
+        y.addr_(s, residual_scaled, alpha=-1)
+    y.mul_(a_scale.reshape(-1, 1))
+    if bias is not None:
+        y.add_(bias)
+    return y
 
 
 class OneDNN(IntegerKernel):
@@ -63,29 +97,18 @@ class OneDNN(IntegerKernel):
 
     def product(self, st: IntWeightState, codes: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor,
                 per_tensor: bool) -> torch.Tensor:
-        k = codes.shape[1]
-        q = codes.to(torch.uint8)
-        if per_tensor:
-            y = _qlinear(q, float(a_scale), int(a_zero), st, st.bias)
-            if st.residual is not None:
-                s = (codes.sum(dim=1, dtype=torch.float64) - k * float(a_zero)).float() * float(a_scale)
-                y.addr_(s, st.residual_scaled, alpha=-1)
-            return y
-        # per-token: one common zero point inside the kernel, the per-token remainder outside
-        zc = int(torch.round(a_zero.float().mean()))
-        y = _qlinear(q, 1.0, zc, st, None)
-        y.addr_(a_zero.reshape(-1).float() - zc, st.rowsum_scaled, alpha=-1)
-        if st.residual is not None:
-            s = (codes.sum(dim=1, dtype=torch.float64) - k * a_zero.reshape(-1).double()).float()
-            y.addr_(s, st.residual_scaled, alpha=-1)
-        y.mul_(a_scale.reshape(-1, 1))
-        if st.bias is not None:
-            y.add_(st.bias)
-        return y
+        """``onednn_linear`` as the custom op ``ditas::onednn_linear`` (traceable by torch.compile)."""
+        return self._call(st, codes, a_scale, a_zero, None)
 
     def fused(self, st: IntWeightState, codes: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor,
               lora: torch.Tensor | None) -> torch.Tensor | None:
         """Per-tensor activations without residual zero points: the LoRA branch in the epilogue."""
         if a_scale.numel() != 1 or st.residual is not None:
             return None
-        return _qlinear(codes.to(torch.uint8), float(a_scale), int(a_zero), st, st.bias, other=lora)
+        return self._call(st, codes, a_scale, a_zero, lora)
+
+    @staticmethod
+    def _call(st: IntWeightState, codes: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor,
+              other: torch.Tensor | None) -> torch.Tensor:
+        return torch.ops.ditas.onednn_linear(codes, a_scale, a_zero, st.packed, st.wscale, st.zero_points,
+                                             st.rowsum_scaled, st.residual_scaled, st.bias, other)

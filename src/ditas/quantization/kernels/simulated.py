@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import Kernel
+from .base import Kernel, cached
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Simulated(Kernel):
             x2 = x2.float()
         codes, a_scale, a_zero = layer.quantize_input(x2)
         xq = codes if a_scale is None else (codes - a_zero) * a_scale
-        if st.weight is None or st.rank != layer.lora_rank:
-            st.weight, st.rank = layer.effective_weight(), layer.lora_rank
-        y = F.linear(xq, st.weight, layer.bias)
+        if st.rank != layer.lora_rank:
+            st.weight, st.rank = None, layer.lora_rank
+        y = F.linear(xq, cached(st, "weight", layer.effective_weight), layer.bias)
         return y.reshape(*shape[:-1], layer.out_features).to(x.dtype)
