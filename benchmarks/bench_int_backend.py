@@ -134,10 +134,11 @@ def model_bytes(model: nn.Module) -> int:
             total += tensor_bytes(t)
     for m in model.modules():
         if isinstance(m, QuantLinear):
-            if m.kernel_state is not None and hasattr(m.kernel_state, "nbytes"):
-                total += m.kernel_state.nbytes()
-            if m._wcache is not None:
-                total += tensor_bytes(m._wcache)
+            st = m.kernel_state
+            if st is not None and hasattr(st, "nbytes"):  # an integer kernel's prepared weight
+                total += st.nbytes()
+            elif getattr(st, "weight", None) is not None:  # the simulated kernel's cached float weight
+                total += tensor_bytes(st.weight)
         if isinstance(m, WeightOnlyInt8Linear) and m._kernel_args is not None:
             w, ones = m._kernel_args
             total += tensor_bytes(ones) + (0 if w is m.qweight else tensor_bytes(w))
