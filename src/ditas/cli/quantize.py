@@ -130,11 +130,12 @@ def run(args: argparse.Namespace) -> int:
 def _quantize(args: argparse.Namespace, cfg, claim) -> int:
     """The work of ``run`` once the output folder is claimed; publishes into ``claim``."""
     from .. import api
+    from ..loaders import load_dit  # the api layer's loader of any model or folder
     from ..fileio import json_text
 
     out = claim.path
     t0 = time.perf_counter()
-    model = api.load_dit(args.model, device=args.device)
+    model = load_dit(args.model, device=args.device)
     if getattr(model, "quant_config", None) is not None:
         raise DitasError(f"{args.model} is a quantized model already: quantize a float model")
     t_load = time.perf_counter() - t0

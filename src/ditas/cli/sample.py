@@ -141,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
     from .. import api
+    from ..loaders import load_dit  # the api layer's loader of any model or folder
     from ..diffusion.images import check_labels
     from ..fileio import check_new_file, check_not_input
     from ..validate import check_sampling_options
@@ -163,7 +164,7 @@ def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
     if args.batch_size < 1:
         raise DitasError(f"--batch-size must be at least 1, got {args.batch_size}")
     classes = _parse_classes(args.classes)
-    model = api.load_dit(args.model, device=device, kernel=args.kernel)
+    model = load_dit(args.model, device=device, kernel=args.kernel)
     if args.attention:
         api.use_attention(model, args.attention)
     if args.space:
