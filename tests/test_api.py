@@ -133,3 +133,29 @@ def test_quantize_runs_the_kernels_that_sample_runs_on_the_saved_folder(tmp_path
     x, t, y = _inputs(5)
     with torch.no_grad():
         assert torch.equal(m(x, t, y), sampled(x, t, y))
+
+
+def test_sample_returns_the_images_the_npz_holds_whatever_the_batch_size(tmp_path):
+    """ditas.sample: the same bytes in memory and in the npz, for batch sizes 3 and 5 (the
+    default model is float: no per-batch activation scales)."""
+    import numpy as np
+
+    model = ditas.load_dit()
+    labels = [3, 1, 4, 1, 5, 9, 2]
+    images = ditas.sample(model, labels, steps=2, seed=5, batch_size=3)
+    assert images.dtype == np.uint8 and images.shape[0] == len(labels) and images.shape[-1] == 3
+    assert np.array_equal(ditas.sample(model, labels, steps=2, seed=5, batch_size=5), images)
+    path = ditas.sample(model, labels, steps=2, seed=5, batch_size=5, out=tmp_path / "x.npz")
+    with np.load(path) as z:
+        assert np.array_equal(z["arr_0"], images) and z["labels"].tolist() == labels
+    assert not np.array_equal(ditas.sample(model, labels, steps=2, seed=6, batch_size=3), images)
+
+
+def test_shares_give_every_index_to_exactly_one_process():
+    from ditas.diffusion.batches import batch_ranges, shares
+
+    for n, size, world in ((10, 3, 1), (10, 3, 2), (7, 2, 3), (4, 8, 3)):
+        got = sorted(i for r in range(world) for a, b in shares(n, size, r, world) for i in range(a, b))
+        assert got == list(range(n))
+    assert shares(10, 3, 1, 2) == [(3, 6), (9, 10)]
+    assert batch_ranges(5, 12, 3) == [(5, 8), (8, 11), (11, 12)]

@@ -34,6 +34,7 @@ def _never(name: str):
 def no_long_work(monkeypatch):
     """Every long-work entry point of the commands fails the test if reached."""
     import ditas.cli.benchmark as bench
+    import ditas.diffusion.batches as batches
     import ditas.diffusion.images as dp
     import ditas.diffusion.sharded as sharded
     import ditas.evaluation.comparison as comparison
@@ -44,7 +45,7 @@ def no_long_work(monkeypatch):
     for module, name in ((pipelines, "load_pipeline"), (pipelines, "record_pipeline_calibration"),
                          (pipelines, "generate_images"), (apply, "quantize"), (comparison, "compare_recipes"),
                          (bench, "sample_row"), (bench, "quantized_copy"), (dp, "generate"),
-                         (sharded, "sample_npz"), (digits, "evaluate_digit_samples")):
+                         (sharded, "sample_npz"), (batches, "sample_images"), (digits, "evaluate_digit_samples")):
         monkeypatch.setattr(module, name, _never(name))
     monkeypatch.setattr(torch.distributed, "init_process_group", _never("init_process_group"))
 

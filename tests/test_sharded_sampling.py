@@ -15,7 +15,7 @@ import torch
 
 import ditas
 from ditas.cli.main import main
-from ditas.diffusion import sharded
+from ditas.diffusion import batches, sharded
 from ditas.diffusion.run import SamplingSettings
 from ditas.errors import DitasError
 
@@ -61,7 +61,7 @@ def test_killed_run_resumes_and_redoes_only_missing_shards(tmp_path, monkeypatch
     sharded.sample_npz(m, labels, tmp_path / "ref.npz", s, batch_size=2, shard_size=4, progress=False)
 
     calls = []
-    real = sharded.sample_batch
+    real = batches.sample_batch  # the one batch loop (diffusion/batches.py)
 
     def dying(model, y, settings, indices, *a, **k):
         calls.append(list(indices))
@@ -69,7 +69,7 @@ def test_killed_run_resumes_and_redoes_only_missing_shards(tmp_path, monkeypatch
             raise KeyboardInterrupt
         return real(model, y, settings, indices, *a, **k)
 
-    monkeypatch.setattr(sharded, "sample_batch", dying)
+    monkeypatch.setattr(batches, "sample_batch", dying)
     out = tmp_path / "run.npz"
     with pytest.raises(KeyboardInterrupt):
         sharded.sample_npz(m, labels, out, s, batch_size=2, shard_size=4, progress=False)
@@ -80,7 +80,7 @@ def test_killed_run_resumes_and_redoes_only_missing_shards(tmp_path, monkeypatch
         "images-00000004-00000008.npy", "images-00000004-00000008.sha256", "run.json"]
     (shards / ".images-00000008-00000012.npy.ditas-partial-99999999.npy").write_bytes(b"partial")  # as a SIGKILL leaves it
     calls.clear()
-    monkeypatch.setattr(sharded, "sample_batch", lambda *a, **k: (calls.append(list(a[3])), real(*a, **k))[1])
+    monkeypatch.setattr(batches, "sample_batch", lambda *a, **k: (calls.append(list(a[3])), real(*a, **k))[1])
     sharded.sample_npz(m, labels, out, s, batch_size=2, shard_size=4, progress=False)
     assert calls == [[8, 9], [10, 11]]  # only the missing shard
     assert out.read_bytes() == (tmp_path / "ref.npz").read_bytes()

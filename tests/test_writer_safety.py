@@ -277,16 +277,16 @@ def test_a_second_sample_to_the_same_npz_fails_at_once(tmp_path, model_dir, caps
     code = textwrap.dedent("""
         import sys, time
         from pathlib import Path
-        import ditas.diffusion.sharded as sharded
+        import ditas.diffusion.batches as batches
         from ditas.cli.main import main
         ready, go = Path(sys.argv[1]), Path(sys.argv[2])
-        real = sharded.sample_batch
+        real = batches.sample_batch
         def slow(*a, **k):
             ready.touch()
             while not go.exists():
                 time.sleep(0.02)
             return real(*a, **k)
-        sharded.sample_batch = slow
+        batches.sample_batch = slow
         sys.exit(main(sys.argv[3:]))
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, str(Path(__file__).parent)]), "OMP_NUM_THREADS": "1"}

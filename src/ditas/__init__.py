@@ -5,8 +5,8 @@ samplers, image generation), ``calibration`` (the FP model's own trajectory), ``
 (smoothing, alpha search, training-free LoRA, quantized linear, checkpoints), ``evaluation``
 (metrics) and ``cli`` (the ``ditas`` command); ``loaders.load_dit`` reads float and quantized
 models alike, ``pipelines`` wraps diffusers text-to-image pipelines. ``api`` is the Python API:
-``record_calibration``, ``quantize_``, ``save_quantized``, ``load_quantized``, ``recipe_config``
-(see ``docs/api.md``).
+``record_calibration``, ``quantize_``, ``use_kernels``, ``sample``, ``save_quantized``,
+``load_quantized``, ``recipe_config`` (see ``docs/api.md``); the ``ditas`` commands call it too.
 """
 
 from .errors import CheckpointError, ConfigError, DitasError
@@ -15,7 +15,8 @@ from .loaders import load_dit
 from .model.loading import default_model_path, save_dit
 from .quantization.config import QuantConfig
 from .model.adapters.base import CalibrationRecord
-from .api import load_quantized, quantize_, record_calibration, recipe_config, save_quantized
+from .api import (load_quantized, load_vae, quantize_, record_calibration, recipe_config, sample, save_quantized,
+                  use_attention, use_kernels, write_quantized)
 from .diffusers_quantizer import install as _install_diffusers_quantizer
 
 _install_diffusers_quantizer()  # "ditas" becomes a diffusers quant_method once diffusers is imported
@@ -26,5 +27,6 @@ lora_adapters.install()  # LoRA adapters on quantized linears (registered when p
 __version__ = "0.1.0"
 
 __all__ = ["DiT", "DiTConfig", "DiT_models", "dit_config", "load_dit", "save_dit", "default_model_path",
-           "record_calibration", "quantize_", "save_quantized", "load_quantized", "recipe_config", "QuantConfig", "CalibrationRecord",
+           "record_calibration", "quantize_", "save_quantized", "write_quantized", "load_quantized", "load_vae",
+           "recipe_config", "use_kernels", "use_attention", "sample", "QuantConfig", "CalibrationRecord",
            "DitasError", "CheckpointError", "ConfigError", "__version__"]

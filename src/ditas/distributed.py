@@ -2,7 +2,7 @@
 
 One place for joining the group (:func:`init_from_env`), waiting (:func:`barrier`), leaving it
 (:func:`leave_together` on success, :func:`shutdown` on failure) and sharing what one process
-made with the others (:func:`broadcast_object`). Outside ``torchrun`` every function is the
+made with the others (:func:`broadcast_object`, :func:`all_gather_object`). Outside ``torchrun`` every function is the
 one-process identity: rank 0 of a world of 1, nothing to wait for, nothing to send.
 
 Anything whose value depends on float rounding (a quantized model, a calibration run) is made
@@ -56,6 +56,16 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     box = [obj if dist.get_rank() == src else None]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj: T) -> list[T]:
+    """Every process's ``obj``, in rank order (pickled). Outside a group, ``[obj]``."""
+    dist = _dist()
+    if dist is None:
+        return [obj]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def init_from_env(device: torch.device) -> tuple[int, int, torch.device]:

@@ -76,7 +76,7 @@ def add_quant_arguments(p: argparse.ArgumentParser, with_bits: bool = True) -> N
 
 def config_from_args(args: argparse.Namespace, recipe: str, w_bits: int | None = None, a_bits: int | None = None):
     """The recipe with the options the user gave (an option left out keeps the recipe's value)."""
-    from ..quantization.recipes import recipe_config
+    from ..api import recipe_config
 
     given = dict(
         w_bits=w_bits if w_bits is not None else getattr(args, "w_bits", None),
@@ -131,12 +131,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _quantize(args: argparse.Namespace, cfg, claim) -> int:
     """The work of ``run`` once the output folder is claimed; publishes into ``claim``."""
+    from .. import api
     from ..dtypes import cli_dtype
+    from ..loaders import load_dit  # the api layer's loader of any model or folder
     from ..fileio import json_text
-    from ..loaders import load_dit
-    from ..quantization.apply import quantize
-    from ..quantization.checkpoint import write_quantized
-    from ..validate import calibration_memory_problem, check_problems
 
     out = claim.path
     t0 = time.perf_counter()
@@ -144,12 +142,11 @@ def _quantize(args: argparse.Namespace, cfg, claim) -> int:
     if getattr(model, "quant_config", None) is not None:
         raise DitasError(f"{args.model} is a quantized model already: quantize a float model")
     t_load = time.perf_counter() - t0
-    check_problems(calibration_memory_problem(model, cfg, args.device))  # before the calibration run
-    qmodel, report = quantize(model, cfg, progress=not args.no_progress, inplace=True)
+    report = api.quantize_(model, cfg, progress=not args.no_progress)  # refuses a calibration run too large first
     t1 = time.perf_counter()
     report["model"] = str(args.model) if args.model else "default"
     report["wall_time_s"]["load_s"] = round(t_load, 3)
-    write_quantized(qmodel, claim.tmp, cfg)
+    api.write_quantized(model, claim.tmp)
     report["wall_time_s"]["save_s"] = round(time.perf_counter() - t1, 3)
     (claim.tmp / "report.json").write_text(json_text(report, "report.json"))
     claim.publish()  # weights, config and report appear together, in one step

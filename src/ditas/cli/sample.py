@@ -1,6 +1,6 @@
 """``ditas sample``: images from a DiT (float or quantized), as a PNG grid or an ADM-style npz.
 
-An npz goes through ``diffusion.sharded.sample_npz``: sharded, resumable, memory bounded by the
+Sampling is ``ditas.sample`` (``api.py``); an npz goes through ``diffusion.sharded.sample_npz``: sharded, resumable, memory bounded by the
 batch, and split over processes under ``torchrun --nproc_per_node N -m ditas sample ...``.
 """
 
@@ -142,14 +142,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
-    from ..diffusion.images import check_labels, decode_to_uint8, generate, make_grid, save_png
-    from ..diffusion.run import SamplingSettings
-    from ..diffusion.sharded import sample_npz
+    from .. import api
+    from ..loaders import load_dit  # the api layer's loader of any model or folder
+    from ..diffusion.images import check_labels
     from ..fileio import check_new_file, check_not_input
     from ..validate import check_sampling_options
     from ..dtypes import cli_dtype
-    from ..loaders import load_dit
-    from ..model.vae import load_vae
 
     _quantized_dit_as_model(args)
     if _text_to_image.wants_pipeline_sample(args):  # a diffusers text-to-image pipeline (PixArt, SD3, Flux)
@@ -169,13 +167,9 @@ def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
     if args.batch_size < 1:
         raise DitasError(f"--batch-size must be at least 1, got {args.batch_size}")
     classes = _parse_classes(args.classes)
-    settings = SamplingSettings(steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler, eta=args.eta,
-                                seed=args.seed, guide_channels=None if args.guide_all_channels else 3)
     model = load_dit(args.model, device=device, kernel=args.kernel, dtype=cli_dtype(args.dtype, pipeline=False))
     if args.attention:
-        from ..quantization.attention import use_attention
-
-        use_attention(model, args.attention)
+        api.use_attention(model, args.attention)
     if args.space:
         model.config.space = args.space
     vae = None
@@ -186,7 +180,7 @@ def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
         if vae_path is None:
             raise DitasError("this model works in a VAE latent space: give --vae PATH "
                              "(a local diffusers AutoencoderKL folder)")
-        vae = load_vae(vae_path).to(device)
+        vae = api.load_vae(vae_path).to(device)
     n = args.num or (len(classes) if classes else 16)
     if classes:
         check_labels(model, classes)  # before the output size check and the sampling
@@ -196,18 +190,11 @@ def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
     else:
         g = torch.Generator().manual_seed(args.seed)
         labels = torch.randint(0, model.num_classes, (n,), generator=g)
-    if out.suffix.lower() == ".npz":
-        written = sample_npz(model, labels, out, settings, batch_size=args.batch_size, shard_size=args.shard_size,
-                             shard_dir=args.shard_dir, vae=vae, progress=not args.no_progress,
-                             overwrite=args.overwrite)
-        if written is not None:
-            print(f"wrote {n} images to {out}" + (f" ({world} processes)" if world > 1 else ""))
-        return 0
-    samples = generate(model, labels, steps=settings.steps, cfg_scale=settings.cfg_scale, sampler=settings.sampler,
-                       eta=settings.eta, seed=settings.seed, batch_size=args.batch_size,
-                       guide_channels=settings.guide_channels, progress=not args.no_progress)
-    images = decode_to_uint8(model, samples, vae)
-    nrow = len(classes) if classes and len(classes) <= 16 else None
-    save_png(make_grid(images, nrow=nrow), out)
-    print(f"wrote {n} images to {out}")
+    written = api.sample(model, labels, steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler,
+                         eta=args.eta, seed=args.seed, guide_channels=None if args.guide_all_channels else 3,
+                         batch_size=args.batch_size, vae=vae, out=out, overwrite=args.overwrite,
+                         nrow=len(classes) if classes and len(classes) <= 16 else None, shard_size=args.shard_size,
+                         shard_dir=args.shard_dir, progress=not args.no_progress)
+    if written is not None:
+        print(f"wrote {n} images to {out}" + (f" ({world} processes)" if world > 1 else ""))
     return 0

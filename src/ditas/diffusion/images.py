@@ -1,4 +1,4 @@
-"""From labels to images: the batched sampling loop, decoding and image files.
+"""From labels to images: generation (through ``batches``, the one batch loop), decoding and image files.
 
 Reproducibility: sample ``i``'s start and step noise depend only on (seed, i) (see ``run.py``),
 so the same seed gives the same samples whatever the batch size; two models sampled with the
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DitasError
 from ..fileio import atomic_file
-from .run import SamplingSettings, sample_batch, start_noise
+from .run import SamplingSettings, start_noise
 
 __all__ = ["check_labels", "start_noise", "generate", "decode_to_uint8", "make_grid", "save_png", "save_npz"]
 
@@ -44,20 +44,16 @@ def generate(model: nn.Module, labels: Sequence[int] | torch.Tensor, steps: int 
     Label ``j`` is sample ``first_index + j`` of the run (its noise comes from (seed, index)).
     ``z`` (N, C, H, W) replaces the start noise. The result is on the model's device.
     """
+    from .batches import batch_ranges, model_batches
+
     labels = check_labels(model, labels)
     settings = SamplingSettings(steps=steps, cfg_scale=cfg_scale, sampler=sampler, eta=eta, seed=seed,
                                 guide_channels=guide_channels)
-    if batch_size < 1:
-        raise DitasError(f"batch size must be at least 1, got {batch_size}")
     n = labels.numel()
-    outs = []
-    n_batches = (n + batch_size - 1) // batch_size
-    bar = tqdm(total=n_batches * steps, desc="sampling", unit="step", disable=not progress, leave=False)
-    for b in range(n_batches):
-        lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
-        outs.append(sample_batch(model, labels[lo:hi], settings, range(first_index + lo, first_index + hi),
-                                 z=None if z is None else z[lo:hi], on_step=lambda: bar.update(1)))
-    bar.close()
+    n_batches = len(batch_ranges(0, n, batch_size))  # a batch size below 1 fails here, before sampling
+    with tqdm(total=n_batches * steps, desc="sampling", unit="step", disable=not progress, leave=False) as bar:
+        outs = [x for _, x in model_batches(model, labels, settings, batch_size, range(first_index, first_index + n),
+                                            z=z, on_step=lambda: bar.update(1))]
     return torch.cat(outs, dim=0)
 
 

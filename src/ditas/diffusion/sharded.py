@@ -3,7 +3,7 @@
 :func:`sample_npz` is what ``ditas sample --out X.npz`` (and ``ditas benchmark``) call. The
 samples ``0 .. N-1`` are cut into shards of ``shard_size`` consecutive indices; process ``r`` of
 ``W`` (``torch.distributed`` when it is initialised, e.g. under ``torchrun``) samples the shards
-``k`` with ``k % W == r``. Each shard is streamed batch by batch into ``images-<start>-<stop>.npy``
+``k`` with ``k % W == r`` (``batches.shares``, the split ``ditas compare`` uses too). Each shard is streamed batch by batch into ``images-<start>-<stop>.npy``
 in the shard folder under a temporary name and renamed when complete, so the presence of that
 file means the shard is done: a killed run started again with the same arguments samples only
 the missing shards. Rank 0 then streams the shards, in order, into the one npz (``arr_0`` uint8
@@ -33,7 +33,8 @@ from ..distributed import barrier, process_group
 from ..errors import DitasError
 from ..fileio import atomic_file, check_new_file, check_writable, path_lock
 from ..readers import ArraySpec, Field, check_value, fail, read_json, read_npy, sha256_file
-from .run import SamplingSettings, sample_batch
+from .batches import sample_indices, shares
+from .run import SamplingSettings
 
 MANIFEST = "run.json"
 DEFAULT_SHARD_SIZE = 1000
@@ -128,10 +129,6 @@ def _manifest(model: nn.Module, labels: np.ndarray, settings: SamplingSettings, 
             "labels_sha256": hashlib.sha256(labels.astype(np.int64).tobytes()).hexdigest(),
             "settings": {k: getattr(settings, k) for k in settings.__dataclass_fields__},
             "image_shape": list(image_shape), "model": model_fingerprint(model)}
-
-
-def _shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
-    return [(s, min(n, s + shard_size)) for s in range(0, n, shard_size)]
 
 
 def shard_name(start: int, stop: int) -> str:
@@ -230,8 +227,8 @@ def _sample_npz(model: nn.Module, labels: Sequence[int] | torch.Tensor | np.ndar
     _check_or_write_manifest(shard_dir, manifest, rank)
     barrier()
 
-    ranges = _shard_ranges(n, shard_size)
-    own = [r for k, r in enumerate(ranges) if k % world == rank]
+    ranges = shares(n, shard_size)
+    own = shares(n, shard_size, rank, world)
     for r in own:  # finished shards of an earlier run are checked before any new work
         if (shard_dir / shard_name(*r)).exists():
             _verified_shard(shard_dir / shard_name(*r), (r[1] - r[0], *image_shape))
@@ -287,11 +284,6 @@ def _sample_npz(model: nn.Module, labels: Sequence[int] | torch.Tensor | np.ndar
 def _shard_blocks(model: nn.Module, labels_t: torch.Tensor, settings: SamplingSettings, vae, start: int, stop: int,
                   batch_size: int, image_shape: tuple[int, ...]):
     """(bytes, images in them) of shard ``start..stop``: its .npy header, then each sampled batch."""
-    from .images import decode_to_uint8
-
     yield _npy_header((stop - start, *image_shape), np.uint8), 0
-    for lo in range(start, stop, batch_size):
-        hi = min(stop, lo + batch_size)
-        x = sample_batch(model, labels_t[lo:hi], settings, range(lo, hi))
-        yield np.ascontiguousarray(decode_to_uint8(model, x, vae)).tobytes(), hi - lo
-
+    for rows, images in sample_indices(model, labels_t[start:stop], settings, batch_size, range(start, stop), vae):
+        yield np.ascontiguousarray(images).tobytes(), len(rows)

@@ -16,37 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..diffusion.images import decode_to_uint8, generate
-from ..diffusion.run import SamplingSettings, eps_mse, eps_trajectory, model_device, sample_batch
+from ..diffusion.batches import sample_images
+from ..diffusion.run import SamplingSettings, eps_mse, eps_trajectory, model_device
 from ..distributed import process_group
 from .metrics import psnr
-
-
-def _sample(model: nn.Module, labels: torch.Tensor, settings: SamplingSettings, batch_size: int, vae,
-            progress: bool) -> np.ndarray:
-    """All samples' uint8 images, on every process; under ``torchrun`` each process samples the
-    batches ``k`` with ``k % world == rank`` and the images are gathered (the same bytes as one
-    process: sample i's noise depends only on (seed, i))."""
-    rank, world = process_group()
-    if world == 1:
-        x = generate(model, labels, steps=settings.steps, cfg_scale=settings.cfg_scale, sampler=settings.sampler,
-                     eta=settings.eta, seed=settings.seed, batch_size=batch_size,
-                     guide_channels=settings.guide_channels, progress=progress)
-        return decode_to_uint8(model, x, vae)
-    import torch.distributed as dist
-    from tqdm.auto import tqdm
-
-    starts = list(range(0, labels.numel(), batch_size))[rank::world]
-    mine = []
-    for lo in tqdm(starts, desc=f"sampling (rank {rank}/{world})", unit="batch", disable=not progress or rank != 0,
-                   leave=False):
-        hi = min(labels.numel(), lo + batch_size)
-        x = sample_batch(model, labels[lo:hi], settings, range(lo, hi))
-        mine.append((lo, decode_to_uint8(model, x, vae)))
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, mine)
-    parts = sorted((lo, imgs) for part in gathered for lo, imgs in part)
-    return np.concatenate([imgs for _, imgs in parts])
 
 
 def compare_recipes(model: nn.Module, configs: dict[str, object | None], labels: torch.Tensor,
@@ -59,7 +32,7 @@ def compare_recipes(model: nn.Module, configs: dict[str, object | None], labels:
     called as each row is done (the CLI prints it). Under ``torchrun`` every process must call this
     with the same arguments: process 0 records the calibration runs and quantizes every recipe,
     the others receive its models (``checkpoint.broadcast_quantized``: one model whatever each
-    process's rounding), and every process samples its share; process 0 returns the rows and
+    process's rounding), and every process samples its share (``diffusion.batches.sample_images``); process 0 returns the rows and
     images, the others empty dicts. ``attention`` is the attention core of the quantized models
     (``quantization.attention.use_attention``; the FP model keeps fp32); ``kernel`` that of their
     layers (``auto``: what ``ditas sample`` of a saved folder runs).
@@ -78,7 +51,7 @@ def compare_recipes(model: nn.Module, configs: dict[str, object | None], labels:
     t0 = time.perf_counter()
     main = process_group()[0] == 0  # under torchrun every process samples; process 0 scores
     progress = progress and main
-    fp_images = _sample(model, labels, settings, batch_size, vae, progress)
+    fp_images = sample_images(model, labels, settings, batch_size, vae, progress)
     fp_time = time.perf_counter() - t0
     fp_traj = eps_trajectory(model, eps_labels, settings) if main else None
     rows: dict[str, dict] = {}
@@ -107,7 +80,7 @@ def compare_recipes(model: nn.Module, configs: dict[str, object | None], labels:
                            quantize_time_s=round(time.perf_counter() - t1, 1),
                            alphas={n: v["alpha"] for n, v in rep["layers"].items()})
             t2 = time.perf_counter()
-            imgs = _sample(qmodel, labels, settings, batch_size, vae, progress)
+            imgs = sample_images(qmodel, labels, settings, batch_size, vae, progress)
             row["sample_time_s"] = round(time.perf_counter() - t2, 1)
             if not main:
                 del qmodel
