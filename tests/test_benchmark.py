@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from ditas.cli import benchmark
+from ditas.evaluation import benchmark
 from ditas.cli.main import main
 from ditas.model.dit import DiTConfig
 
@@ -48,7 +48,7 @@ def test_benchmark_default_model_end_to_end_and_resumes(tmp_path, capsys, monkey
     assert md.count("\n| ditas@w4a8 |") == 2 and "domain FID" in md and "| fp | 3 |" in md
     assert "| fp | 2 |" in printed
     # the same samples as a direct evaluation of the row's npz
-    from ditas.cli.eval import evaluate_digits
+    from ditas.evaluation.protocol import evaluate_digits
 
     assert rows[2]["fid"] == pytest.approx(evaluate_digits(out / rows[2]["samples"])["fid"])
     # fp and ditas rows saw the same labels
@@ -58,7 +58,7 @@ def test_benchmark_default_model_end_to_end_and_resumes(tmp_path, capsys, monkey
     # a second run with the same arguments: no quantization, no sampling, no evaluation
     before = {p.name: p.read_bytes() for p in (out / "samples").iterdir()}
     _forbid(monkeypatch, "quantized_copy", "sample_row")
-    monkeypatch.setattr("ditas.cli.eval.evaluate_digits", lambda *a, **k: pytest.fail("evaluated again"))
+    monkeypatch.setattr("ditas.evaluation.protocol.evaluate_digits", lambda *a, **k: pytest.fail("evaluated again"))
     assert main(_argv(out)) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["this_run"]["sampled_rows"] == 0 and again["this_run"]["evaluated_rows"] == 0
