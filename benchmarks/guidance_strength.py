@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import ditas
-from ditas.cli.compare import fp_eps_trajectory
+from ditas.diffusion.run import SamplingSettings, eps_trajectory
 from ditas.diffusion.samplers import guided_model_fn
 from ditas.fileio import atomic_file
 from ditas.quantization.apply import quantize
@@ -61,7 +61,7 @@ def main() -> None:
     channels = fp.config.in_channels
     labels = (torch.arange(args.num) % fp.num_classes).tolist()
     _, y_full = guided_model_fn(fp, torch.as_tensor(labels, dtype=torch.long), args.cfg)  # [labels; null labels]
-    trajectory = fp_eps_trajectory(fp, labels, args.steps, args.cfg, args.seed)
+    trajectory = eps_trajectory(fp, labels, SamplingSettings(steps=args.steps, cfg_scale=args.cfg, seed=args.seed))
     ref = [guidance_parts(fp, x, t, y_full, channels) for x, t, _ in trajectory]
     thirds = np.array_split(np.arange(len(trajectory)), 3)
 

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from ditas.cli import benchmark
+from ditas.evaluation import benchmark
 from ditas.cli.main import main
 from ditas.model.dit import DiTConfig
 
@@ -48,7 +48,7 @@ def test_benchmark_default_model_end_to_end_and_resumes(tmp_path, capsys, monkey
     assert md.count("\n| ditas@w4a8 |") == 2 and "domain FID" in md and "| fp | 3 |" in md
     assert "| fp | 2 |" in printed
     # the same samples as a direct evaluation of the row's npz
-    from ditas.cli.eval import evaluate_digits
+    from ditas.evaluation.protocol import evaluate_digits
 
     assert rows[2]["fid"] == pytest.approx(evaluate_digits(out / rows[2]["samples"])["fid"])
     # fp and ditas rows saw the same labels
@@ -58,7 +58,7 @@ def test_benchmark_default_model_end_to_end_and_resumes(tmp_path, capsys, monkey
     # a second run with the same arguments: no quantization, no sampling, no evaluation
     before = {p.name: p.read_bytes() for p in (out / "samples").iterdir()}
     _forbid(monkeypatch, "quantized_copy", "sample_row")
-    monkeypatch.setattr("ditas.cli.eval.evaluate_digits", lambda *a, **k: pytest.fail("evaluated again"))
+    monkeypatch.setattr("ditas.evaluation.protocol.evaluate_digits", lambda *a, **k: pytest.fail("evaluated again"))
     assert main(_argv(out)) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["this_run"]["sampled_rows"] == 0 and again["this_run"]["evaluated_rows"] == 0
@@ -133,3 +133,47 @@ def test_benchmark_with_a_reference_batch_uses_the_adm_protocol(tmp_path, capsys
     assert row["fid"] > 0 and row["sfid"] > 0 and row["is"] is None and row["num_ref"] == 5
     assert (out / "ref_cache.npz").exists()
     assert "| fp | 2 |" in (out / "results.md").read_text() and "sFID" in capsys.readouterr().out
+
+
+def test_resume_with_another_quantization_option_is_refused_naming_it(tmp_path, capsys):
+    """The resume fingerprint holds every recipe's full config: a rerun with another --lora-dtype
+    (left out of the hand-kept list this replaced; rtn keeps float32 factors) is refused, never
+    served the old rows."""
+    out = tmp_path / "bench"
+    argv = ["benchmark", "--recipes", "rtn", "--num", "4", "--steps", "2", *FAST]
+    assert main([*argv, "--out", str(out)]) == 0
+    capsys.readouterr()
+    kept = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for option, key in ((["--lora-dtype", "bfloat16"], "configs.rtn@w4a8.lora.dtype"),
+                        (["--calib-seed", "5"], "configs.rtn@w4a8.calibration.seed"),
+                        (["--batch-size", "2"], "batch_size")):
+        assert main([*argv, *option, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"other settings ({key})" in err and len(err.strip().splitlines()) == 1, err
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept
+
+
+def test_fingerprint_is_derived_from_every_field_and_the_full_config():
+    """Every field of the plan, and every field of each recipe's QuantConfig, changes the fingerprint,
+    but for those declared to change speed or rounding only."""
+    import dataclasses
+
+    from ditas.quantization.recipes import recipe_config
+
+    base = benchmark.BenchmarkPlan(recipes=[("ditas@w4a8", "ditas", 4, 8)], steps=[2], domain="digits",
+                                   configs={"ditas@w4a8": recipe_config("ditas")})
+    fp = benchmark.settings(base)
+    for f in dataclasses.fields(base):
+        if f.name in benchmark.NOT_RESULTS or f.name == "configs":
+            continue
+        changed = {"domain": "inception", "sampler": "ddim", "kernel": "simulated"}.get(f.name)
+        if changed is None:
+            changed = "x.pt" if f.metadata.get("path") else getattr(base, f.name) + 1
+        assert benchmark.settings(dataclasses.replace(base, **{f.name: changed})) != fp, f.name
+    for flat in ("lora_dtype", "lora_rank", "alpha", "adaln", "search_tokens", "act_granularity"):
+        value = {"lora_dtype": "float32", "lora_rank": 3, "alpha": 0.3, "adaln": "float", "search_tokens": 7,
+                 "act_granularity": "token"}[flat]
+        cfg = recipe_config("ditas", **{flat: value})
+        assert benchmark.settings(dataclasses.replace(base, configs={"ditas@w4a8": cfg})) != fp, flat
+    same = recipe_config("ditas", search_workers=3)  # threads of the search: the same result
+    assert benchmark.settings(dataclasses.replace(base, configs={"ditas@w4a8": same})) == fp

@@ -33,8 +33,8 @@ def _never(name: str):
 @pytest.fixture
 def no_long_work(monkeypatch):
     """Every long-work entry point of the commands fails the test if reached."""
-    import ditas.cli.benchmark as bench
     import ditas.diffusion.batches as batches
+    import ditas.evaluation.benchmark as bench
     import ditas.diffusion.images as dp
     import ditas.diffusion.sharded as sharded
     import ditas.evaluation.comparison as comparison

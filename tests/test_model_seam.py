@@ -205,3 +205,18 @@ def test_dit_quantization_is_unchanged_by_the_seam():
     with torch.no_grad():
         torch.manual_seed(0)
         assert_close_to_recorded(q(ref["x"], ref["t"], ref["y"]), ref["out"])
+
+
+def test_cli_modules_call_the_library_and_never_each_other():
+    """The CLI parses, checks, calls the library and prints: a command module imports no other
+    command module (only ``cli/main.py`` does, to register them, and any module may use the shared
+    argparse helpers ``cli/_*.py``), and nothing outside ``cli/`` imports from it."""
+    helpers = {_module_name(f) for f in (SRC / "cli").glob("_*.py")} | {"ditas.cli"}
+    crossings = [(f.name, n) for f in (SRC / "cli").glob("*.py") if f.name != "main.py"
+                 for n in _imports(f) if n.startswith("ditas.cli") and n not in helpers]
+    assert crossings == []
+    for helper in (SRC / "cli").glob("_*.py"):  # a helper is shared by commands, it does not use one
+        assert [n for n in _imports(helper) if n.startswith("ditas.cli") and n not in helpers] == [], helper.name
+    into_cli = [(str(f.relative_to(SRC)), n) for f in SRC.rglob("*.py") if f.parent.name != "cli"
+                for n in _imports(f) if n.startswith("ditas.cli")]
+    assert {f for f, _ in into_cli} == {"__main__.py"}  # ``python -m ditas`` is the command line

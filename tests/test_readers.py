@@ -238,7 +238,7 @@ def test_fuzz_shard_manifest(tmp_path_factory, choice, m, value, depth):
 @FUZZ
 @given(kind=st.integers(0, 1), m=mutations, member=lying_members)
 def test_fuzz_npz_samples(tmp_path_factory, kind, m, member):
-    from ditas.cli.eval import read_samples
+    from ditas.evaluation.protocol import read_samples
 
     folder = tmp_path_factory.mktemp("s")
     path = folder / "s.npz"

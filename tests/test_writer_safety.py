@@ -219,7 +219,7 @@ def test_an_old_marker_without_folders_still_works_for_plain_folders(tmp_path):
 
 
 def test_benchmark_overwrite_keeps_user_files_in_its_sub_folders(tmp_path, capsys, monkeypatch):
-    from ditas.cli import benchmark
+    from ditas.evaluation import benchmark
 
     out = tmp_path / "b6"
     assert main([*BENCH, "--out", str(out)]) == 0

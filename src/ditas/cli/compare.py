@@ -14,7 +14,6 @@ widths: ``ditas@w4a6``. Recipes with the same calibration settings share one FP 
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from pathlib import Path
 
@@ -22,39 +21,11 @@ import numpy as np
 import torch
 
 from ..devices import add_device_argument
-from ..errors import ConfigError, DitasError
+from ..errors import DitasError
+from ..quantization.attention import check_attention_mode
 from ..quantization.kernels import add_kernel_argument
-from .quantize import add_quant_arguments, config_from_args
-from .sample import check_attention
-
-_SPEC = re.compile(r"^([a-z_]+)(?:@w(\d+)a(\d+))?$")
-
-
-def parse_recipes(text: str, w_bits: int | None, a_bits: int | None) -> list[tuple[str, str, int | None, int | None]]:
-    """``"fp,rtn,ditas@w4a6"`` -> [(label, recipe, w_bits, a_bits), ...]."""
-    from ..quantization.recipes import RECIPES, recipe_config
-
-    out = []
-    for item in [v.strip() for v in text.split(",") if v.strip()]:
-        m = _SPEC.match(item)
-        if not m or (m.group(1) != "fp" and m.group(1) not in RECIPES):
-            raise ConfigError(f"unknown recipe {item!r} in --recipes; choose among fp, {', '.join(RECIPES)} "
-                              "(optionally with @wXaY)")
-        name = m.group(1)
-        if name == "fp":
-            out.append(("fp", "fp", None, None))
-            continue
-        recipe = recipe_config(name)  # bits not given anywhere: the recipe's
-        w = int(m.group(2)) if m.group(2) else w_bits if w_bits is not None else recipe.weights.bits
-        a = int(m.group(3)) if m.group(3) else a_bits if a_bits is not None else recipe.activations.bits
-        out.append((f"{name}@w{w}a{a}", name, w, a))
-    if not out:
-        raise ConfigError("--recipes is empty")
-    labels = [o[0] for o in out]
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"--recipes lists a recipe twice: {text!r}")
-    return out
-
+from ..quantization.recipes import parse_recipes
+from ._args import add_quant_arguments, config_from_args
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="compare FP and quantized recipes on the same noise and labels")
@@ -101,14 +72,6 @@ def _is_default_model(path: str | None) -> bool:
         return False
 
 
-def fp_eps_trajectory(model, labels, steps, cfg_scale, seed, sampler="ddpm"):
-    """(x_t, t, eps) at every step of the FP model's sampling run (kept for the benchmarks)."""
-    from ..diffusion.run import SamplingSettings, eps_trajectory
-
-    return eps_trajectory(model, labels, SamplingSettings(steps=steps, cfg_scale=cfg_scale, sampler=sampler,
-                                                          seed=seed))
-
-
 def _fmt(v, nd=3):
     if v is None:
         return "-"
@@ -142,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             raise DitasError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     check_sampling_options(steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed)
     specs = parse_recipes(args.recipes, args.w_bits, args.a_bits)
-    check_attention(args.attention)
+    check_attention_mode(args.attention, "--attention")
     configs = {label: None if recipe == "fp" else config_from_args(args, recipe, w, a)
                for label, recipe, w, a in specs}
     device = resolve_device(args.device)  # a missing device fails before the output folder is claimed

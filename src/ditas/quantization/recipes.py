@@ -34,6 +34,7 @@ from a config you already hold, use ``cfg.replace(weights=...)`` or ``cfg.with_f
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ..errors import ConfigError
@@ -53,6 +54,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "ditas_bc": dict(bias_correction=True, lora_dtype="bfloat16"),
 }
 DEFAULT_RECIPE = "ditas"
+_SPEC = re.compile(r"^([a-z_]+)(?:@w(\d+)a(\d+))?$")  # a recipe of --recipes, optionally @wXaY
 
 
 def recipe_config(name: str = DEFAULT_RECIPE, **overrides: Any) -> QuantConfig:
@@ -63,3 +65,29 @@ def recipe_config(name: str = DEFAULT_RECIPE, **overrides: Any) -> QuantConfig:
     if "recipe" in overrides:
         raise ConfigError("the recipe name is the first argument, not an override")
     return QuantConfig(recipe=name).with_flat({**RECIPES[name], **overrides})
+
+
+def parse_recipes(text: str, w_bits: int | None, a_bits: int | None) -> list[tuple[str, str, int | None, int | None]]:
+    """``"fp,rtn,ditas@w4a6"`` -> [(label, recipe, w_bits, a_bits), ...]: the rows of ``ditas compare``
+    and ``ditas benchmark``. A recipe's bits come from its ``@wXaY``, else from ``w_bits``/``a_bits``
+    (the options), else from the recipe; ``fp`` is the float model (label ``fp``, no bits)."""
+    out = []
+    for item in [v.strip() for v in text.split(",") if v.strip()]:
+        m = _SPEC.match(item)
+        if not m or (m.group(1) != "fp" and m.group(1) not in RECIPES):
+            raise ConfigError(f"unknown recipe {item!r} in --recipes; choose among fp, {', '.join(RECIPES)} "
+                              "(optionally with @wXaY)")
+        name = m.group(1)
+        if name == "fp":
+            out.append(("fp", "fp", None, None))
+            continue
+        recipe = recipe_config(name)  # bits not given anywhere: the recipe's
+        w = int(m.group(2)) if m.group(2) else w_bits if w_bits is not None else recipe.weights.bits
+        a = int(m.group(3)) if m.group(3) else a_bits if a_bits is not None else recipe.activations.bits
+        out.append((f"{name}@w{w}a{a}", name, w, a))
+    if not out:
+        raise ConfigError("--recipes is empty")
+    labels = [o[0] for o in out]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"--recipes lists a recipe twice: {text!r}")
+    return out
