@@ -5,10 +5,16 @@ and seed (per-sample noise is drawn on the CPU, so only float rounding may diffe
 DiT-XL/2-shaped random model (``--big``) runs one forward; (3) the default model is quantized to
 W4A8 with the DiTAS recipe (short calibration) and its forward is compared between the simulated
 path and the ``int_mm`` kernel, and against the CPU; (4) the quantized model is saved and loaded on
-the device and must give the same outputs bit for bit. Prints one table: times on the device and
-on the CPU, and the largest differences.
+the device and must give the same outputs bit for bit. Then, on a tiny random bf16 PixArt pipeline
+(``gpu_pipeline_checks.py``), what a diffusers user does: (5) ``ditas.quantize_`` and sample (PSNR
+vs the FP bf16 pipeline); (6) ``pipe.save_pretrained`` -> ``DiffusionPipeline.from_pretrained``,
+bit-equal; (7) a peft LoRA made on the FP transformer, on the quantized one; (8)
+``torch.compile`` of the quantized transformer vs eager. Prints one table: times on the device and
+on the CPU, the largest differences, and pass or fail (tolerances measured in the same run where
+they can be); exit status 1 if a check fails. With ``--device cpu`` checks 5-8 run once.
 
-Usage: ``python benchmarks/gpu_check.py [--device cuda] [--big DiT-XL/2] [--quick]``
+Usage: ``python benchmarks/gpu_check.py [--device cuda] [--big DiT-XL/2] [--quick] [--skip lora,compile]
+[--compile-backend aot_eager]`` (the names ``--skip`` takes: ``CHECKS``).
 """
 
 from __future__ import annotations
