@@ -192,7 +192,7 @@ def test_cli_eval_errors(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     np.savez(tmp_path / "nolabels.npz", arr_0=np.zeros((5, 32, 32, 3), np.uint8))
     assert main(["eval", str(tmp_path / "nolabels.npz")]) == 2
-    assert "missing key(s) labels" in capsys.readouterr().err
+    assert "has no 'labels' array" in capsys.readouterr().err
     np.savez(tmp_path / "flat.npz", arr_0=np.zeros((5, 32, 32), np.uint8), labels=np.zeros(5, np.int64))
     assert main(["eval", str(tmp_path / "flat.npz")]) == 2
     assert "(N, H, W, 3)" in capsys.readouterr().err

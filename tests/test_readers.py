@@ -195,7 +195,7 @@ def test_eval_inception_head_that_pickles_code_is_refused_without_advice(tmp_pat
 @FUZZ
 @given(choice=st.integers(0, 4), m=mutations, value=json_values, depth=st.integers(65, 200000))
 def test_fuzz_json_model_config(tmp_path_factory, choice, m, value, depth):
-    from ditas.model.loading import load_dit
+    from ditas.loaders import load_dit
 
     folder = tmp_path_factory.mktemp("model")
     (folder / "model.safetensors").symlink_to(DEFAULT_DIT / "model.safetensors")
