@@ -10,6 +10,9 @@ models alike, ``pipelines`` wraps diffusers text-to-image pipelines. ``api`` is 
 """
 
 from .errors import CheckpointError, ConfigError, DitasError
+from .versions import check_versions as _check_versions
+
+_check_versions("torch")  # an older torch lacks APIs ditas uses: say so now, in one line
 from .model.dit import DiT, DiTConfig, DiT_models, dit_config
 from .loaders import load_dit
 from .model.loading import default_model_path, save_dit

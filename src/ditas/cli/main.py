@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        from ..versions import check_versions
+
+        check_versions()  # an old torch or diffusers: one line now, not a traceback after the work
         return int(args._run(args) or 0)
     except DitasError as exc:
         print(f"ditas {args.command}: error: {exc}", file=sys.stderr)
