@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 import ditas
-from ditas.diffusion.images import decode_to_uint8, generate, start_noise
+from ditas.diffusion.batches import generate
+from ditas.diffusion.images import decode_to_uint8, start_noise
 from ditas.evaluation.metrics import psnr
 
 

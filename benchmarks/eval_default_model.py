@@ -17,7 +17,8 @@ import time
 import numpy as np
 import torch
 
-from ditas.diffusion.images import decode_to_uint8, generate, make_grid, save_png
+from ditas.diffusion.batches import generate
+from ditas.diffusion.images import decode_to_uint8, make_grid, save_png
 from ditas.evaluation.digits import evaluate_digit_samples, load_classifier
 from ditas.fileio import atomic_file
 from ditas.loaders import load_dit

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 import ditas
-from ditas.diffusion.images import decode_to_uint8, generate
+from ditas.diffusion.batches import generate
+from ditas.diffusion.images import decode_to_uint8
 from ditas.evaluation.digits import extract_features, load_classifier, reference_features
 from ditas.evaluation.metrics import frechet_distance, psnr
 from ditas.quantization.apply import quantize

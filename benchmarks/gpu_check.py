@@ -123,7 +123,8 @@ def _model_checks(device: torch.device, big: str, quick: bool, skip: tuple[str, 
 def _sample_row(device: torch.device, n: int, steps: int) -> dict:
     """1. the embedded default model samples the same labels and seed on the device and the CPU."""
     import ditas
-    from ditas.diffusion.images import decode_to_uint8, generate
+    from ditas.diffusion.batches import generate
+    from ditas.diffusion.images import decode_to_uint8
 
     cpu = torch.device("cpu")
     labels = torch.arange(n) % 10

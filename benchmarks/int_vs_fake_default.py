@@ -21,7 +21,8 @@ import time
 import numpy as np
 
 import ditas
-from ditas.diffusion.images import decode_to_uint8, generate, start_noise
+from ditas.diffusion.batches import generate
+from ditas.diffusion.images import decode_to_uint8, start_noise
 from ditas.evaluation.metrics import psnr
 from ditas.quantization.apply import quantize
 from ditas.quantization.checkpoint import save_quantized

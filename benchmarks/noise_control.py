@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 import ditas
-from ditas.diffusion.images import decode_to_uint8, generate
+from ditas.diffusion.batches import generate
+from ditas.diffusion.images import decode_to_uint8
 from ditas.evaluation.digits import evaluate_digit_samples, load_classifier
 from ditas.evaluation.metrics import psnr
 from ditas.fileio import atomic_file

@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 import ditas
-from ditas.diffusion.images import decode_to_uint8, generate
+from ditas.diffusion.batches import generate
+from ditas.diffusion.images import decode_to_uint8
 from ditas.diffusion.run import SamplingSettings, eps_mse, eps_trajectory
 from ditas.evaluation.digits import evaluate_digit_samples, load_classifier
 from ditas.evaluation.metrics import psnr

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from ditas.diffusion.images import generate
+from ditas.diffusion.batches import generate
 from ditas.model.dit import DiT, DiTConfig
 from machine import cpu_name
 

@@ -50,7 +50,7 @@ def test_cli_missing_cuda_is_one_line_and_writes_nothing(tmp_path, capsys, monke
 @pytest.mark.cuda
 @cuda
 def test_cuda_samples_match_cpu():
-    from ditas.diffusion.images import generate
+    from ditas.diffusion.batches import generate
 
     labels = torch.arange(8)
     cpu = generate(ditas.load_dit(device="cpu"), labels, steps=5, seed=1, progress=False)

@@ -35,7 +35,6 @@ def no_long_work(monkeypatch):
     """Every long-work entry point of the commands fails the test if reached."""
     import ditas.diffusion.batches as batches
     import ditas.evaluation.benchmark as bench
-    import ditas.diffusion.images as dp
     import ditas.diffusion.sharded as sharded
     import ditas.evaluation.comparison as comparison
     import ditas.evaluation.digits as digits
@@ -44,7 +43,7 @@ def no_long_work(monkeypatch):
 
     for module, name in ((pipelines, "load_pipeline"), (pipelines, "record_pipeline_calibration"),
                          (pipelines, "generate_images"), (apply, "quantize"), (comparison, "compare_recipes"),
-                         (bench, "sample_row"), (bench, "quantized_copy"), (dp, "generate"),
+                         (bench, "sample_row"), (bench, "quantized_copy"), (batches, "generate"),
                          (sharded, "sample_npz"), (batches, "sample_images"), (digits, "evaluate_digit_samples")):
         monkeypatch.setattr(module, name, _never(name))
     monkeypatch.setattr(torch.distributed, "init_process_group", _never("init_process_group"))

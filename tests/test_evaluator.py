@@ -213,7 +213,8 @@ def test_cli_eval_errors(tmp_path, capsys):
 def test_default_model_draws_the_requested_classes(classifier):
     """The embedded model draws the digits it is asked for (20 samples, 20 DDIM steps: a quick
     version of docs/default_model.md's 500-sample, 50-step DDPM measurement)."""
-    from ditas.diffusion.images import decode_to_uint8, generate
+    from ditas.diffusion.batches import generate
+    from ditas.diffusion.images import decode_to_uint8
     from ditas.loaders import load_dit
 
     model = load_dit(None)

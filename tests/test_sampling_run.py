@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import ditas
-from ditas.diffusion.images import generate
+from ditas.diffusion.batches import generate
 from ditas.diffusion.run import SampleNoise, SamplingSettings, eps_mse, eps_trajectory, sample_seed, sampling_run
 from ditas.errors import DitasError
 from quant_helpers import random_dit

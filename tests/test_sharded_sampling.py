@@ -44,7 +44,8 @@ def test_npz_is_byte_identical_for_batch_and_shard_sizes(tmp_path):
 
 
 def test_npz_matches_generate(tmp_path):
-    from ditas.diffusion.images import decode_to_uint8, generate
+    from ditas.diffusion.batches import generate
+    from ditas.diffusion.images import decode_to_uint8
 
     m = ditas.load_dit()
     labels = torch.arange(5)

@@ -116,7 +116,7 @@ def test_a_corrupt_quantized_tensor_is_one_line(tmp_path, quant_dir, key, edit, 
 
 
 def test_a_nan_prediction_stops_sampling_naming_step_and_layer(float_dir):
-    from ditas.diffusion.images import generate
+    from ditas.diffusion.batches import generate
 
     model = ditas.load_dit(float_dir)
     with torch.no_grad():

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .calibration.recording import record_calibration
+from .diffusers_quantizer import attach
 from .errors import CheckpointError, ConfigError, DitasError
 from .loaders import load_dit
 from .model.adapters.base import CalibrationRecord
@@ -68,6 +69,7 @@ def quantize_(model: nn.Module, config: QuantConfig | str = "ditas", calib: Cali
         check_problems(calibration_memory_problem(model, config, model_device(model)))
     _, report = quantize(model, config, calib, progress=progress, kernel=kernel, inplace=True)
     model.quant_report = report
+    attach(model)  # diffusers' save_pretrained of it round-trips (or refuses)
     return report
 
 
@@ -114,7 +116,9 @@ def load_quantized(path: str | os.PathLike, device: Any = None, kernel: str = "a
     if device is not None:
         device = resolve_device(device)  # as load_dit: a device that is not there is a one-line error
     canonical(kernel)
-    return _load(path, None, kernel=kernel, device=device, dtype=resolve_dtype(dtype))
+    model = _load(path, None, kernel=kernel, device=device, dtype=resolve_dtype(dtype))
+    attach(model)  # diffusers' save_pretrained of it round-trips (or refuses)
+    return model
 
 
 def sample(model: nn.Module, labels: Sequence[int] | torch.Tensor, *, steps: int = 50, cfg_scale: float | None = 4.0,

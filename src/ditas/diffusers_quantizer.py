@@ -34,25 +34,9 @@ from typing import Any
 from torch import nn
 
 from .errors import CheckpointError
+from .quantization.checkpoint import QUANT_METHOD
 
-QUANT_METHOD = "ditas"
 _AUTO = "diffusers.quantizers.auto"
-
-
-def is_ditas_config(data: Any) -> bool:
-    """Whether a parsed ``config.json`` is a diffusers model config quantized by ditas."""
-    qc = data.get("quantization_config") if isinstance(data, dict) else None
-    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
-
-
-def ditas_view(data: dict[str, Any]) -> dict[str, Any]:
-    """A diffusers-saved ``config.json`` seen as a ditas folder's (``family``, ``quantization``,
-    ``model``), so that ``ditas.load_quantized`` reads both layouts with one reader."""
-    qc = data["quantization_config"]
-    config = {k: v for k, v in data.items() if not k.startswith("_") and k != "quantization_config"}
-    return {"format": "ditas-quantized", "family": qc.get("family"), "quantization": qc.get("quantization"),
-            "model": {"class": data.get("_class_name"), "config": config}}
-
 
 @functools.lru_cache(maxsize=None)
 def _classes() -> tuple[type, type] | None:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .devices import resolve_device
+from .diffusers_quantizer import attach
 from .errors import CheckpointError
 from .memory import release_freed_memory
 from .model.dit import DiTConfig
@@ -56,6 +57,8 @@ def _load(path, config: DiTConfig | None, device: torch.device, dtype: torch.dty
     else:
         folder, data = read_folder_config(path)
         if "quantization" in data and data.get("_class_name") != "DiTTransformer2DModel":
-            return load_quantized(folder, data, device=device, dtype=dtype, **kwargs)
+            model = load_quantized(folder, data, device=device, dtype=dtype, **kwargs)
+            attach(model)  # diffusers' save_pretrained of it round-trips (or refuses)
+            return model
         model = load_float_dit(folder, config, device, data)
     return model if dtype is None else model.to(dtype)

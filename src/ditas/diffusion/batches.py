@@ -1,6 +1,6 @@
 """The one loop that cuts a sampling run into batches and processes.
 
-Every sampler of many images (``images.generate``, ``sharded.sample_npz`` behind ``ditas sample``
+Every sampler of many images (``batches.generate``, ``sharded.sample_npz`` behind ``ditas sample``
 and ``ditas benchmark``, ``evaluation.comparison`` behind ``ditas compare``, ``ditas.sample``)
 goes through this module, so the split is written once:
 
@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..distributed import all_gather_object, process_group
 from ..errors import DitasError
+from .images import check_labels, decode_to_uint8
 from .run import SamplingSettings, sample_batch
 
 
@@ -65,7 +66,6 @@ def sample_indices(model: nn.Module, labels: torch.Tensor, settings: SamplingSet
                    indices: range, vae=None) -> Iterator[tuple[range, np.ndarray]]:
     """(sample indices, uint8 NHWC images) per batch of ``indices``, decoded batch by batch (by
     ``vae`` for latent models): memory bounded by the batch."""
-    from .images import decode_to_uint8
 
     for rows, x in model_batches(model, labels, settings, batch_size, indices):
         yield rows, decode_to_uint8(model, x, vae)
@@ -77,7 +77,6 @@ def sample_images(model: nn.Module, labels: Sequence[int] | torch.Tensor, settin
     samples its :func:`shares` of one batch each and the images are gathered: the same bytes as
     one process (sample i's noise depends only on (seed, i), the batches start at the same
     indices)."""
-    from .images import check_labels
 
     labels = check_labels(model, labels)
     rank, world = process_group()
@@ -95,3 +94,23 @@ def sample_images(model: nn.Module, labels: Sequence[int] | torch.Tensor, settin
     else:
         parts = sorted((lo, imgs) for part in all_gather_object(mine) for lo, imgs in part)
     return np.concatenate([imgs for _, imgs in parts])
+
+
+def generate(model: nn.Module, labels: Sequence[int] | torch.Tensor, steps: int = 50,
+             cfg_scale: float | None = 4.0, sampler: str = "ddpm", eta: float = 0.0, seed: int = 0,
+             batch_size: int = 64, guide_channels: int | None = 3, progress: bool = True,
+             z: torch.Tensor | None = None, first_index: int = 0) -> torch.Tensor:
+    """Samples one image (latent or pixel tensor, model space) per label; returns (N, C, H, W).
+
+    Label ``j`` is sample ``first_index + j`` of the run (its noise comes from (seed, index)).
+    ``z`` (N, C, H, W) replaces the start noise. The result is on the model's device.
+    """
+    labels = check_labels(model, labels)
+    settings = SamplingSettings(steps=steps, cfg_scale=cfg_scale, sampler=sampler, eta=eta, seed=seed,
+                                guide_channels=guide_channels)
+    n = labels.numel()
+    n_batches = len(batch_ranges(0, n, batch_size))  # a batch size below 1 fails here, before sampling
+    with tqdm(total=n_batches * steps, desc="sampling", unit="step", disable=not progress, leave=False) as bar:
+        outs = [x for _, x in model_batches(model, labels, settings, batch_size, range(first_index, first_index + n),
+                                            z=z, on_step=lambda: bar.update(1))]
+    return torch.cat(outs, dim=0)

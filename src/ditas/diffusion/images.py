@@ -13,13 +13,12 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import DitasError
 from ..fileio import atomic_file
-from .run import SamplingSettings, start_noise
+from .run import start_noise
 
-__all__ = ["check_labels", "start_noise", "generate", "decode_to_uint8", "make_grid", "save_png", "save_npz"]
+__all__ = ["check_labels", "start_noise", "decode_to_uint8", "make_grid", "save_png", "save_npz"]
 
 VAE_SCALE = 0.18215  # latent scaling of the Stable Diffusion VAE used by DiT (when the VAE config has none)
 
@@ -33,28 +32,6 @@ def check_labels(model: nn.Module, labels: Sequence[int] | torch.Tensor) -> torc
         raise DitasError(f"class label {int(bad[0])} is out of range: this model has classes "
                          f"0..{model.num_classes - 1}")
     return labels
-
-
-def generate(model: nn.Module, labels: Sequence[int] | torch.Tensor, steps: int = 50,
-             cfg_scale: float | None = 4.0, sampler: str = "ddpm", eta: float = 0.0, seed: int = 0,
-             batch_size: int = 64, guide_channels: int | None = 3, progress: bool = True,
-             z: torch.Tensor | None = None, first_index: int = 0) -> torch.Tensor:
-    """Samples one image (latent or pixel tensor, model space) per label; returns (N, C, H, W).
-
-    Label ``j`` is sample ``first_index + j`` of the run (its noise comes from (seed, index)).
-    ``z`` (N, C, H, W) replaces the start noise. The result is on the model's device.
-    """
-    from .batches import batch_ranges, model_batches
-
-    labels = check_labels(model, labels)
-    settings = SamplingSettings(steps=steps, cfg_scale=cfg_scale, sampler=sampler, eta=eta, seed=seed,
-                                guide_channels=guide_channels)
-    n = labels.numel()
-    n_batches = len(batch_ranges(0, n, batch_size))  # a batch size below 1 fails here, before sampling
-    with tqdm(total=n_batches * steps, desc="sampling", unit="step", disable=not progress, leave=False) as bar:
-        outs = [x for _, x in model_batches(model, labels, settings, batch_size, range(first_index, first_index + n),
-                                            z=z, on_step=lambda: bar.update(1))]
-    return torch.cat(outs, dim=0)
 
 
 def vae_scaling_factor(vae) -> float:

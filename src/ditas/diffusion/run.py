@@ -1,6 +1,6 @@
 """The one sampling run: per-sample noise, guidance batch, the step loop.
 
-Every place that samples from a DiT (``images.generate``, calibration's FP trajectory, the eps
+Every place that samples from a DiT (``batches.generate``, calibration's FP trajectory, the eps
 metrics of ``ditas compare``, the multi-process split of ``sharded.sample_npz``) goes through
 :func:`sampling_run`, so they all see the same noise for the same (seed, sample index).
 

@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 
 from ..calibration.blockwise import block_layer_inputs
 from ..calibration.trajectory import check_record, self_calibration
-from ..diffusers_quantizer import attach
 from ..errors import CalibrationError, ConfigError
 from ..model.adapters.base import ON_THE_FLY, BlockSpec, CalibrationRecord, Fold, LinearSpec, SmoothGroup
 from ..model.adapters.registry import adapter_for
@@ -288,7 +287,6 @@ def quantize(model: nn.Module, config: QuantConfig, trajectory: CalibrationRecor
     t2 = time.perf_counter()
     model.quant_config = config
     model.quant_family = adapter_for(model).family
-    attach(model)  # diffusers' save_pretrained of it round-trips (or refuses)
     return model, make_report(cal, {"convert_s": t2 - t1, "total_s": t2 - t0})
 
 

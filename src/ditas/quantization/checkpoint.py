@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..diffusers_quantizer import attach, ditas_view, is_ditas_config
 from ..errors import CheckpointError, ConfigError
 from ..fileio import json_text, publish_dir
 from ..model.adapters.registry import adapter_class, adapter_for
@@ -130,6 +129,26 @@ def _compact_zero_points(zero: torch.Tensor) -> torch.Tensor:
     if zero.is_floating_point() and zero.numel() and bool(((zero >= 0) & (zero <= 255) & (zero == zero.round())).all()):
         return zero.to(torch.uint8)
     return zero
+
+
+# A diffusers model config quantized by ditas (written by diffusers' save_pretrained through
+# ``ditas.diffusers_quantizer``) holds the same table as a ditas folder under ``quantization_config``.
+QUANT_METHOD = "ditas"  # diffusers' quantization_config["quant_method"] of a ditas-quantized model
+
+
+def is_ditas_config(data: Any) -> bool:
+    """Whether a parsed ``config.json`` is a diffusers model config quantized by ditas."""
+    qc = data.get("quantization_config") if isinstance(data, dict) else None
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+def ditas_view(data: dict[str, Any]) -> dict[str, Any]:
+    """A diffusers-saved ``config.json`` seen as a ditas folder's (``family``, ``quantization``,
+    ``model``), so that ``ditas.load_quantized`` reads both layouts with one reader."""
+    qc = data["quantization_config"]
+    config = {k: v for k, v in data.items() if not k.startswith("_") and k != "quantization_config"}
+    return {"format": "ditas-quantized", "family": qc.get("family"), "quantization": qc.get("quantization"),
+            "model": {"class": data.get("_class_name"), "config": config}}
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -310,7 +329,6 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
         raise CheckpointError(f"{path}: {empty[0]} was not restored from the file")
     model.quant_config = _config_of(q.get("config", {}))
     model.quant_family = family
-    attach(model)  # diffusers' save_pretrained of it round-trips (or refuses)
     if device is not None:
         model = model.to(device)
     use_kernels(model, kernel)
