@@ -258,9 +258,6 @@ def test_set_adapters_fuse_unfuse_and_unload_on_the_quantized_pipeline(lora_case
     assert torch.equal(_images(q), ref_q)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: smoothing factors that ditas folds into a preceding layer "
-                   "(PixArt's prev_rows / adaLN rows) change what the quantized linears read and output, and the "
-                   "layers do not record them, so the adapter sees x / s there (issue 21, LoRA)")
 def test_pixart_through_peft():
     """PixArt (no diffusers LoRA loader): peft's own inject / set state dict / merge."""
     fp = fm.tiny_pixart()
