@@ -355,7 +355,7 @@ def test_adapter_on_a_folded_layer_adds_what_it_adds_on_fp(family, layer, kind):
     with torch.no_grad():
         added = y_q - wrapper.base_layer(x_q)
     in_fp = SCALE * (x_fp @ wrapper.lora_A["default"].weight.t()) @ wrapper.lora_B["default"].weight.t()
-    want = in_fp if s_out is None else in_fp / s_out
+    want = (in_fp if s_out is None else in_fp / s_out).detach()
     torch.testing.assert_close(added, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     wrong = SCALE * (x_q @ wrapper.lora_A["default"].weight.t()) @ wrapper.lora_B["default"].weight.t()
     assert (wrong - want).abs().max() > 100 * (added - want).abs().max()  # the compensation is what matters
