@@ -50,15 +50,17 @@ class _Holder(nn.Module):
         return self.lin(x)
 
 
-def _quant_layer(abits: int = 8, seed: int = 0) -> QuantLinear:
-    """A W4 layer with bias, an on-the-fly smoothing factor and a rank-3 ditas branch (bf16, as the recipes)."""
+def _quant_layer(abits: int = 8, seed: int = 0, **folds) -> QuantLinear:
+    """A W4 layer with bias, an on-the-fly smoothing factor and a rank-3 ditas branch (bf16, as the
+    recipes); ``folds``: ``input_fold`` / ``output_fold`` records."""
     g = torch.Generator().manual_seed(seed)
     lin = nn.Linear(24, 20)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(20, 24, generator=g) * 0.2)
     return QuantLinear.from_linear(lin, WeightFormat(4), ActivationFormat(abits), smooth=torch.rand(24, generator=g) + 0.5,
                                    lora_down=torch.randn(3, 24, generator=g) * 0.1,
-                                   lora_up=torch.randn(20, 3, generator=g) * 0.1, lora_dtype=torch.bfloat16)
+                                   lora_up=torch.randn(20, 3, generator=g) * 0.1, lora_dtype=torch.bfloat16,
+                                   **folds)
 
 
 def _with_adapter(layer: QuantLinear, seed: int = 1) -> tuple[_Holder, QuantLoraLinear]:
@@ -130,6 +132,22 @@ def test_fused_equals_unfused_for_float_activations():
     with torch.no_grad():
         unfused = model(x)
         wrapper.merge()
+        torch.testing.assert_close(model(x), unfused, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_records_are_compensated_unfused_and_fused():
+    g = torch.Generator().manual_seed(4)
+    s_in, s_out = torch.rand(24, generator=g) * 3 + 0.2, torch.rand(20, generator=g) * 3 + 0.2
+    layer = _quant_layer(abits=16, input_fold=s_in, output_fold=s_out)
+    model, wrapper = _with_adapter(layer)
+    x_fp = torch.randn(5, 24)
+    x = x_fp / s_in  # what the folded layer receives
+    with torch.no_grad():
+        base, unfused = layer(x), model(x)
+        torch.testing.assert_close(unfused, base + _adapter_on(wrapper, x_fp) / s_out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x @ wrapper.get_delta_weight("default").t(), _adapter_on(wrapper, x_fp) / s_out,
+                                   rtol=1e-5, atol=1e-5)
+        wrapper.merge()  # 16-bit activations: the fused ranks read x itself
         torch.testing.assert_close(model(x), unfused, rtol=1e-5, atol=1e-5)
 
 
@@ -367,12 +385,18 @@ def test_save_load_keeps_the_fold_records_and_older_folders_refuse_lora(tmp_path
     from ditas.quantization.folds import FOLD_UNKNOWN
 
     _, q = _folded_pair("sd3")
+    from diffusers import SD3Transformer2DModel
+
+    def records(model):
+        return {k: v for k, v in model.state_dict().items() if k.endswith(("input_fold", "output_fold"))}
+
     folder = ditas.save_quantized(q, tmp_path / "q")
-    back = ditas.load_quantized(folder)
-    want = {k: v for k, v in q.state_dict().items() if k.endswith(("input_fold", "output_fold"))}
-    got = {k: v for k, v in back.state_dict().items() if k.endswith(("input_fold", "output_fold"))}
-    assert want and sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want)
-    assert any(k.endswith("norm1.linear.output_fold") for k in got)  # a float linear's record too
+    q.save_pretrained(tmp_path / "diffusers")
+    want = records(q)
+    assert any(k.endswith("norm1.linear.output_fold") for k in want)  # a float linear's record too
+    for back in (ditas.load_quantized(folder), SD3Transformer2DModel.from_pretrained(tmp_path / "diffusers")):
+        got = records(back)
+        assert want and sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want)
     # a folder of format 3 (no fold records): loads, and LoRA on its folded layers is refused
     cfg_file = folder / "config.json"
     data = json.loads(cfg_file.read_text())

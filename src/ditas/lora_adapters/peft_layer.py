@@ -127,8 +127,10 @@ class QuantLoraLinear(_FoldedAdapters, nn.Module, LoraLayer):
 
     # -- fused: ranks appended to ditas' own low-rank branch ---------------------------------------
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """The adapter's float weight delta ``scaling * B @ A`` (out, in), as peft defines it."""
-        return (self.lora_B[adapter].weight @ self.lora_A[adapter].weight) * self.scaling[adapter]
+        """The adapter's float weight delta ``scaling * B @ A`` (out, in), as peft defines it, for what
+        the layer receives: ``diag(1 / output_fold) (scaling * B @ A) diag(input_fold)``."""
+        down, up = self.folded_delta(self.lora_A[adapter].weight, self.lora_B[adapter].weight * self.scaling[adapter])
+        return up @ down
 
     def fused_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(down, up) in fp32 to append to ditas' branch, which reads ``x / smooth``: ``A * smooth``
