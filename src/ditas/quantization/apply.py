@@ -27,6 +27,7 @@ from ..errors import CalibrationError, ConfigError
 from ..model.adapters.base import ON_THE_FLY, BlockSpec, CalibrationRecord, Fold, LinearSpec, SmoothGroup
 from ..model.adapters.registry import adapter_for
 from .config import QuantConfig
+from .folds import output_fold_vector
 from .linear import QuantLinear
 from .kernels import AUTO, canonical, use_kernels
 from .search import LayerQuant, quantize_layer
@@ -41,7 +42,8 @@ class Calibration:
 
     ``folds``: where each group's factor goes (the adapter's fold, or on the fly where it cannot
     be folded here); ``prefolded``: groups whose factor is already in a later group's weight rows
-    (folded before that group was searched and quantized).
+    (folded before that group was searched and quantized); ``row_folds``: for each such later
+    linear, its divided (rows, factor) pairs (the layer records them: ``folds``).
     """
 
     config: QuantConfig
@@ -52,6 +54,7 @@ class Calibration:
     plan: list[BlockSpec] = field(default_factory=list)
     folds: dict[str, Fold] = field(default_factory=dict)
     prefolded: set[str] = field(default_factory=set)
+    row_folds: dict[str, list[tuple[slice, torch.Tensor]]] = field(default_factory=dict)
 
 
 def prepare(model: nn.Module, config: QuantConfig) -> list[BlockSpec]:
@@ -181,6 +184,7 @@ def calibrate(model: nn.Module, config: QuantConfig, trajectory: CalibrationReco
     results: dict[str, LayerQuant] = {}
     folds: dict[str, Fold] = {}
     prefolded: set[str] = set()
+    row_folds: dict[str, list[tuple[slice, torch.Tensor]]] = {}
     calls = trajectory.calls
     bar = tqdm(total=len(specs), desc="calibration: block-wise search", unit="layer", disable=not progress,
                leave=False)
@@ -202,6 +206,7 @@ def calibrate(model: nn.Module, config: QuantConfig, trajectory: CalibrationReco
                 elif fold.target in later:
                     if r.smooth is not None:
                         pending[fold.target] = (row_slice(target.out_features, fold.rows), r.smooth)
+                        row_folds.setdefault(fold.target, []).append(pending[fold.target])
                         prefolded.add(g.name)
                 elif any(fold.target == m.name for m in specs):
                     fold = ON_THE_FLY  # its target was quantized before: the adapter's order forbids a fold
@@ -220,7 +225,7 @@ def calibrate(model: nn.Module, config: QuantConfig, trajectory: CalibrationReco
         "naive_full_model_forward_passes": steps * len(results),  # one FP observation run per layer
         "batch_per_pass": _first_batch(trajectory.calls[0]),
     }
-    return Calibration(config, results, specs, timings, passes, plan, folds, prefolded)
+    return Calibration(config, results, specs, timings, passes, plan, folds, prefolded, row_folds)
 
 
 def _split_codes(codes, rows: slice, layout: str):
@@ -250,13 +255,16 @@ def convert(model: nn.Module, calibration: Calibration, kernel: str = AUTO) -> n
             elif smooth is not None and fold.kind != "on_the_fly":
                 apply_fold(model, fold, smooth)
                 smooth = None
+            input_fold = r.smooth if smooth is None else None  # the factor its input's producer holds
             for spec, rows in _member_rows(model, g):
                 lin = model.get_submodule(spec.name)
                 whole = rows.start == 0 and rows.stop == r.codes[0].shape[0]
                 codes = r.codes if whole else _split_codes(r.codes, rows, cfg.weights.layout)
                 up = None if r.lora_up is None else r.lora_up[rows]
                 q = QuantLinear.from_linear(lin, cfg.weights, cfg.activations, smooth=smooth, lora_down=r.lora_down,
-                                            lora_up=up, codes=codes)
+                                            lora_up=up, codes=codes, input_fold=input_fold,
+                                            output_fold=output_fold_vector(lin.out_features,
+                                                                           calibration.row_folds.get(spec.name, [])))
                 if r.bias is not None and lin.bias is not None:
                     q.bias.copy_(r.bias[rows])
                 q.invalidate()

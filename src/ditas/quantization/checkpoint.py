@@ -8,7 +8,9 @@ holds, per ``QuantLinear``, ``<name>.qweight`` (codes packed to the weight bit w
 ``wscale``, ``wzero`` (uint8 since format version 3 when its values are integers in 0..255, as
 ditas makes them; fp32 otherwise and in older folders), ``bias``, ``smooth``, ``lora_down``, ``lora_up`` as present (the LoRA factors
 in the layer's ``lora_dtype``, recorded in its entry since format version 2; version 1 folders
-hold float32 factors and still load), and the float
+hold float32 factors and still load), ``input_fold``/``output_fold`` as present (since version 4:
+the smoothing factors folded around the layer, ``folds``; a float linear's ``output_fold`` is
+listed under ``folded_float_layers``), and the float
 tensors of everything else. adaLN linears stored weight-only (``WeightOnlyInt8Linear``) are listed
 under ``"weight_only_layers"`` and keep their int8 ``qweight``, ``wscale`` and ``bias``. ``load_quantized`` builds the model (by its family's adapter) on the meta device, puts
 ``QuantLinear`` modules in place of the quantized layers and only then allocates memory, so no
@@ -32,17 +34,21 @@ from ..model.state_files import read_config_json, read_safetensors
 from ..memory import release_freed_memory
 from ..validate import check_finite_state, check_scales, state_config_problem
 from . import packing
+from .folds import FOLD_UNKNOWN, add_float_fold_slots, folded_float_layers, unrecorded_folds
 from .kernels import AUTO, canonical, use_kernels
 from .layer_schema import check_layer_table, check_layer_tensors, layer_args, layer_meta
 from .linear import QuantLinear
 from .weight_only import WeightOnlyInt8Linear
 
+# 4: each layer entry says whether it holds ``input_fold`` / ``output_fold`` (the smoothing factors
+#    folded around it, ``folds``) and ``folded_float_layers`` lists the float linears holding an
+#    ``output_fold``; older folders load, with their folded layers marked unknown (LoRA refuses them);
 # 3: a layer's integer-valued weight zero points in 0..255 are stored as uint8 (lossless; the layer
 #    holds them as float32 again after loading);
 # 2: each layer entry says how its LoRA factors are stored ("lora_dtype": float32 or bfloat16);
 # 1 (read, never written): LoRA factors in float32
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
@@ -120,6 +126,7 @@ def quantization_meta(model: nn.Module, quant_config: Any = None) -> dict[str, A
         "weight_only_layers": {name: {"in_features": m.in_features, "out_features": m.out_features,
                                       "bias": m.bias is not None, "compute": m.compute, "bits": 8}
                                for name, m in weight_only_layers(model).items()},
+        "folded_float_layers": folded_float_layers(model),
     }
 
 
@@ -171,7 +178,9 @@ def put_quant_layers(model: nn.Module, q: dict[str, Any], path: Any) -> None:
     """Puts empty (meta) ``QuantLinear`` and ``WeightOnlyInt8Linear`` modules in place of the layers
     that the checked ``quantization`` table ``q`` lists, so the saved tensors land in them and no
     float weight is allocated for a quantized layer (``load_quantized`` and diffusers'
-    ``from_pretrained``)."""
+    ``from_pretrained``); puts the ``output_fold`` slots on the float linears that hold one, and
+    marks the folded layers of a folder that did not record its folds (``folds``)."""
+    unknown = unrecorded_folds(model, q)
     with torch.device("meta"):
         for name, meta in q["layers"].items():
             try:
@@ -199,6 +208,9 @@ def put_quant_layers(model: nn.Module, q: dict[str, Any], path: Any) -> None:
             if (old.in_features, old.out_features) != (new.in_features, new.out_features):
                 raise CheckpointError(f"{path}: weight-only layer {name} does not match the model config")
             model.set_submodule(name, new)
+        add_float_fold_slots(model, q.get("folded_float_layers", {}), path)
+    for name in unknown:
+        setattr(model.get_submodule(name), FOLD_UNKNOWN, True)
 
 
 def unpack_qweight(key: str, meta: dict[str, Any], packed: torch.Tensor, source: Any) -> torch.Tensor:

@@ -56,10 +56,13 @@ LAYER_META = (
     MetaField("act_granularity", str, choices=ACT_GRANULARITIES), MetaField("range_mode", str, choices=RANGE_MODES),
     MetaField("lora_rank", int, 0), MetaField("bias", bool), MetaField("smooth", bool),
     MetaField("lora_dtype", str, choices=LORA_STORAGE, default="float32"),  # format 1 has none: float32
+    # format 4: the smoothing factors folded into the layer's input producer / its output rows
+    # (``folds``); older formats have none recorded (``folds.unrecorded_folds``)
+    MetaField("input_fold", bool, default=False), MetaField("output_fold", bool, default=False),
 )
 WEIGHT_ONLY_META = (MetaField("in_features", int, 1), MetaField("out_features", int, 1), MetaField("bias", bool),
                     MetaField("compute", str))
-TENSOR_NAMES = ("qweight", "wscale", "wzero", "bias", "smooth", "lora_down", "lora_up")
+TENSOR_NAMES = ("qweight", "wscale", "wzero", "bias", "smooth", "lora_down", "lora_up", "input_fold", "output_fold")
 
 
 def scale_shape(out_f: int, in_f: int, weights: WeightFormat) -> tuple[int, int]:
@@ -76,14 +79,17 @@ def scale_shape(out_f: int, in_f: int, weights: WeightFormat) -> tuple[int, int]
 
 
 def layer_tensors(in_f: int, out_f: int, weights: WeightFormat, *, bias: bool, smooth: bool, lora_rank: int,
-                  lora_dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype] | None]:
+                  lora_dtype: torch.dtype, input_fold: bool = False, output_fold: bool = False
+                  ) -> dict[str, tuple[tuple[int, ...], torch.dtype] | None]:
     """Each of ``TENSOR_NAMES`` -> (shape, dtype) in memory, or None where the layer has none."""
     groups = scale_shape(out_f, in_f, weights)
     return {"qweight": ((out_f, in_f), torch.uint8), "wscale": (groups, torch.float32),
             "wzero": (groups, torch.float32), "bias": ((out_f,), torch.float32) if bias else None,
             "smooth": ((in_f,), torch.float32) if smooth else None,
             "lora_down": ((lora_rank, in_f), lora_dtype) if lora_rank else None,
-            "lora_up": ((out_f, lora_rank), lora_dtype) if lora_rank else None}
+            "lora_up": ((out_f, lora_rank), lora_dtype) if lora_rank else None,
+            "input_fold": ((in_f,), torch.float32) if input_fold else None,
+            "output_fold": ((out_f,), torch.float32) if output_fold else None}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -96,7 +102,8 @@ def layer_meta(m: Any) -> dict[str, Any]:
     return {"in_features": m.in_features, "out_features": m.out_features, "wbits": w.bits, "abits": a.bits,
             "layout": w.layout, "group_size": w.group_size, "act_granularity": a.granularity,
             "range_mode": w.range_mode, "lora_rank": m.lora_rank, "bias": m.bias is not None,
-            "smooth": m.smooth is not None, "lora_dtype": dtype_name(m.lora_dtype or torch.float32)}
+            "smooth": m.smooth is not None, "lora_dtype": dtype_name(m.lora_dtype or torch.float32),
+            "input_fold": m.input_fold is not None, "output_fold": m.output_fold is not None}
 
 
 def layer_args(meta: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
@@ -105,13 +112,15 @@ def layer_args(meta: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
     activations = ActivationFormat(meta["abits"], meta["act_granularity"], meta["range_mode"])
     dtype = LORA_DTYPES[meta.get("lora_dtype", "float32")]
     return ((meta["in_features"], meta["out_features"], weights, activations),
-            {"bias": meta["bias"], "lora_rank": meta["lora_rank"], "has_smooth": meta["smooth"], "lora_dtype": dtype})
+            {"bias": meta["bias"], "lora_rank": meta["lora_rank"], "has_smooth": meta["smooth"], "lora_dtype": dtype,
+             "has_input_fold": meta.get("input_fold", False), "has_output_fold": meta.get("output_fold", False)})
 
 
 def expected_tensor_names(meta: dict[str, Any]) -> list[str]:
     """The tensors a saved layer with this entry must hold (``TENSOR_NAMES`` order)."""
     present = {"bias": meta["bias"], "smooth": meta["smooth"], "lora_down": meta["lora_rank"] > 0,
-               "lora_up": meta["lora_rank"] > 0}
+               "lora_up": meta["lora_rank"] > 0, "input_fold": meta.get("input_fold", False),
+               "output_fold": meta.get("output_fold", False)}
     return [t for t in TENSOR_NAMES if present.get(t, True)]
 
 

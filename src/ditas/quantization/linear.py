@@ -12,6 +12,9 @@ Tensors are named for their role (as nunchaku's quantized linear):
   that could not be folded into a preceding layer, e.g. for ``fc2``);
 - ``lora_down`` (rank, in), ``lora_up`` (out, rank): the float low-rank branch (fp32 or bf16,
   ``lora_dtype``; computed in fp32 either way), or absent.
+- ``input_fold`` (in,), ``output_fold`` (out,): records of the smoothing factors folded into the
+  producer of the layer's input and into its output rows (``folds``: what a LoRA adapter on the
+  layer compensates), or absent; the layer's own forward never reads them.
 
 Compute dtype: the layer takes and returns its input's float dtype (fp32, bf16 or fp16); inside,
 every kernel works in fp32 (integer products accumulate exactly, then one float epilogue) and
@@ -61,7 +64,7 @@ class QuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, weights: WeightFormat, activations: ActivationFormat,
                  *, bias: bool = True, lora_rank: int = 0, has_smooth: bool = False,
-                 lora_dtype: torch.dtype = torch.float32):
+                 lora_dtype: torch.dtype = torch.float32, has_input_fold: bool = False, has_output_fold: bool = False):
         super().__init__()
         _check_lora_dtype(lora_dtype)
         if not isinstance(weights, WeightFormat) or not isinstance(activations, ActivationFormat):
@@ -79,9 +82,10 @@ class QuantLinear(nn.Module):
         self.lora_limbs = DEFAULT_LORA_LIMBS
         self.lora_bf16 = False
         tensors = layer_tensors(in_features, out_features, weights, bias=bias, smooth=has_smooth,
-                                lora_rank=lora_rank, lora_dtype=lora_dtype)  # the saved layer's schema
+                                lora_rank=lora_rank, lora_dtype=lora_dtype, input_fold=has_input_fold,
+                                output_fold=has_output_fold)  # the saved layer's schema
         for name, spec in tensors.items():
-            init = torch.ones if name in ("wscale", "smooth") else torch.zeros
+            init = torch.ones if name in ("wscale", "smooth", "input_fold", "output_fold") else torch.zeros
             self.register_buffer(name, None if spec is None else init(spec[0], dtype=spec[1]))
         self._kernel_state = None  # what the kernel prepared (kernels/), not saved
 
@@ -91,18 +95,21 @@ class QuantLinear(nn.Module):
                     weight: torch.Tensor | None = None, smooth: torch.Tensor | None = None,
                     lora_down: torch.Tensor | None = None, lora_up: torch.Tensor | None = None,
                     codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                    lora_dtype: torch.dtype | None = None) -> "QuantLinear":
+                    lora_dtype: torch.dtype | None = None, input_fold: torch.Tensor | None = None,
+                    output_fold: torch.Tensor | None = None) -> "QuantLinear":
         """Quantizes ``weight`` (default: ``linear.weight``) in ``weights`` with round-to-nearest min/max.
 
         ``codes`` = (qweight, wscale, wzero) lets a caller supply codes it chose itself (for
         instance the best round of the training-free LoRA); ``weight`` is then ignored.
         ``lora_dtype``: how the LoRA factors are held and saved (default ``DEFAULT_LORA_DTYPE``);
-        bf16 rounds them once, here, so the saved model is the one in memory.
+        bf16 rounds them once, here, so the saved model is the one in memory. ``input_fold`` /
+        ``output_fold``: the smoothing factors folded around the layer (``folds``; records only).
         """
         rank = 0 if lora_down is None else lora_down.shape[0]
         m = cls(linear.in_features, linear.out_features, weights, activations, bias=linear.bias is not None,
                 lora_rank=rank, has_smooth=smooth is not None,
-                lora_dtype=DEFAULT_LORA_DTYPE if lora_dtype is None else lora_dtype)
+                lora_dtype=DEFAULT_LORA_DTYPE if lora_dtype is None else lora_dtype,
+                has_input_fold=input_fold is not None, has_output_fold=output_fold is not None)
         if codes is None:
             w = linear.weight.detach() if weight is None else weight.detach()
             codes = quantize_weight(w, weights.bits, weights.layout, weights.group_size, weights.range_mode)
@@ -112,8 +119,9 @@ class QuantLinear(nn.Module):
         m.wzero.copy_(z)
         if linear.bias is not None:
             m.bias.copy_(linear.bias.detach())
-        if smooth is not None:
-            m.smooth.copy_(smooth)
+        for name, value in (("smooth", smooth), ("input_fold", input_fold), ("output_fold", output_fold)):
+            if value is not None:
+                getattr(m, name).copy_(value)
         if rank:
             m.lora_down.copy_(lora_down)
             m.lora_up.copy_(lora_up)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .folds import record_output_fold
+
 S_FLOOR = 1e-4
 _TINY = 1e-8  # keeps a_j^alpha / w_j^(1-alpha) finite for all-zero channels
 
@@ -141,15 +143,20 @@ class OnTheFlySmooth(nn.Module):
 
 @torch.no_grad()
 def apply_fold(model: nn.Module, fold, s: torch.Tensor) -> None:
-    """Makes the division by ``s`` free as the adapter's ``Fold`` says (not ``on_the_fly``)."""
+    """Makes the division by ``s`` free as the adapter's ``Fold`` says (not ``on_the_fly``), and
+    records on a target linear which output rows now change by ``1 / s`` (``folds``: the shift rows
+    ``sh / s`` and the scale rows ``(sc + 1) / s - 1`` alike)."""
     if fold.kind == "adaln_rows":
-        fold_into_modulation_linear(model.get_submodule(fold.target), s, fold.num_chunks, fold.shift_chunk,
-                                    fold.scale_chunk)
+        lin = model.get_submodule(fold.target)
+        fold_into_modulation_linear(lin, s, fold.num_chunks, fold.shift_chunk, fold.scale_chunk)
+        for chunk in (fold.shift_chunk, fold.scale_chunk):
+            record_output_fold(lin, s, _chunk_rows(lin.out_features, fold.num_chunks, chunk, s.numel()))
     elif fold.kind == "table_rows":
         fold_into_modulation_table(model.get_parameter(fold.target), s, fold.shift_chunk, fold.scale_chunk,
                                    fold.chunk_dim)
     elif fold.kind == "prev_rows":
         lin = model.get_submodule(fold.target)
         fold_into_rows(lin, s, row_slice(lin.out_features, fold.rows))
+        record_output_fold(lin, s, row_slice(lin.out_features, fold.rows))
     else:
         raise ValueError(f"a {fold.kind} smoothing factor has nothing to fold into")
