@@ -264,8 +264,8 @@ LAYER = ("quantization", "layers", "blocks.0.mlp.fc1")
 
 
 @pytest.mark.parametrize("kind, edit, match", [
-    ("float", lambda d: [d], "holds a JSON list"),
-    ("diffusers", lambda d: [d], "holds a JSON list"),
+    ("float", lambda d: [d], "must be an object, got list"),
+    ("diffusers", lambda d: [d], "must be an object, got list"),
     ("float", _set(("model", "mlp_ratio"), -1), "mlp_ratio must be a number > 0"),
     ("float", _set(("model", "mlp_ratio"), "x"), "mlp_ratio must be a number"),
     ("float", _set(("model", "norm_eps"), "x"), "norm_eps must be a number"),
