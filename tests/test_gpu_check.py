@@ -53,9 +53,6 @@ def test_bf16_pipeline_quantized_sampled_saved_and_compiled(cpu_rows):
     assert all(r["device_s"] > 0 and r["cpu_s"] != r["cpu_s"] for r in rows[5:])  # CPU only: no second column
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (issue 21, LoRA; test_lora_adapters.py::test_pixart_through_peft): "
-                   "the default recipe folds proj's smoothing factor into the V rows (fold_proj_into_v), so the "
-                   "adapters on to_v / to_out see scaled values; with fold_proj_into_v=False the row passes")
 def test_lora_row_on_pixart(cpu_rows):
     _, rows = cpu_rows
     lora = rows[7]
@@ -77,4 +74,4 @@ def test_skip_leaves_checks_out_and_an_unknown_name_is_a_usage_error(capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_check_on_cuda():
     # the LoRA row fails on every device until the known gap above is closed (test_lora_row_on_pixart)
-    assert _module().main(["--device", "cuda", "--quick", "--skip", "lora"]) == 0
+    assert _module().main(["--device", "cuda", "--quick"]) == 0
