@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+import tokenize
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,7 +278,9 @@ def read_npy_header(f, path: Path, what: str, name: str, size: int) -> NpyHeader
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
         else:
             raise ValueError(f"unsupported .npy format version {version}")
-    except (ValueError, OSError, EOFError, SyntaxError, TypeError, zipfile.BadZipFile) as exc:
+    # numpy parses the header with ast/tokenize: a corrupted one raises any of these
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError, tokenize.TokenError, RecursionError,
+            zipfile.BadZipFile) as exc:
         raise fail(path, what, f"'{name}' has no valid .npy header ({safe_reason(exc)})") from None
     if dtype.hasobject:
         raise fail(path, what, f"'{name}' holds Python objects; ditas reads only plain numeric arrays")
