@@ -168,6 +168,7 @@ def test_int_forward_bf16_input_returns_bf16() -> None:
     assert y.dtype == torch.bfloat16 and _rel(y.float(), layer(x.bfloat16().float())) < 1e-2
 
 
+@needs_int_kernel
 def test_unsupported_layers_rejected() -> None:
     lin = nn.Linear(64, 32)
     grouped = QuantLinear.from_linear(lin, WeightFormat(4, "group", 16), ActivationFormat(8))
