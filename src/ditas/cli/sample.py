@@ -101,14 +101,6 @@ def check_output_size(out: Path, n: int, config) -> None:
                          f"are free in {out.parent}")
 
 
-def check_attention(mode: str | None) -> None:
-    """A clear one-line error for an unknown ``--attention``, before any work."""
-    from ..quantization.attention import check_attention_mode
-
-    if mode is not None:
-        check_attention_mode(mode, "--attention")
-
-
 def _quantized_dit_as_model(args: argparse.Namespace) -> None:
     """``--quantized DIR`` naming a quantized class-conditional DiT folder samples it as ``--model DIR``
     does (``--quantized`` is otherwise the transformer of a text-to-image pipeline)."""
@@ -131,8 +123,10 @@ def _quantized_dit_as_model(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
     from ..distributed import init_from_env, leave_together, shutdown
+    from ..quantization.attention import check_attention_mode
 
-    check_attention(args.attention)
+    if args.attention is not None:  # an unknown --attention: one line, before any work
+        check_attention_mode(args.attention, "--attention")
     device = resolve_device(args.device)
     rank, world, device = init_from_env(device)
     try:
