@@ -20,7 +20,7 @@ from .errors import CheckpointError
 from .memory import release_freed_memory
 from .model.dit import DiTConfig
 from .model.loading import default_model_path, load_float_dit, read_folder_config
-from .quantization.checkpoint import load_quantized
+from .quantization.checkpoint import is_ditas_config, load_quantized
 
 
 def load_dit(path: str | os.PathLike | None = None, config: DiTConfig | None = None,
@@ -56,7 +56,8 @@ def _load(path, config: DiTConfig | None, device: torch.device, dtype: torch.dty
         model = load_float_dit(path, config, device)
     else:
         folder, data = read_folder_config(path)
-        if "quantization" in data and data.get("_class_name") != "DiTTransformer2DModel":
+        quantized = "quantization" in data and data.get("_class_name") != "DiTTransformer2DModel"
+        if quantized or is_ditas_config(data):  # a ditas folder, or one diffusers' save_pretrained wrote
             model = load_quantized(folder, data, device=device, dtype=dtype, **kwargs)
             attach(model)  # diffusers' save_pretrained of it round-trips (or refuses)
             return model

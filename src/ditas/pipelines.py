@@ -20,12 +20,72 @@ import torch
 from .errors import CheckpointError, DitasError
 
 PIPELINE_FILE = "pipeline.json"
+LABEL_TRANSFORMER = "DiTTransformer2DModel"  # DiTPipeline: class labels instead of prompts
 PROMPTS_FILE = Path(__file__).resolve().parent / "assets" / "calibration_prompts.txt"
 
 
 def is_pipeline_dir(path: str | os.PathLike | None) -> bool:
     """Whether ``path`` is a diffusers pipeline folder (has ``model_index.json``)."""
     return path is not None and (Path(path) / "model_index.json").is_file()
+
+
+def is_label_pipeline(path: str | os.PathLike | None) -> bool:
+    """Whether ``path`` is a pipeline folder whose transformer takes class labels (``DiTPipeline``)
+    rather than prompts: sampled with ``--classes`` and calibrated on labels."""
+    if not is_pipeline_dir(path):
+        return False
+    from .readers import read_json
+
+    entry = read_json(Path(path) / "model_index.json", "pipeline index", error=CheckpointError).get("transformer")
+    return isinstance(entry, list) and entry[-1] == LABEL_TRANSFORMER
+
+
+def class_count(path: str | os.PathLike) -> int:
+    """The number of classes of a ``DiTPipeline`` folder's transformer (its ``num_embeds_ada_norm``)."""
+    n = _read_json_object(Path(path) / "transformer" / "config.json").get("num_embeds_ada_norm")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise CheckpointError(f"{path}/transformer/config.json: num_embeds_ada_norm is {n!r}, not a class count")
+    return n
+
+
+def check_label_guidance(path: str | os.PathLike, guidance: float | None, flag: str) -> int:
+    """The class count of a ``DiTPipeline`` folder, after refusing a guided run (``guidance``, None:
+    the pipeline's default) of a model without 1000 classes: diffusers' ``DiTPipeline`` hard-codes
+    the null label 1000 (ImageNet's), which another model's label table does not hold."""
+    n = class_count(path)
+    if guidance is None:
+        guidance = call_defaults(path)["guidance_scale"]
+    if guidance is not None and guidance > 1 and n != 1000:
+        raise DitasError(f"{path}: DiTPipeline guides with the null label 1000 but this model has {n} classes: "
+                         f"give {flag} 1 (no guidance)")
+    return n
+
+
+def call_defaults(pipe_or_class: Any) -> dict[str, Any]:
+    """The pipeline's own ``num_inference_steps`` and ``guidance_scale`` (its ``__call__`` defaults:
+    what its publisher samples with), so a calibration run left to its defaults sees the sampling
+    it calibrates for; ``pipe_or_class``: a pipeline, its class, or a pipeline folder (nothing loaded)."""
+    if isinstance(pipe_or_class, (str, os.PathLike)):
+        import diffusers
+
+        from .readers import read_json
+
+        name = read_json(Path(pipe_or_class) / "model_index.json", "pipeline index", error=CheckpointError).get("_class_name")
+        pipe_or_class = getattr(diffusers, name, None) if isinstance(name, str) else None
+    call = getattr(pipe_or_class, "__call__", None)
+    params = inspect.signature(call).parameters if callable(call) and pipe_or_class is not None else {}
+    out = {}
+    for key in ("num_inference_steps", "guidance_scale"):
+        default = params[key].default if key in params else None
+        out[key] = default if isinstance(default, (int, float)) and not isinstance(default, bool) else None
+    return out
+
+
+def _condition(pipe, batch: list) -> dict[str, Any]:
+    """What ``pipe`` is conditioned on: ``class_labels`` (``DiTPipeline``) or ``prompt``."""
+    if "class_labels" in inspect.signature(pipe.__call__).parameters:
+        return {"class_labels": [int(v) for v in batch]}
+    return {"prompt": batch}
 
 
 def read_prompts(path: str | os.PathLike | None = None) -> list[str]:
@@ -58,11 +118,7 @@ def load_pipeline(path: str | os.PathLike, transformer: torch.nn.Module | None =
     cls_name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
     from .model.adapters.registry import text_to_image_transformers
 
-    supported = text_to_image_transformers()
-    if cls_name == "DiTTransformer2DModel":  # class-conditional: no prompts, ditas' DiT commands
-        raise DitasError(f"{path} is a DiTPipeline (class labels, no prompts): give its transformer folder "
-                         f"(--model {path / 'transformer'} --vae {path / 'vae'}), or in Python "
-                         "ditas.quantize_(pipe.transformer) then pipe.save_pretrained(dir)")
+    supported = (*text_to_image_transformers(), LABEL_TRANSFORMER)
     if cls_name not in supported:
         raise DitasError(f"{path}: the pipeline's transformer is {cls_name or 'missing'}; ditas quantizes pipelines "
                          f"whose transformer is one of {', '.join(supported)}")
@@ -119,9 +175,9 @@ def _call_kwargs(pipe, steps: int, guidance: float | None, seed: int, height: in
                           "generator": torch.Generator().manual_seed(seed)}
     if guidance is not None:
         kw["guidance_scale"] = guidance
-    if height is not None:
+    if height is not None and "height" in params:
         kw["height"] = height
-    if width is not None:
+    if width is not None and "width" in params:
         kw["width"] = width
     if "use_resolution_binning" in params:   # PixArt: use the size asked for, not the nearest bin
         kw["use_resolution_binning"] = False
@@ -139,8 +195,9 @@ def _quiet(pipe, progress: bool) -> None:
 def record_pipeline_calibration(pipe, prompts: list[str], steps: int, guidance: float | None = None, seed: int = 0,
                                 height: int | None = None, width: int | None = None, batch_size: int = 4,
                                 progress: bool = True):
-    """Runs ``pipe`` on ``prompts`` (latents only, no decoding) inside ``record_calibration``:
-    the data-free calibration record of its transformer (one call per step and batch)."""
+    """Runs ``pipe`` on ``prompts`` (class labels for a ``DiTPipeline``; latents only, no decoding)
+    inside ``record_calibration``: the data-free calibration record of its transformer (one call per
+    step and batch)."""
     from .calibration.recording import record_calibration
 
     if steps < 2:
@@ -150,9 +207,10 @@ def record_pipeline_calibration(pipe, prompts: list[str], steps: int, guidance: 
     _quiet(pipe, progress)
     with record_calibration(pipe.transformer) as calib:
         for i in range(0, len(prompts), batch_size):
-            pipe(prompt=prompts[i: i + batch_size],
+            pipe(**_condition(pipe, prompts[i: i + batch_size]),
                  **_call_kwargs(pipe, steps, guidance, seed + i, height, width, "latent"))
-    calib.info.update({"prompts": len(prompts), "steps": steps, "guidance_scale": guidance, "seed": seed,
+    kind = "labels" if "class_labels" in _condition(pipe, []) else "prompts"
+    calib.info.update({kind: len(prompts), "steps": steps, "guidance_scale": guidance, "seed": seed,
                        "height": height, "width": width})
     return calib
 
@@ -160,9 +218,10 @@ def record_pipeline_calibration(pipe, prompts: list[str], steps: int, guidance: 
 @torch.no_grad()
 def generate_images(pipe, prompt: str | list[str], steps: int, guidance: float | None = None, seed: int = 0,
                     height: int | None = None, width: int | None = None, progress: bool = True) -> list:
-    """PIL images for ``prompt`` (one per prompt)."""
+    """PIL images for ``prompt`` (one per prompt; class labels for a ``DiTPipeline``)."""
     _quiet(pipe, progress)
-    return pipe(prompt=prompt, **_call_kwargs(pipe, steps, guidance, seed, height, width, "pil")).images
+    batch = prompt if isinstance(prompt, list) else [prompt]
+    return pipe(**_condition(pipe, batch), **_call_kwargs(pipe, steps, guidance, seed, height, width, "pil")).images
 
 
 def save_image_grid(images: list, path: str | os.PathLike, columns: int = 8, pad: int = 2) -> Path:

@@ -1,4 +1,5 @@
-"""``ditas quantize`` / ``ditas sample`` for diffusers pipeline folders (PixArt, SD3, Flux).
+"""``ditas quantize`` / ``ditas sample`` for diffusers pipeline folders (PixArt, SD3, Flux; DiTPipeline
+with class labels in place of prompts).
 
 quantize: load the pipeline, run it on calibration prompts inside ``record_calibration`` (data
 free: prompts only, latents are never decoded), quantize its transformer in place with the
@@ -17,7 +18,9 @@ from ..errors import DitasError
 
 
 def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("diffusers pipelines (--model PIPELINE_DIR: PixArt, SD3, Flux)")
+    g = p.add_argument_group("diffusers pipelines (--model PIPELINE_DIR: PixArt, SD3, Flux; DiTPipeline calibrates "
+                             "on --calib-labels), calibrated at the pipeline's own steps and guidance unless "
+                             "--calib-steps / --calib-guidance are given")
     g.add_argument("--prompts", help="calibration prompts, one a line (default: the 64 prompts shipped with ditas)")
     g.add_argument("--calib-prompts", type=int, default=16,
                    help="number of prompts of the list used for calibration (default 16; 0: all)")
@@ -30,7 +33,8 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("diffusers pipelines (PixArt, SD3, Flux)")
+    g = p.add_argument_group("diffusers pipelines (--model PIPELINE_DIR: PixArt, SD3, Flux with --prompt; "
+                             "DiTPipeline with --classes)")
     g.add_argument("--quantized", help="quantized transformer folder written by 'ditas quantize --model PIPELINE_DIR' "
                                        "(a quantized DiT folder is sampled as with --model DIR)")
     g.add_argument("--prompt", action="append", help="text prompt (repeat for several images)")
@@ -74,24 +78,60 @@ def check_pipeline_run(path, height: int | None, width: int | None, device, batc
 
 def check_quantize_arguments(args: argparse.Namespace, cfg) -> None:
     """Refuses bad pipeline options before the output is claimed and before any work."""
-    from ..pipelines import read_prompts
+    from ..pipelines import is_label_pipeline
     from ..validate import check_problems, finite_problem
 
     _check_sizes(args)
     check_problems(finite_problem(args.calib_guidance, "--calib-guidance", 0.0))
-    for flag, value in (("--calib-labels", args.calib_labels), ("--calib-sampler", args.calib_sampler)):
+    labels = is_label_pipeline(args.model)
+    given = (("--calib-sampler", args.calib_sampler),) if labels else \
+        (("--calib-labels", args.calib_labels), ("--calib-sampler", args.calib_sampler))
+    for flag, value in given:
         if value is not None:
-            raise DitasError(f"{flag} is for class-conditional DiT models; a pipeline calibrates from prompts "
-                             "(--prompts, --calib-prompts) with its own scheduler")
+            raise DitasError(f"{flag} is for class-conditional DiT models; a pipeline calibrates from "
+                             f"{'labels (--calib-labels)' if labels else 'prompts (--prompts, --calib-prompts)'} "
+                             "with its own scheduler")
+    if labels:
+        for flag, value in (("--prompts", args.prompts), ("--height", args.height), ("--width", args.width)):
+            if value is not None:
+                raise DitasError(f"{flag} does not apply to a DiTPipeline (class labels, its own image size): "
+                                 "give --calib-labels N or --calib-labels 3,1,4")
     if args.calib_cfg is not None and args.calib_guidance is not None and args.calib_cfg != args.calib_guidance:
         raise DitasError("--calib-cfg and --calib-guidance disagree: give one (the calibration guidance scale)")
     if args.calib_prompts < 0 or args.calib_batch < 1:
         raise DitasError("--calib-prompts must be >= 0 and --calib-batch >= 1")
-    prompts = len(read_prompts(args.prompts))
-    if args.calib_prompts:
-        prompts = min(prompts, args.calib_prompts)
+    steps, guidance = calibration_settings(args, cfg)
+    prompts = len(calibration_conditions(args, cfg, guidance))
     check_pipeline_run(args.model, args.height, args.width, getattr(args, "device", None),
-                       min(args.calib_batch, prompts), prompts * cfg.calibration.steps, what="calibration")
+                       min(args.calib_batch, prompts), prompts * steps, what="calibration")
+
+
+def calibration_settings(args: argparse.Namespace, cfg) -> tuple[int, float | None]:
+    """Steps and guidance of the calibration run: the command line's, else the pipeline's own
+    ``__call__`` defaults (what it is sampled with), else the recipe's steps and no guidance."""
+    from ..pipelines import call_defaults
+
+    own = call_defaults(args.model)
+    steps = args.calib_steps if args.calib_steps is not None else own["num_inference_steps"] or cfg.calibration.steps
+    given = args.calib_guidance if args.calib_guidance is not None else args.calib_cfg
+    return steps, given if given is not None else own["guidance_scale"]
+
+
+def calibration_conditions(args: argparse.Namespace, cfg, guidance: float | None) -> list:
+    """The calibration prompts, or for a ``DiTPipeline`` its calibration labels (the recipe's, as
+    ``ditas quantize`` picks them for a DiT: ``--calib-labels``)."""
+    from ..pipelines import check_label_guidance, is_label_pipeline, read_prompts
+
+    if not is_label_pipeline(args.model):
+        prompts = read_prompts(args.prompts)
+        return prompts[: args.calib_prompts] if args.calib_prompts else prompts
+    n = check_label_guidance(args.model, guidance, "--calib-guidance")
+    from ..errors import ConfigError
+
+    try:
+        return cfg.labels_for(n)
+    except ConfigError as exc:
+        raise DitasError(f"--calib-labels: {exc}") from None
 
 
 def quantize(args: argparse.Namespace, cfg, claim) -> int:
@@ -100,20 +140,21 @@ def quantize(args: argparse.Namespace, cfg, claim) -> int:
     ``claim.tmp`` and appears at once on ``claim.publish()``."""
     from ..dtypes import cli_dtype
     from ..fileio import json_text
-    from ..pipelines import PIPELINE_FILE, load_pipeline, pipeline_ref, read_prompts, record_pipeline_calibration
+    from ..pipelines import PIPELINE_FILE, is_label_pipeline, load_pipeline, pipeline_ref, record_pipeline_calibration
     from ..quantization.apply import quantize as quantize_model
     from ..quantization.checkpoint import write_quantized
 
-    prompts = read_prompts(args.prompts)
-    if args.calib_prompts:
-        prompts = prompts[: args.calib_prompts]
+    steps, guidance = calibration_settings(args, cfg)
+    prompts = calibration_conditions(args, cfg, guidance)
+    cfg = cfg.with_flat({"steps": steps, **({} if guidance is None else {"cfg_scale": guidance})})  # as run
     t0 = time.perf_counter()
-    pipe = load_pipeline(args.model, dtype=cli_dtype(getattr(args, "dtype", None), pipeline=True))
+    # a DiTPipeline computes in fp32 by default, as ditas' DiT and its publishers do
+    dtype = cli_dtype(getattr(args, "dtype", None), pipeline=not is_label_pipeline(args.model))
+    pipe = load_pipeline(args.model, dtype=dtype)
     if getattr(args, "device", None) is not None:
         pipe = pipe.to(args.device)  # the calibration run and the block-wise search run there
     t_load = time.perf_counter() - t0
-    guidance = args.calib_guidance if args.calib_guidance is not None else args.calib_cfg
-    calib = record_pipeline_calibration(pipe, prompts, cfg.calibration.steps, guidance, cfg.calibration.seed, args.height,
+    calib = record_pipeline_calibration(pipe, prompts, steps, guidance, cfg.calibration.seed, args.height,
                                         args.width, args.calib_batch, progress=not args.no_progress)
     _, report = quantize_model(pipe.transformer, cfg, calib, progress=not args.no_progress, inplace=True)
     report["model"] = str(args.model)
@@ -125,10 +166,40 @@ def quantize(args: argparse.Namespace, cfg, claim) -> int:
     (claim.tmp / PIPELINE_FILE).write_text(json_text(pipeline_ref(args.model, pipe), PIPELINE_FILE))
     out = claim.publish()  # weights, config, report and pipeline.json appear together
     print(f"quantized the {type(pipe.transformer).__name__} of {args.model} with recipe {cfg.recipe} "
-          f"(W{cfg.weights.bits}A{cfg.activations.bits}) from {len(prompts)} prompts x {cfg.calibration.steps} steps "
+          f"(W{cfg.weights.bits}A{cfg.activations.bits}) from {len(prompts)} "
+          f"{'labels' if 'labels' in calib.info else 'prompts'} x {steps} steps at guidance {guidance} "
           f"({calib.model_calls} transformer calls) -> {out}; mean relative layer output error "
           f"{report['mean_rel_output_error']:.4g}")
     return 0
+
+
+def _sample_conditions(args: argparse.Namespace, pipeline_dir) -> list:
+    """One prompt per image (``--prompt`` cycled to ``--num``), or for a ``DiTPipeline`` one class
+    label per image (``--classes`` cycled, else random labels from ``--seed`` as for a DiT)."""
+    from ..pipelines import check_label_guidance, is_label_pipeline
+
+    if args.num is not None and args.num < 1:
+        raise DitasError(f"--num must be at least 1, got {args.num}")
+    if not is_label_pipeline(pipeline_dir):
+        if getattr(args, "classes", None):
+            raise DitasError("--classes is for class-conditional models (DiT, DiTPipeline); this pipeline takes --prompt")
+        if not args.prompt:
+            raise DitasError("give --prompt TEXT (repeat it for several images)")
+        return [args.prompt[i % len(args.prompt)] for i in range(args.num or len(args.prompt))]
+    if args.prompt:
+        raise DitasError(f"{pipeline_dir} is a DiTPipeline (class labels): give --classes 1,2 instead of --prompt")
+    import torch
+
+    from .sample import _parse_classes
+
+    classes, k = _parse_classes(getattr(args, "classes", None)), check_label_guidance(pipeline_dir, args.guidance,
+                                                                                       "--guidance")
+    if classes:
+        bad = [c for c in classes if c >= k]
+        if bad:
+            raise DitasError(f"class label {bad[0]} is out of range: this model has classes 0..{k - 1}")
+        return [classes[i % len(classes)] for i in range(args.num or len(classes))]
+    return torch.randint(0, k, (args.num or 16,), generator=torch.Generator().manual_seed(args.seed)).tolist()
 
 
 def sample(args: argparse.Namespace, device=None, world: int = 1) -> int:
@@ -136,26 +207,24 @@ def sample(args: argparse.Namespace, device=None, world: int = 1) -> int:
     (``--device``; ``--kernel auto`` picks the quantized layers' kernels for that device)."""
     from ..dtypes import cli_dtype
     from ..fileio import check_new_file, check_not_input
-    from ..pipelines import generate_images, load_pipeline, read_pipeline_ref, save_image_grid
+    from ..pipelines import generate_images, is_label_pipeline, load_pipeline, read_pipeline_ref, save_image_grid
     from ..validate import cfg_scale_problem, check_sampling_options
 
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise DitasError(f"--out must end in .png for a text-to-image pipeline, got {out}")
-    check_new_file(out, args.overwrite)
+    from ..image_files import folder_paths, is_folder_target, write_images
+
+    out, per_image = Path(args.out), is_folder_target(args.out)  # DIR/: one PNG per image
+    if out.suffix.lower() != ".png" and not per_image:
+        raise DitasError(f"--out must end in .png or name a folder (DIR/) for a pipeline, got {out}")
+    if not per_image:
+        check_new_file(out, args.overwrite)
     check_not_input(out, [args.model, args.quantized])
     _check_sizes(args)
     if world > 1:
         raise DitasError("sampling a diffusers pipeline runs in one process: start it without torchrun")
-    if not args.prompt:
-        raise DitasError("give --prompt TEXT (repeat it for several images)")
     check_sampling_options(steps=args.steps, seed=args.seed)
     problem = cfg_scale_problem(args.guidance, "--guidance")
     if problem:
         raise DitasError(problem)
-    n = args.num or len(args.prompt)
-    if n < 1:
-        raise DitasError(f"--num must be at least 1, got {n}")
     pipeline_dir = args.model
     if args.quantized:
         ref = read_pipeline_ref(args.quantized)
@@ -165,9 +234,12 @@ def sample(args: argparse.Namespace, device=None, world: int = 1) -> int:
             pipeline_dir = ref["pipeline"]
     if pipeline_dir is None:
         raise DitasError("give --model PIPELINE_DIR and/or --quantized DIR")
+    conditions = _sample_conditions(args, pipeline_dir)
+    n = len(conditions)
+    paths = folder_paths(out, conditions, args.overwrite) if per_image else None
     check_pipeline_run(pipeline_dir, args.height, args.width, device, n, with_transformer=not args.quantized,
                        what=f"sampling {n} image(s) in one pipeline call")
-    dtype = cli_dtype(getattr(args, "dtype", None), pipeline=True)
+    dtype = cli_dtype(getattr(args, "dtype", None), pipeline=not is_label_pipeline(pipeline_dir))  # DiT: fp32
     transformer = None
     if args.quantized:
         from ..quantization.checkpoint import load_quantized
@@ -177,9 +249,11 @@ def sample(args: argparse.Namespace, device=None, world: int = 1) -> int:
     pipe = load_pipeline(pipeline_dir, transformer=transformer, dtype=dtype)
     if device is not None:
         pipe = pipe.to(device)
-    prompts = [args.prompt[i % len(args.prompt)] for i in range(n)]
-    images = generate_images(pipe, prompts, args.steps, args.guidance, args.seed, args.height, args.width,
+    images = generate_images(pipe, conditions, args.steps, args.guidance, args.seed, args.height, args.width,
                              progress=not getattr(args, "no_progress", False))
-    save_image_grid(images, out)
+    if per_image:
+        write_images(images, paths)
+    else:
+        save_image_grid(images, out)
     print(f"wrote {len(images)} image(s) of {type(pipe.transformer).__name__} to {out}")
     return 0

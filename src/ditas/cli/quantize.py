@@ -16,10 +16,12 @@ from ._args import add_quant_arguments, config_from_args
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from ..quantization.recipes import DEFAULT_RECIPE, RECIPES
 
-    p = sub.add_parser("quantize", help="quantize a DiT data-free (DiTAS) into a model folder",
-                       description="Data-free W4A8 quantization: one FP sampling run calibrates every layer "
-                                   "(TAS smoothing, alpha search, training-free LoRA, folding).")
-    p.add_argument("--model", help="DiT checkpoint or folder (default: the embedded default model)")
+    p = sub.add_parser("quantize", help="quantize a DiT or a diffusers pipeline's transformer data-free (DiTAS)",
+                       description="Data-free W4A8 quantization of a DiT or of the transformer of a diffusers "
+                                   "pipeline (PixArt, SD3, Flux, DiTPipeline): one FP sampling run calibrates "
+                                   "every layer (TAS smoothing, alpha search, training-free LoRA, folding).")
+    p.add_argument("--model", help="DiT checkpoint or folder, or a diffusers pipeline folder (default: the "
+                                   "embedded default model)")
     p.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULT_RECIPE, help="quantization preset")
     add_quant_arguments(p)
     _text_to_image.add_quantize_arguments(p)
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args, args.recipe)
     args.device = resolve_device(args.device)  # a missing device fails before the output folder is claimed
-    pipeline = is_pipeline_dir(args.model)  # a diffusers text-to-image pipeline (PixArt, SD3, Flux)
+    pipeline = is_pipeline_dir(args.model)  # a diffusers pipeline (PixArt, SD3, Flux, DiTPipeline)
     if pipeline:
         _text_to_image.check_quantize_arguments(args, cfg)
     with output_dir(args.out, "ditas-quantized", overwrite=args.overwrite,

@@ -15,6 +15,7 @@ from ..devices import add_device_argument
 from ..dtypes import add_dtype_argument
 from ..diffusion.sharded import DEFAULT_SHARD_SIZE
 from ..errors import DitasError
+from ..image_files import folder_paths, is_folder_target, write_images
 from ..quantization.kernels import add_kernel_argument
 from ..validate import labels_problem
 from . import _text_to_image
@@ -36,8 +37,9 @@ def _parse_classes(text: str | None) -> list[int] | None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("sample", help="sample images from a DiT",
-                       description="Sample class-conditional images. Without --model: the embedded default "
+    p = sub.add_parser("sample", help="sample images from a DiT or a diffusers pipeline",
+                       description="Sample images from a DiT (class labels) or a diffusers pipeline (PixArt, SD3, "
+                                   "Flux with --prompt; DiTPipeline with --classes). Without --model: the embedded default "
                                    "model (a small DiT trained on real digits). Sample i's noise depends only on "
                                    "(--seed, i): the same seed gives the same images whatever --batch-size, the "
                                    "number of torchrun processes and (up to float rounding) the device (a quantized model with "
@@ -75,7 +77,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="attention core of a ditas DiT (default fp32: scaled_dot_product_attention as the model "
                         "was built; bf16 and int8 are faster approximations, see docs/sampling.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--out", required=True, help="output .png (grid) or .npz (arr_0 uint8 NHWC + labels); new file")
+    p.add_argument("--out", required=True, help="output .png (grid), .npz (arr_0 uint8 NHWC + labels; DiT only) "
+                                                "or a folder DIR/ (one PNG per image, named by index and label or "
+                                                "prompt); new files")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _text_to_image.add_sample_arguments(p)
     add_dtype_argument(p)
@@ -112,12 +116,31 @@ def _quantized_dit_as_model(args: argparse.Namespace) -> None:
         family = read_config(args.quantized).get("family", "dit")
     except DitasError:
         return  # not a quantized folder: the pipeline path says what is wrong
-    if family != "dit":
+    if family == "diffusers-dit":  # a diffusers DiT: its DiTPipeline when it records one, else as --model
+        from ..pipelines import read_pipeline_ref
+
+        if args.model or read_pipeline_ref(args.quantized) is not None:
+            return
+    elif family != "dit":
         return
     if args.model:
         raise DitasError(f"{args.quantized} is a quantized class-conditional DiT: sample it with --model "
                          f"{args.quantized} alone (--quantized goes with a text-to-image pipeline)")
     args.model, args.quantized = args.quantized, None
+
+
+def _class_conditional(model, path) -> torch.nn.Module:
+    """``model`` as ditas' samplers take it: a diffusers ``DiTTransformer2DModel`` (float or
+    quantized, e.g. saved by ``ditas.save_quantized``) through its class-conditional view; a
+    text-to-image transformer is refused with what to give instead."""
+    if type(model).__name__ == "DiTTransformer2DModel":
+        from ..model.adapters.diffusers_dit import ClassConditionalView
+
+        return ClassConditionalView(model)
+    if not hasattr(model.config, "space"):
+        raise DitasError(f"{path} holds a {type(model).__name__}, the transformer of a text-to-image pipeline: "
+                         "sample it with --quantized DIR --prompt TEXT")
+    return model
 
 
 def run(args: argparse.Namespace) -> int:
@@ -148,12 +171,13 @@ def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
         if args.attention not in (None, "fp32"):
             raise DitasError("--attention applies to ditas DiT models, not to diffusers pipelines")
         return _text_to_image.sample(args, device, world)
-    out = Path(args.out)
-    if out.suffix.lower() not in (".png", ".npz"):
-        raise DitasError(f"--out must end in .png or .npz, got {out}")
-    if world > 1 and out.suffix.lower() != ".npz":
+    out, per_image = Path(args.out), is_folder_target(args.out)  # DIR/: one PNG per image
+    if out.suffix.lower() not in (".png", ".npz") and not per_image:
+        raise DitasError(f"--out must end in .png or .npz, or name a folder (DIR/), got {out}")
+    if world > 1 and (per_image or out.suffix.lower() != ".npz"):
         raise DitasError("several processes (torchrun) write an .npz only: give --out X.npz")
-    check_new_file(out, args.overwrite)
+    if not per_image:
+        check_new_file(out, args.overwrite)
     check_not_input(out, [args.model, args.vae, getattr(args, "quantized", None), args.shard_dir])
     check_sampling_options(steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta, seed=args.seed)
     if args.num is not None and args.num < 1:
@@ -161,7 +185,8 @@ def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
     if args.batch_size < 1:
         raise DitasError(f"--batch-size must be at least 1, got {args.batch_size}")
     classes = _parse_classes(args.classes)
-    model = load_dit(args.model, device=device, kernel=args.kernel, dtype=cli_dtype(args.dtype, pipeline=False))
+    model = _class_conditional(load_dit(args.model, device=device, kernel=args.kernel,
+                                        dtype=cli_dtype(args.dtype, pipeline=False)), args.model)
     if args.attention:
         api.use_attention(model, args.attention)
     if args.space:
@@ -184,11 +209,14 @@ def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
     else:
         g = torch.Generator().manual_seed(args.seed)
         labels = torch.randint(0, model.num_classes, (n,), generator=g)
+    paths = folder_paths(out, labels.tolist(), args.overwrite) if per_image else None
     written = api.sample(model, labels, steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler,
                          eta=args.eta, seed=args.seed, guide_channels=None if args.guide_all_channels else 3,
-                         batch_size=args.batch_size, vae=vae, out=out, overwrite=args.overwrite,
+                         batch_size=args.batch_size, vae=vae, out=None if per_image else out, overwrite=args.overwrite,
                          nrow=len(classes) if classes and len(classes) <= 16 else None, shard_size=args.shard_size,
                          shard_dir=args.shard_dir, progress=not args.no_progress)
+    if per_image:
+        written = write_images(written, paths)
     if written is not None:
         print(f"wrote {n} images to {out}" + (f" ({world} processes)" if world > 1 else ""))
     return 0

@@ -87,7 +87,7 @@ class ClassConditionalView(nn.Module):
         out = c.out_channels or c.in_channels
         self.num_classes = int(c.num_embeds_ada_norm)
         self.config = SimpleNamespace(in_channels=c.in_channels, input_size=c.sample_size,
-                                      learn_sigma=out == 2 * c.in_channels)
+                                      learn_sigma=out == 2 * c.in_channels, space="latent")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.transformer(x, timestep=t, class_labels=y, return_dict=False)[0]
