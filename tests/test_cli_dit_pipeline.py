@@ -150,3 +150,13 @@ def test_out_folder_names_images_by_prompt(tmp_path):
     assert is_folder_target("x/") and is_folder_target(tmp_path) and not is_folder_target(tmp_path / "x.png")
     paths = folder_paths(tmp_path / "o", ["A red fox, in the snow!", "a city at night"])
     assert [p.name for p in paths] == ["0000-a-red-fox-in-the-snow.png", "0001-a-city-at-night.png"]
+
+
+def test_the_cli_prints_a_capped_lora_rank_and_reports_layer_sizes(tmp_path, dit_pipe, capsys):
+    q = tmp_path / "q"
+    assert main(["quantize", "--model", str(dit_pipe), "--out", str(q), "--calib-steps", "2", "--calib-labels", "1",
+                 "--lora-rank", "16", "--lora-dtype", "float32", "--lora-rounds", "1", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: transformer_blocks.0.attn1.to_q: LoRA rank 16" in err and "capped to 12" in err
+    report = json.loads((q / "report.json").read_text())
+    assert report["warnings"] and all(s["stored"] < s["float"] for s in report["layer_bytes"].values())

@@ -11,6 +11,7 @@ quantized transformer in, and write the images of ``--prompt``.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -165,6 +166,8 @@ def quantize(args: argparse.Namespace, cfg, claim) -> int:
     (claim.tmp / "report.json").write_text(json_text(report, "report.json"))
     (claim.tmp / PIPELINE_FILE).write_text(json_text(pipeline_ref(args.model, pipe), PIPELINE_FILE))
     out = claim.publish()  # weights, config, report and pipeline.json appear together
+    for line in report.get("warnings", []):  # e.g. a LoRA rank capped below the float size
+        print(line, file=sys.stderr)
     print(f"quantized the {type(pipe.transformer).__name__} of {args.model} with recipe {cfg.recipe} "
           f"(W{cfg.weights.bits}A{cfg.activations.bits}) from {len(prompts)} "
           f"{'labels' if 'labels' in calib.info else 'prompts'} x {steps} steps at guidance {guidance} "

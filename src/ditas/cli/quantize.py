@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from ..devices import add_device_argument
@@ -71,6 +72,8 @@ def _quantize(args: argparse.Namespace, cfg, claim) -> int:
     claim.publish()  # weights, config and report appear together, in one step
     w = report["wall_time_s"]
     fp = report["forward_passes"]
+    for line in report.get("warnings", []):  # e.g. a LoRA rank capped below the float size
+        print(line, file=sys.stderr)
     print(f"quantized {report['num_layers']} layers with recipe {cfg.recipe} (W{cfg.weights.bits}A{cfg.activations.bits}) -> {out}")
     print(f"  calibration: {fp['full_model_forward_passes']} full-model forward passes "
           f"(a per-layer observation would need {fp['naive_full_model_forward_passes']}); "

@@ -55,6 +55,7 @@ class Calibration:
     folds: dict[str, Fold] = field(default_factory=dict)
     prefolded: set[str] = field(default_factory=set)
     row_folds: dict[str, list[tuple[slice, torch.Tensor]]] = field(default_factory=dict)
+    rank_caps: dict[str, tuple[int, int]] = field(default_factory=dict)  # group -> (asked, used) LoRA rank
 
 
 def prepare(model: nn.Module, config: QuantConfig) -> list[BlockSpec]:
@@ -185,6 +186,7 @@ def calibrate(model: nn.Module, config: QuantConfig, trajectory: CalibrationReco
     folds: dict[str, Fold] = {}
     prefolded: set[str] = set()
     row_folds: dict[str, list[tuple[slice, torch.Tensor]]] = {}
+    rank_caps: dict[str, tuple[int, int]] = {}
     calls = trajectory.calls
     bar = tqdm(total=len(specs), desc="calibration: block-wise search", unit="layer", disable=not progress,
                leave=False)
@@ -197,7 +199,8 @@ def calibrate(model: nn.Module, config: QuantConfig, trajectory: CalibrationReco
         for g in bspec.groups:
             later -= {m.name for m in g.members}
             weight, bias, out_scale = _stacked(model, g, pending)
-            r = quantize_layer(g.name, g.role, weight, bias, inputs.pop(g.members[0].rel), config, out_scale)
+            gcfg = _capped_rank(model, g, config, rank_caps)
+            r = quantize_layer(g.name, g.role, weight, bias, inputs.pop(g.members[0].rel), gcfg, out_scale)
             fold = g.fold
             if fold.kind == "prev_rows":
                 target = model.get_submodule(fold.target)
@@ -225,7 +228,28 @@ def calibrate(model: nn.Module, config: QuantConfig, trajectory: CalibrationReco
         "naive_full_model_forward_passes": steps * len(results),  # one FP observation run per layer
         "batch_per_pass": _first_batch(trajectory.calls[0]),
     }
-    return Calibration(config, results, specs, timings, passes, plan, folds, prefolded, row_folds)
+    return Calibration(config, results, specs, timings, passes, plan, folds, prefolded, row_folds, rank_caps)
+
+
+def _capped_rank(model: nn.Module, group: SmoothGroup, config: QuantConfig,
+                 caps: dict[str, tuple[int, int]]) -> QuantConfig:
+    """``config`` for ``group``, with its LoRA rank capped where the asked rank would make a member
+    store at least as many bytes as its float weight (``layer_size.rank_cap``); records the cap in
+    ``caps``. Capped, not refused: one narrow layer should not fail a run whose other layers take
+    the rank, and the report says which layers got less."""
+    from .layer_size import rank_cap
+    from .linear import LORA_DTYPES
+
+    rank = config.lora.rank
+    if not rank:
+        return config
+    shapes = [(lin.in_features, lin.out_features, lin.weight.dtype)
+              for lin in (model.get_submodule(m.name) for m in group.members)]
+    cap = rank_cap(shapes, config.weights, LORA_DTYPES[config.lora.dtype], config.smooths(group.role), rank)
+    if cap >= rank:
+        return config
+    caps[group.name] = (rank, cap)
+    return config.with_flat({"lora_rank": cap})
 
 
 def _split_codes(codes, rows: slice, layout: str):
@@ -290,17 +314,35 @@ def quantize(model: nn.Module, config: QuantConfig, trajectory: CalibrationRecor
     if not inplace:
         model = copy.deepcopy(model)
     cal = calibrate(model, config, trajectory, progress)
+    float_dtypes = {s.name: model.get_submodule(s.name).weight.dtype for s in cal.specs}
     t1 = time.perf_counter()
     convert(model, cal, kernel)
     t2 = time.perf_counter()
     model.quant_config = config
     model.quant_family = adapter_for(model).family
-    return model, make_report(cal, {"convert_s": t2 - t1, "total_s": t2 - t0})
+    return model, make_report(cal, {"convert_s": t2 - t1, "total_s": t2 - t0}, _layer_bytes(model, float_dtypes))
 
 
-def make_report(cal: Calibration, extra_timings: dict[str, float]) -> dict:
+def _layer_bytes(model: nn.Module, float_dtypes: dict[str, torch.dtype]) -> dict[str, dict[str, int]]:
+    """Each quantized layer's stored bytes and its float weight's (``layer_size.module_bytes``)."""
+    from .layer_size import module_bytes
+
+    return {name: module_bytes(model.get_submodule(name), dtype) for name, dtype in float_dtypes.items()
+            if isinstance(model.get_submodule(name), QuantLinear)}
+
+
+def rank_warnings(cal: Calibration) -> list[str]:
+    """One line per group whose LoRA rank was capped (report.json's ``warnings``; the CLI prints them)."""
+    return [f"warning: {name}: LoRA rank {asked} would store at least as many bytes as the float weight; "
+            f"capped to {used}" for name, (asked, used) in cal.rank_caps.items()]
+
+
+def make_report(cal: Calibration, extra_timings: dict[str, float],
+                layer_bytes: dict[str, dict[str, int]] | None = None) -> dict:
     cfg = cal.config
     layers = {name: r.summary() for name, r in cal.layers.items()}
+    for name, (_, used) in cal.rank_caps.items():
+        layers[name]["lora_rank"] = used
     outs = [r.rel_out_err for r in cal.layers.values()]
     return {
         "recipe": cfg.recipe,
@@ -312,5 +354,7 @@ def make_report(cal: Calibration, extra_timings: dict[str, float]) -> dict:
         "wall_time_s": {k: round(v, 3) for k, v in {**cal.timings, **extra_timings}.items()},
         "peak_memory_mb": round(_peak_rss_mb(), 1),
         "layers": layers,
+        "layer_bytes": layer_bytes or {},
+        "warnings": rank_warnings(cal),
     }
 

@@ -90,7 +90,10 @@ class ClassConditionalView(nn.Module):
                                       learn_sigma=out == 2 * c.in_channels, space="latent")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.transformer(x, timestep=t, class_labels=y, return_dict=False)[0]
+        """The transformer in its own dtype (a bf16 model takes the fp32 sampler's latents cast, as
+        DiTPipeline casts them); the output in the sampler's dtype."""
+        dtype = self.transformer.pos_embed.proj.weight.dtype
+        return self.transformer(x.to(dtype), timestep=t, class_labels=y, return_dict=False)[0].to(x.dtype)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels=3):
         from ..dit import DiT
