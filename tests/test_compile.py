@@ -193,3 +193,38 @@ def test_inductor_compile_of_a_quantized_pixart_equals_eager():
         eager = model(**kwargs)[0]
         compiled = torch.compile(model, fullgraph=True)(**kwargs)[0]
     assert float((compiled - eager).abs().max() / eager.abs().max()) < 1e-5
+
+
+def _quantized_family(family: str):
+    """A tiny diffusers transformer of ``family`` quantized by the default recipe (with LoRA) and
+    the keyword arguments of one held-out call."""
+    import family_models as fm
+    from quant_helpers import tiny_diffusers_dit
+
+    cfg = ditas.recipe_config("ditas", lora_rank=4, lora_rounds=1, alpha_grid=(0.5,))
+    if family == "diffusers-dit":
+        model = tiny_diffusers_dit(0, layers=1)
+        ditas.quantize_(model, cfg.with_flat({"steps": 2, "calib_labels": 2}))  # its own class-conditional run
+        g = torch.Generator().manual_seed(7)
+        return model, {"hidden_states": torch.randn(2, 4, 8, 8, generator=g), "timestep": torch.tensor([900, 50]),
+                       "class_labels": torch.tensor([1, 7])}
+    model = {"sd3": lambda: fm.tiny_sd3(0, layers=1), "flux": lambda: fm.tiny_flux(0, layers=1, single_layers=1)}[family]()
+    with torch.no_grad(), ditas.record_calibration(model) as calib:
+        for step in range(2):
+            model(**fm.call_kwargs(model, seed=1, step=step))
+    ditas.quantize_(model, cfg, calib)
+    return model, fm.call_kwargs(model, seed=7)
+
+
+@pytest.mark.slow  # inductor on CPU: 60-230 s a model on the shared 2-core machine
+@pytest.mark.parametrize("family", ["sd3", "flux", "diffusers-dit"])
+def test_inductor_compile_of_quantized_diffusers_families_equals_eager(family):
+    """SD3, Flux and diffusers' DiT, quantized (default kernels), compiled by inductor in one graph."""
+    model, kwargs = _quantized_family(family)
+    assert any(isinstance(m, QuantLinear) for m in model.modules())
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model(**kwargs)[0]
+        compiled = torch.compile(model, fullgraph=True)(**kwargs)[0]
+    assert compiled.shape == eager.shape
+    assert float((compiled - eager).abs().max() / eager.abs().max()) < 1e-5
