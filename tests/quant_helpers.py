@@ -167,3 +167,28 @@ def needs_int_kernel(test):
     import pytest
 
     return pytest.mark.skipif(not integer_kernels(), reason="no integer kernel is exact on this CPU")(test)
+
+
+def scale_lora_delta(model, ratio: float, seed: int = 3) -> dict[str, float]:
+    """Random non-zero factors for every peft LoRA layer of ``model`` (peft starts ``lora_B`` at
+    zero), scaled so each layer's delta ``scaling * B @ A`` has ``ratio`` times the Frobenius norm
+    of the layer's base weight, as trained LoRAs do (about 0.05-0.2); returns the ratios set.
+    The base weight of a quantized layer is its dequantized weight."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if not isinstance(m, BaseTunerLayer) or not hasattr(m, "lora_A"):
+                continue
+            base = m.get_base_layer()
+            w = base.dequantized_weight() if hasattr(base, "dequantized_weight") else base.weight
+            for key in m.lora_A:
+                a, b = m.lora_A[key].weight, m.lora_B[key].weight
+                a.copy_(torch.randn(a.shape, generator=g))
+                b.copy_(torch.randn(b.shape, generator=g))
+                delta = m.scaling[key] * (b.float() @ a.float())
+                b.mul_(ratio * w.float().norm() / delta.norm())
+                out[name] = float(m.scaling[key] * (b.float() @ a.float()).norm() / w.float().norm())
+    return out
