@@ -37,7 +37,8 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("diffusers pipelines (--model PIPELINE_DIR: PixArt, SD3, Flux with --prompt; "
                              "DiTPipeline with --classes)")
     g.add_argument("--quantized", help="quantized transformer folder written by 'ditas quantize --model PIPELINE_DIR' "
-                                       "(a quantized DiT folder is sampled as with --model DIR)")
+                                       "(a quantized DiT folder, or a diffusers DiT one that records no pipeline, "
+                                       "is sampled as with --model DIR)")
     g.add_argument("--prompt", action="append", help="text prompt (repeat for several images)")
     g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's own)")
     g.add_argument("--height", type=int, default=None, help="image height (default: the pipeline's)")

@@ -49,7 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                    "run started again with the same arguments resumes from its shards.")
     p.add_argument("--model", help="checkpoint (.pt/.safetensors) or model folder (ditas, quantized, diffusers)")
     p.add_argument("--vae", help="local diffusers AutoencoderKL folder (latent-space models)")
-    p.add_argument("--classes", help="comma-separated labels, cycled over the images (default: random)")
+    p.add_argument("--classes", help="comma-separated labels, cycled over the images (DiT, DiTPipeline; default: random)")
     p.add_argument("--num", "--num-samples", dest="num", type=int,
                    help="number of images (default: one per --classes entry, else 16); under torchrun write "
                         "--num-samples (torchrun's own parser takes --num for its --numa-binding)")
