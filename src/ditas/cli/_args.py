@@ -21,6 +21,24 @@ def parse_labels(text: str | None) -> int | tuple[int, ...] | None:
         raise ConfigError(f"--calib-labels must be a count or comma-separated labels, got {text!r}") from None
 
 
+def parse_classes(text: str | None) -> list[int] | None:
+    """``--classes 1,2``: the labels of ``ditas sample`` (a DiT or a DiTPipeline), checked."""
+    from ..validate import labels_problem
+
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--classes must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise ConfigError("--classes is empty")
+    problem = labels_problem(values)  # 10**23 overflows the int64 label tensor
+    if problem:
+        raise ConfigError(problem)
+    return values
+
+
 def add_quant_arguments(p: argparse.ArgumentParser, with_bits: bool = True) -> None:
     """Options shared by ``quantize`` and ``compare``. Every default is None, meaning the recipe's
     value (the help shows the default recipe's)."""

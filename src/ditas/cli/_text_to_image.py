@@ -194,9 +194,9 @@ def _sample_conditions(args: argparse.Namespace, pipeline_dir) -> list:
         raise DitasError(f"{pipeline_dir} is a DiTPipeline (class labels): give --classes 1,2 instead of --prompt")
     import torch
 
-    from .sample import _parse_classes
+    from ._args import parse_classes
 
-    classes, k = _parse_classes(getattr(args, "classes", None)), check_label_guidance(pipeline_dir, args.guidance,
+    classes, k = parse_classes(getattr(args, "classes", None)), check_label_guidance(pipeline_dir, args.guidance,
                                                                                        "--guidance")
     if classes:
         bad = [c for c in classes if c >= k]

@@ -17,23 +17,8 @@ from ..diffusion.sharded import DEFAULT_SHARD_SIZE
 from ..errors import DitasError
 from ..image_files import folder_paths, is_folder_target, write_images
 from ..quantization.kernels import add_kernel_argument
-from ..validate import labels_problem
 from . import _text_to_image
-
-
-def _parse_classes(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise DitasError(f"--classes must be comma-separated integers, got {text!r}") from None
-    if not values:
-        raise DitasError("--classes is empty")
-    problem = labels_problem(values)  # 10**23 overflows the int64 label tensor
-    if problem:
-        raise DitasError(problem)
-    return values
+from ._args import parse_classes as _parse_classes
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
