@@ -293,3 +293,27 @@ def test_checkpoint_refuses_too_new_versions_and_bad_scale_bits(tmp_path) -> Non
     with pytest.raises(CheckpointError, match="NaN pattern") as exc:
         ditas.load_dit(out)
     assert key in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fp4_diffusers_save_pretrained_and_from_pretrained_are_bit_equal(tmp_path, fmt) -> None:
+    pytest.importorskip("diffusers")
+    from safetensors.torch import load_file
+
+    from quant_helpers import tiny_diffusers_dit
+
+    t = tiny_diffusers_dit(0)
+    ditas.quantize_(t, recipe_config("ditas", steps=2, calib_labels=2, lora_rank=4, lora_rounds=2, w_bits=4,
+                                     a_bits=4, w_format=fmt, a_format=fmt))
+    t.save_pretrained(tmp_path / "t")
+    saved = load_file(str(next((tmp_path / "t").glob("*.safetensors"))))
+    assert any(k.endswith(".wscale") and v.dtype == torch.uint8 for k, v in saved.items())
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([1, 7])
+    for back in (type(t).from_pretrained(tmp_path / "t"), ditas.load_quantized(tmp_path / "t")):
+        a_state, b_state = t.state_dict(), back.state_dict()
+        assert all(torch.equal(a_state[k], b_state[k]) for k in a_state)
+        with torch.no_grad():
+            for step in (900, 100):
+                ts = torch.tensor([step, step])
+                assert torch.equal(back(x, timestep=ts, class_labels=y).sample, t(x, timestep=ts, class_labels=y).sample)
