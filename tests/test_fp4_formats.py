@@ -317,3 +317,12 @@ def test_fp4_diffusers_save_pretrained_and_from_pretrained_are_bit_equal(tmp_pat
             for step in (900, 100):
                 ts = torch.tensor([step, step])
                 assert torch.equal(back(x, timestep=ts, class_labels=y).sample, t(x, timestep=ts, class_labels=y).sample)
+
+
+def test_compare_rows_name_the_fp4_recipe() -> None:
+    from ditas.quantization.recipes import parse_recipes
+
+    assert parse_recipes("fp,ditas_nvfp4,rtn@w4a4", None, None) == [
+        ("fp", "fp", None, None), ("ditas_nvfp4@w4a4", "ditas_nvfp4", 4, 4), ("rtn@w4a4", "rtn", 4, 4)]
+    with pytest.raises(ConfigError, match="4-bit"):
+        recipe_config("ditas_nvfp4", a_bits=8)

@@ -57,7 +57,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "ditas_nvfp4": dict(w_bits=4, a_bits=4, w_format="nvfp4", a_format="nvfp4", lora_dtype="bfloat16"),
 }
 DEFAULT_RECIPE = "ditas"
-_SPEC = re.compile(r"^([a-z_]+)(?:@w(\d+)a(\d+))?$")  # a recipe of --recipes, optionally @wXaY
+_SPEC = re.compile(r"^([a-z][a-z0-9_]*)(?:@w(\d+)a(\d+))?$")  # a recipe of --recipes, optionally @wXaY
 
 
 def recipe_config(name: str = DEFAULT_RECIPE, **overrides: Any) -> QuantConfig:
