@@ -326,3 +326,25 @@ def test_compare_rows_name_the_fp4_recipe() -> None:
         ("fp", "fp", None, None), ("ditas_nvfp4@w4a4", "ditas_nvfp4", 4, 4), ("rtn@w4a4", "rtn", 4, 4)]
     with pytest.raises(ConfigError, match="4-bit"):
         recipe_config("ditas_nvfp4", a_bits=8)
+
+
+@pytest.mark.parametrize("spec", [dict(a_format="nvfp4", w_format="nvfp4"), dict(act_granularity="group"),
+                                  dict(a_format="mxfp4", w_format="mxfp4")])
+def test_the_search_scores_what_the_layer_computes_on_a_token_subsample(spec) -> None:
+    """The search quantizes a subsample of each step's tokens; NVFP4's tensor scale still comes
+    from all of them, so each scored token is quantized exactly as the full batch quantizes it."""
+    from ditas.calibration.inputs import LayerInputs
+    from ditas.quantization.search import _quant_inputs
+
+    cfg = recipe_config("rtn", w_bits=4, a_bits=4, **spec)
+    g = torch.Generator().manual_seed(2)
+    full = [torch.randn(40, 64, generator=g) * (1 + 9 * (t == 1)) for t in range(2)]
+    for x in full:
+        x[1, 0] = 100.0  # the largest input lies outside the subsample
+    keep = torch.arange(0, 40, 3)
+    inputs = LayerInputs([x[keep] for x in full], torch.stack([x.amin(0) for x in full]),
+                         torch.stack([x.amax(0) for x in full]), torch.cat(full).abs().amax(0))
+    s = torch.rand(64, generator=g) + 0.5
+    got = _quant_inputs(inputs, 2, s, cfg)
+    quant = activation_quantizer(cfg.activations)
+    assert torch.equal(got, torch.cat([quant(x / s)[keep] for x in full]))

@@ -82,15 +82,14 @@ def _quant_inputs(inputs: LayerInputs, steps: int, s: torch.Tensor | None, cfg: 
     quant = activation_quantizer(a)
     for t in range(steps):
         x = inputs.xs[t] if s is None else inputs.xs[t] / s
-        per_tensor = a.bits < 16 and (a.format == "nvfp4" or (a.format == "int" and a.granularity == "tensor"))
-        if per_tensor:
+        if a.bits < 16 and (a.granularity == "tensor" or a.format == "nvfp4"):
             lo_c, hi_c = (inputs.colmin[t], inputs.colmax[t]) if s is None else \
                 (inputs.colmin[t] / s, inputs.colmax[t] / s)
-        if per_tensor and a.format == "int":
-            scale, zero = qparams_from_range(lo_c.min(), hi_c.max(), a.bits, a.range_mode)
-            outs.append(quantize_activation_with(x, a.bits, scale, zero))
-        elif per_tensor:
-            outs.append(quant(x, torch.maximum(lo_c.min().abs(), hi_c.max().abs())))
+            if a.format == "int":
+                scale, zero = qparams_from_range(lo_c.min(), hi_c.max(), a.bits, a.range_mode)
+                outs.append(quantize_activation_with(x, a.bits, scale, zero))
+            else:  # NVFP4: the tensor scale from the whole batch's amax
+                outs.append(quant(x, torch.maximum(lo_c.min().abs(), hi_c.max().abs())))
         else:
             outs.append(quant(x))
     return torch.cat(outs)
