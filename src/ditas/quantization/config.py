@@ -103,8 +103,8 @@ class ActivationFormat:
     ``int`` (default) or an FP4 block format (``nvfp4``/``mxfp4``: ``bits`` 4, granularity
     ``group`` with the format's block as ``group_size``).
 
-    Left unset (None), ``granularity`` is ``token`` below 8 bits (per-tensor 4-bit activations
-    collapse: docs/quantization.md) and ``tensor`` otherwise, ``group`` for FP4; ``group_size``
+    Left unset (None), ``granularity`` is ``token`` below 8 bits (with per-tensor 4-bit
+    activations the ``ditas`` recipe falls below ``rtn``: issue 23) and ``tensor`` otherwise, ``group`` for FP4; ``group_size``
     is 64, or the FP4 block. An explicit value is kept (``tensor`` at 4 bits stays possible)."""
 
     bits: int = 8
