@@ -348,3 +348,15 @@ def test_the_search_scores_what_the_layer_computes_on_a_token_subsample(spec) ->
     got = _quant_inputs(inputs, 2, s, cfg)
     quant = activation_quantizer(cfg.activations)
     assert torch.equal(got, torch.cat([quant(x / s)[keep] for x in full]))
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fake_quant_equals_dequantized_codes(fmt) -> None:
+    from ditas.quantization.fp4 import fake_quant_fp4
+
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(9)) * torch.logspace(-3, 3, 64)
+    x[0, :32] = 0.0
+    x[1, 0] = -1e-30  # rounds to (+)0
+    want = dequantize_fp4(*quantize_fp4(x, fmt))
+    got = fake_quant_fp4(x, fmt)
+    assert torch.equal(got, want) and not torch.signbit(got[1, 0])

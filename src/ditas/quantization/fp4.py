@@ -33,7 +33,6 @@ E2M1_MAX = 6.0
 E2M1_EMAX = 2  # exponent of E2M1's largest power of two (4 = 2^2): the MX spec's emax_elem
 E4M3_MAX = 448.0
 E8M0_BIAS = 127
-_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)  # between consecutive E2M1 magnitudes
 
 
 def block_size(fmt: str) -> int:
@@ -43,21 +42,46 @@ def block_size(fmt: str) -> int:
     return FP4_BLOCKS[fmt]
 
 
+def e2m1_round(v: torch.Tensor) -> torch.Tensor:
+    """``v`` (already divided by its scale) rounded to the E2M1 grid: to nearest, ties to even,
+    saturating at 6; a zero result is +0.
+
+    The grid's spacing is 0.5 below 2, 1 below 4 and 2 up to 6, and ``v / spacing`` has the parity
+    of the E2M1 code, so ``torch.round`` (half to even) on it rounds ties to the even code, also
+    across a binade (1.75 -> 2, 3.5 -> 4). A few elementwise passes (the activations of every
+    FP4 forward go through here)."""
+    m = v.abs().clamp_(max=E2M1_MAX)
+    step = torch.where(m < 2, 0.5, torch.where(m < 4, 1.0, 2.0)).to(m.dtype)
+    q = m.div_(step).round_().mul_(step)
+    return torch.where(v < 0, -q, q).add_(0.0)  # -0.0 + 0.0 = +0.0
+
+
 def e2m1_codes(v: torch.Tensor) -> torch.Tensor:
-    """uint8 E2M1 codes of ``v`` (already divided by its scale): round to nearest, ties to even."""
-    m = v.abs()
-    bounds = torch.tensor(_MIDPOINTS, dtype=m.dtype, device=m.device)
-    lo = torch.bucketize(m, bounds, right=False)  # a tie goes down here ...
-    hi = torch.bucketize(m, bounds, right=True)   # ... and up here; elsewhere lo == hi
-    mag = torch.where(lo % 2 == 0, lo, hi)  # at a tie, the even magnitude index; above 5: 7 (saturated at 6)
-    sign = (v < 0) & (mag > 0)
-    return (mag | (sign.to(mag.dtype) << 3)).to(torch.uint8)
+    """uint8 E2M1 codes of ``v`` (already divided by its scale): :func:`e2m1_round`'s values as
+    ``sign << 3 | magnitude index``."""
+    r = e2m1_round(v)
+    m = r.abs()
+    mag = torch.where(m < 2, m * 2, torch.where(m < 4, m + 2, m / 2 + 4)).to(torch.uint8)
+    return mag | ((r < 0).to(torch.uint8) << 3)
 
 
 def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
     """Float32 values of uint8 E2M1 codes."""
     table = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32, device=codes.device)
     return table[codes.long()]
+
+
+def _scaled_blocks(x: torch.Tensor, fmt: str, amax: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(blocked ``x`` divided by its scales, block scales, tensor scale or None, the full scale
+    ``block_scale * g`` per block) of :func:`quantize_fp4`."""
+    xb = _blocks(x, block_size(fmt))
+    g = None
+    if fmt == "nvfp4":
+        g = tensor_scale(xb.abs().amax() if amax is None else amax).to(xb.device)
+    scales = block_scales(xb, fmt, g)
+    full = scales if g is None else scales * g
+    return xb / full[..., None], scales, g, full
 
 
 def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -92,14 +116,8 @@ def quantize_fp4(x: torch.Tensor, fmt: str, amax: torch.Tensor | None = None
     ``amax``: the tensor's max |x| for NVFP4's tensor scale (default: computed from ``x``; the
     search passes the full batch's while it scores a subsample of tokens).
     """
-    xb = _blocks(x, block_size(fmt))
-    g = None
-    if fmt == "nvfp4":
-        g = tensor_scale(xb.abs().amax() if amax is None else amax).to(xb.device)
-    scales = block_scales(xb, fmt, g)
-    full = scales if g is None else scales * g
-    codes = e2m1_codes(xb / full[..., None])
-    return codes.reshape(x.shape), scales, g
+    scaled, scales, g, _ = _scaled_blocks(x, fmt, amax)
+    return e2m1_codes(scaled).reshape(x.shape), scales, g
 
 
 def dequantize_fp4(codes: torch.Tensor, scales: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
@@ -118,8 +136,10 @@ def quantize_dequantize_fp4(x: torch.Tensor, fmt: str, amax: torch.Tensor | None
 
 
 def fake_quant_fp4(x: torch.Tensor, fmt: str, amax: torch.Tensor | None = None) -> torch.Tensor:
-    """Quantize-dequantize of an activation, in ``x``'s dtype."""
-    return dequantize_fp4(*quantize_fp4(x, fmt, amax)).to(x.dtype)
+    """Quantize-dequantize of an activation, in ``x``'s dtype: :func:`dequantize_fp4` of
+    :func:`quantize_fp4`'s codes, computed from the rounded values without the codes."""
+    scaled, _, _, full = _scaled_blocks(x, fmt, amax)
+    return (e2m1_round(scaled) * full[..., None]).reshape(x.shape).to(x.dtype)
 
 
 # -- storage ----------------------------------------------------------------------------------------
