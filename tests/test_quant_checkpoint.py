@@ -155,7 +155,7 @@ def test_bf16_lora_factors_round_trip_and_halve_their_bytes(tmp_path, quantized)
     out32 = ckpt.save_quantized(q, tmp_path / "q32", cfg)
     out16 = ckpt.save_quantized(q16, tmp_path / "q16", cfg)
     meta = json.loads((out16 / "config.json").read_text())["quantization"]
-    assert meta["format_version"] == ckpt.FORMAT_VERSION == 4
+    assert meta["format_version"] == ckpt.FORMAT_VERSION == 5
     assert {e["lora_dtype"] for e in meta["layers"].values()} == {"bfloat16"}
     b32, b16 = _lora_bytes(out32), _lora_bytes(out16)
     assert b32.keys() == b16.keys() and sum(b16.values()) * 2 == sum(b32.values()) > 0

@@ -56,7 +56,8 @@ def _build_classes(quantizer_base: type, config_base: type) -> tuple[type, type]
 
     import torch
 
-    from .quantization.checkpoint import (READABLE_VERSIONS, _config_of, put_quant_layers, unpack_qweight)
+    from .quantization.checkpoint import (READABLE_VERSIONS, _config_of, put_quant_layers, unpack_block_scales,
+                                          unpack_qweight)
     from .quantization.kernels import AUTO, use_kernels
     from .quantization.layer_schema import check_layer_table
     from .quantization.linear import QuantLinear
@@ -128,6 +129,9 @@ def _build_classes(quantizer_base: type, config_base: type) -> tuple[type, type]
             if tensor == "qweight" and isinstance(module, QuantLinear):
                 value = unpack_qweight(param_name, self.quantization_config.quantization["layers"][layer], value,
                                        type(model).__name__)
+            elif tensor == "wscale" and isinstance(module, QuantLinear):
+                value = unpack_block_scales(param_name, self.quantization_config.quantization["layers"][layer], value,
+                                            type(model).__name__)
             elif tensor == "wzero" and value.dtype == torch.uint8:
                 value = value.to(expected.dtype)
             if tuple(value.shape) != tuple(expected.shape) or value.dtype != expected.dtype:
@@ -149,7 +153,7 @@ def _build_classes(quantizer_base: type, config_base: type) -> tuple[type, type]
             from .quantization.checkpoint import packed_state
 
             layers = self.quantization_config.quantization["layers"]
-            return packed_state({name: meta["wbits"] for name, meta in layers.items()}, state_dict), {}
+            return packed_state(layers, state_dict), {}
 
         @property
         def is_serializable(self) -> bool:

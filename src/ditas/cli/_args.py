@@ -42,8 +42,8 @@ def parse_classes(text: str | None) -> list[int] | None:
 def add_quant_arguments(p: argparse.ArgumentParser, with_bits: bool = True) -> None:
     """Options shared by ``quantize`` and ``compare``. Every default is None, meaning the recipe's
     value (the help shows the default recipe's)."""
-    from ..quantization.config import (ACT_GRANULARITIES, ADALN_MODES, LORA_STORAGE, SAMPLERS, SEARCH_WEIGHTS,
-                                       WEIGHT_LAYOUTS)
+    from ..quantization.config import (ACT_GRANULARITIES, ADALN_MODES, FORMATS, LORA_STORAGE, SAMPLERS,
+                                       SEARCH_WEIGHTS, WEIGHT_LAYOUTS)
     from ..quantization.recipes import DEFAULT_RECIPE, recipe_config
 
     d = recipe_config(DEFAULT_RECIPE)
@@ -55,8 +55,18 @@ def add_quant_arguments(p: argparse.ArgumentParser, with_bits: bool = True) -> N
     p.add_argument("--weight-layout", choices=WEIGHT_LAYOUTS, default=None,
                    help=f"weight scale layout ({r} {d.weights.layout})")
     p.add_argument("--group-size", type=int, default=None, help="group size for --weight-layout group")
+    p.add_argument("--w-format", choices=FORMATS, default=None,
+                   help=f"weight number format: int, or FP4 (E2M1) with block scales: nvfp4 (blocks of 16, FP8-E4M3 "
+                        f"scales and a tensor scale), mxfp4 (blocks of 32, power-of-two scales); FP4 needs --w-bits 4 "
+                        f"({r} {d.weights.format})")
+    p.add_argument("--a-format", choices=FORMATS, default=None,
+                   help=f"activation number format, as --w-format; FP4 needs --a-bits 4 ({r} {d.activations.format})")
     p.add_argument("--act-granularity", choices=ACT_GRANULARITIES, default=None,
-                   help=f"dynamic activation scales per tensor (reference) or per token ({r} {d.activations.granularity})")
+                   help="dynamic INT activation scales per tensor (the reference's), per token, or per group of "
+                        "--act-group-size input channels (default: per token below 8 bits, else per tensor; "
+                        "group-wise runs on the simulated kernel)")
+    p.add_argument("--act-group-size", type=int, default=None,
+                   help="input channels per scale of --act-granularity group (default 64)")
     p.add_argument("--calib-labels", default=None,
                    help=f"number of calibration labels, or comma-separated labels ({r} {d.calibration.labels})")
     p.add_argument("--calib-steps", type=int, default=None,
@@ -97,6 +107,7 @@ def config_from_args(args: argparse.Namespace, recipe: str, w_bits: int | None =
         w_bits=w_bits if w_bits is not None else getattr(args, "w_bits", None),
         a_bits=a_bits if a_bits is not None else getattr(args, "a_bits", None),
         weight_layout=args.weight_layout, group_size=args.group_size, act_granularity=args.act_granularity,
+        w_format=args.w_format, a_format=args.a_format, act_group_size=args.act_group_size,
         calib_labels=parse_labels(args.calib_labels), steps=args.calib_steps, cfg_scale=args.calib_cfg,
         seed=args.calib_seed, sampler=args.calib_sampler, lora_rank=args.lora_rank, lora_rounds=args.lora_rounds,
         lora_dtype=getattr(args, "lora_dtype", None),

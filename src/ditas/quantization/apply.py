@@ -93,6 +93,11 @@ def prepare(model: nn.Module, config: QuantConfig) -> list[BlockSpec]:
         bad = [n for n, m in lin_of.items() if m.in_features % config.weights.group_size]
         if bad:
             raise ConfigError(f"group size {config.weights.group_size} does not divide the input width of {bad[0]}")
+    a = config.activations
+    if a.bits < 16 and a.granularity == "group":
+        bad = [n for n, m in lin_of.items() if m.in_features % a.group_size]
+        if bad:
+            raise ConfigError(f"activation group size {a.group_size} does not divide the input width of {bad[0]}")
     for b in plan:
         widths = {g.name: {model.get_submodule(m.name).in_features for m in g.members} for g in b.groups}
         for name, w in widths.items():
@@ -254,6 +259,8 @@ def _capped_rank(model: nn.Module, group: SmoothGroup, config: QuantConfig,
 
 def _split_codes(codes, rows: slice, layout: str):
     q, sc, z = codes
+    if z is None or z.ndim < 2:  # FP4: one tensor scale (nvfp4) or none (mxfp4) for the whole group
+        return q[rows], sc[rows], z
     if layout == "reference32":
         srows = slice(rows.start // 32, rows.stop // 32)
         return q[rows], sc[srows], z[srows]

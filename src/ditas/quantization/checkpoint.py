@@ -34,12 +34,18 @@ from ..model.state_files import read_config_json, read_safetensors
 from ..memory import release_freed_memory
 from ..validate import check_finite_state, check_scales, state_config_problem
 from . import packing
+from .fp4 import FP4_BLOCKS, decode_block_scales, encode_block_scales, scale_bits_problem
 from .folds import FOLD_UNKNOWN, add_float_fold_slots, folded_float_layers, unrecorded_folds
 from .kernels import AUTO, canonical, use_kernels
 from .layer_schema import check_layer_table, check_layer_tensors, layer_args, layer_meta
 from .linear import QuantLinear
 from .weight_only import WeightOnlyInt8Linear
 
+# 5: number formats: each layer entry says its weights' and activations' format ("w_format",
+#    "a_format": int, nvfp4, mxfp4) and "act_group_size" (group-wise INT activations, "group"
+#    granularity); FP4 weights: E2M1 codes packed 2 per byte, ``wscale`` as uint8 block-scale bits
+#    (E4M3 for nvfp4, E8M0 for mxfp4), no ``wzero``, nvfp4's fp32 tensor scale as ``wtscale``;
+#    older folders are all int;
 # 4: each layer entry says whether it holds ``input_fold`` / ``output_fold`` (the smoothing factors
 #    folded around it, ``folds``) and ``folded_float_layers`` lists the float linears holding an
 #    ``output_fold``; older folders load, with their folded layers marked unknown (LoRA refuses them);
@@ -47,8 +53,8 @@ from .weight_only import WeightOnlyInt8Linear
 #    holds them as float32 again after loading);
 # 2: each layer entry says how its LoRA factors are stored ("lora_dtype": float32 or bfloat16);
 # 1 (read, never written): LoRA factors in float32
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
@@ -78,9 +84,8 @@ def write_quantized(model: nn.Module, folder: Path, quant_config: dict[str, Any]
     layers = quant_layers(model)
     if not layers:
         raise CheckpointError("the model has no quantized layers: save it with ditas.save_dit")
-    wbits = {name: m.weight_format.bits for name, m in layers.items()}
-    tensors = {k: v.detach().contiguous().cpu() for k, v in packed_state(wbits, model.state_dict()).items()}
     qmeta = quantization_meta(model, quant_config)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in packed_state(qmeta["layers"], model.state_dict()).items()}
     adapter = adapter_for(model)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "ditas-quantized"})
     (folder / "config.json").write_text(json_text({"format": "ditas-quantized", "family": adapter.family,
@@ -90,17 +95,20 @@ def write_quantized(model: nn.Module, folder: Path, quant_config: dict[str, Any]
         (folder / "report.json").write_text(json_text(report, "report.json"))
 
 
-def packed_state(wbits: dict[str, int], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` (a model's state dict) as saved: the codes of each quantized layer (``wbits``: layer
-    name -> weight bits) bit-packed and its zero points compacted (``_compact_zero_points``); every
-    other tensor as it is. Shared by ``save_quantized`` and diffusers' ``save_pretrained``
-    (``ditas.diffusers_quantizer``)."""
+def packed_state(layers: dict[str, dict[str, Any]], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` (a model's state dict) as saved: the codes of each quantized layer (``layers``: layer
+    name -> its table entry, ``layer_meta``) bit-packed, its zero points compacted
+    (``_compact_zero_points``) and FP4 block scales as their uint8 bits; every other tensor as it
+    is. Shared by ``save_quantized`` and diffusers' ``save_pretrained`` (``ditas.diffusers_quantizer``)."""
     out = dict(state)
-    for name, bits in wbits.items():
+    for name, meta in layers.items():
         if f"{name}.qweight" in out:
-            out[f"{name}.qweight"] = packing.pack_codes(out[f"{name}.qweight"], bits)
+            out[f"{name}.qweight"] = packing.pack_codes(out[f"{name}.qweight"], meta["wbits"])
         if f"{name}.wzero" in out:
             out[f"{name}.wzero"] = _compact_zero_points(out[f"{name}.wzero"])
+        fmt = meta.get("w_format", "int")
+        if fmt in FP4_BLOCKS and f"{name}.wscale" in out:
+            out[f"{name}.wscale"] = encode_block_scales(out[f"{name}.wscale"], fmt)
     return out
 
 
@@ -119,6 +127,7 @@ def quantization_meta(model: nn.Module, quant_config: Any = None) -> dict[str, A
         "weight_layout": first.weight_format.layout,
         "group_size": first.weight_format.group_size,
         "act_granularity": first.activation_format.granularity,
+        "formats": {"weights": first.weight_format.format, "activations": first.activation_format.format},
         "range_mode": first.weight_format.range_mode,
         "qweight_packing": "packed",
         "config": cfg,
@@ -223,6 +232,18 @@ def unpack_qweight(key: str, meta: dict[str, Any], packed: torch.Tensor, source:
                               f"{meta['in_features']}->{meta['out_features']} layer ({exc})") from None
 
 
+def unpack_block_scales(key: str, meta: dict[str, Any], value: torch.Tensor, source: Any) -> torch.Tensor:
+    """A layer's saved ``wscale`` as the layer holds it: FP4 block-scale bits decoded to fp32 (a
+    one-line error naming the tensor for bits ditas never writes); INT scales unchanged."""
+    fmt = meta.get("w_format", "int")
+    if fmt not in FP4_BLOCKS:
+        return value
+    problem = scale_bits_problem(value, fmt)
+    if problem:
+        raise CheckpointError(f"{source}: {key} {problem}")
+    return decode_block_scales(value, fmt)
+
+
 def _read_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     """The saved tensors of a quantized folder: ditas' ``model.safetensors``, or the (possibly
     sharded) ``diffusion_pytorch_model.safetensors`` that diffusers' ``save_pretrained`` writes."""
@@ -316,6 +337,8 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
         key = f"{name}.qweight"
         if key in state:
             state[key] = unpack_qweight(key, meta, state[key], weights)
+        if f"{name}.wscale" in state:
+            state[f"{name}.wscale"] = unpack_block_scales(f"{name}.wscale", meta, state[f"{name}.wscale"], weights)
     missing = sorted(set(expected) - set(state))
     unknown = sorted(set(state) - set(expected))
     if missing or unknown:

@@ -29,7 +29,8 @@ from ..errors import ConfigError
 from ..diffusion.samplers import SAMPLERS
 from ..model.adapters.base import ROLES as LAYER_ROLES
 from ..validate import cfg_scale_problem, is_int, seed_problem, steps_problem
-from .quantizers import ACT_GRANULARITIES, RANGE_MODES, WEIGHT_LAYOUTS
+from .fp4 import FP4_BLOCKS
+from .quantizers import ACT_GRANULARITIES, DEFAULT_ACT_GROUP, FORMATS, RANGE_MODES, WEIGHT_LAYOUTS
 
 SMOOTHINGS = ("none", "tas")
 SEARCH_WEIGHTS = ("auto", "plain", "approx", "shortlist", "exact")
@@ -62,16 +63,24 @@ def _normalize(spec: Any, name: str, value: Any) -> None:
 
 @dataclass(frozen=True)
 class WeightFormat:
-    """Integer weights: ``bits`` (2..8); ``layout`` ``channel`` (a scale per output row), ``group``
-    (``group_size`` consecutive inputs) or ``reference32`` (the published grouping); range mode
-    ``levels`` ((max-min)/(2^b-1)) or ``reference`` (/2^b)."""
+    """Weights: ``format`` ``int`` (default) or an FP4 block format (``nvfp4``, ``mxfp4``; see
+    ``fp4.py``). Integer weights: ``bits`` (2..8); ``layout`` ``channel`` (a scale per output row),
+    ``group`` (``group_size`` consecutive inputs) or ``reference32`` (the published grouping); range
+    mode ``levels`` ((max-min)/(2^b-1)) or ``reference`` (/2^b). FP4 weights: ``bits`` 4, their
+    blocks are groups along the inputs (``layout`` ``group``, ``group_size`` the block: 16 for
+    nvfp4, 32 for mxfp4; left at the defaults ``channel``/0 they become that), range mode
+    ``levels`` (unused)."""
 
     bits: int = 4
     layout: str = "channel"
     group_size: int = 0
     range_mode: str = "levels"
+    format: str = "int"
 
     def __post_init__(self) -> None:
+        if self.format in FP4_BLOCKS and (self.layout, self.group_size) == ("channel", 0):
+            _normalize(self, "layout", "group")
+            _normalize(self, "group_size", FP4_BLOCKS[self.format])
         p = []
         if not (is_int(self.bits) and 2 <= self.bits <= 8):
             p.append(f"weight bits must be an integer in 2..8, got {self.bits!r}")
@@ -81,27 +90,66 @@ class WeightFormat:
             p.append(f"group layout needs a positive group size, got {self.group_size!r}")
         if self.range_mode not in RANGE_MODES:
             p.append(f"range mode must be one of {RANGE_MODES}, got {self.range_mode!r}")
+        p += _format_problems("weight", self.format, self.bits, self.range_mode,
+                              ("layout", self.layout), self.group_size)
         _check(p)
 
 
 @dataclass(frozen=True)
 class ActivationFormat:
     """Dynamic activation quantization: ``bits`` (4..16; 16 = activations stay float),
-    ``granularity`` ``tensor`` (as the reference) or ``token``, range mode as for weights."""
+    ``granularity`` ``tensor`` (as the reference), ``token`` or ``group`` (``group_size``
+    consecutive input channels of a token; default 64), range mode as for weights; ``format``
+    ``int`` (default) or an FP4 block format (``nvfp4``/``mxfp4``: ``bits`` 4, granularity
+    ``group`` with the format's block as ``group_size``).
+
+    Left unset (None), ``granularity`` is ``token`` below 8 bits (with per-tensor 4-bit
+    activations the ``ditas`` recipe falls below ``rtn``: issue 23) and ``tensor`` otherwise, ``group`` for FP4; ``group_size``
+    is 64, or the FP4 block. An explicit value is kept (``tensor`` at 4 bits stays possible)."""
 
     bits: int = 8
-    granularity: str = "tensor"
+    granularity: str | None = None
     range_mode: str = "levels"
+    format: str = "int"
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
+        fp4 = self.format in FP4_BLOCKS
+        if self.granularity is None:
+            bits_ok = is_int(self.bits)
+            _normalize(self, "granularity", "group" if fp4 else "token" if bits_ok and self.bits < 8 else "tensor")
+        if self.group_size is None:
+            _normalize(self, "group_size", FP4_BLOCKS[self.format] if fp4 else DEFAULT_ACT_GROUP)
         p = []
         if not (is_int(self.bits) and 4 <= self.bits <= 16):
             p.append(f"activation bits must be an integer in 4..16 (16 = not quantized), got {self.bits!r}")
         if self.granularity not in ACT_GRANULARITIES:
             p.append(f"activation granularity must be one of {ACT_GRANULARITIES}, got {self.granularity!r}")
+        if not (is_int(self.group_size) and self.group_size >= 1):
+            p.append(f"activation group size must be a positive integer, got {self.group_size!r}")
         if self.range_mode not in RANGE_MODES:
             p.append(f"range mode must be one of {RANGE_MODES}, got {self.range_mode!r}")
+        p += _format_problems("activation", self.format, self.bits, self.range_mode,
+                              ("granularity", self.granularity), self.group_size)
         _check(p)
+
+
+def _format_problems(what: str, fmt: Any, bits: Any, range_mode: str, grouping: tuple[str, Any],
+                     group_size: Any) -> list[str]:
+    """What an FP4 format forbids: other bits, non-block groupings, the reference range mode."""
+    if fmt not in FORMATS:
+        return [f"{what} format must be one of {FORMATS}, got {fmt!r}"]
+    if fmt not in FP4_BLOCKS:
+        return []
+    p, block = [], FP4_BLOCKS[fmt]
+    if bits != 4:
+        p.append(f"{fmt} {what}s are 4-bit (E2M1), got {what} bits {bits!r}")
+    if grouping[1] != "group" or group_size != block:
+        p.append(f"{fmt} {what}s are quantized in blocks of {block} input channels ({grouping[0]} group, "
+                 f"group size {block}), got {grouping[0]} {grouping[1]!r} with group size {group_size!r}")
+    if range_mode != "levels":
+        p.append(f"{fmt} has no range mode: leave it at 'levels', got {range_mode!r}")
+    return p
 
 
 @dataclass(frozen=True)
@@ -221,7 +269,9 @@ _SPECS = {"weights": WeightFormat, "activations": ActivationFormat, "smooth": Sm
 FLAT_NAMES: dict[str, tuple[str, str]] = {
     "w_bits": ("weights", "bits"), "weight_layout": ("weights", "layout"), "group_size": ("weights", "group_size"),
     "range_mode": ("weights", "range_mode"),
+    "w_format": ("weights", "format"),
     "a_bits": ("activations", "bits"), "act_granularity": ("activations", "granularity"),
+    "a_format": ("activations", "format"), "act_group_size": ("activations", "group_size"),
     "smoothing": ("smooth", "method"), "smooth_roles": ("smooth", "roles"),
     **{n: ("smooth", n) for n in ("alpha", "search", "alpha_grid", "quantize_before_smooth", "w_max_from_quantized",
                                   "fold_proj_into_v", "loss_steps", "search_tokens", "search_weight",
@@ -241,8 +291,11 @@ class QuantConfig:
 
     Numerics: ``weights.bits`` (2..8), ``activations.bits`` (4..16, 16 = activations stay float), weight layout
     (``weights.layout`` ``channel``: per output row; ``group``: ``weights.group_size`` consecutive inputs; ``reference32``:
-    the published grouping), ``activations.granularity`` (``tensor`` dynamic as the reference, or
-    ``token`` dynamic), range mode, one for both (``levels``: (max-min)/(2^b-1); ``reference``: /2^b).
+    the published grouping), ``activations.granularity`` (``tensor`` dynamic as the reference,
+    ``token`` or ``group`` of ``activations.group_size`` input channels, dynamic; unset: ``token``
+    below 8 bits), range mode, one for both (``levels``: (max-min)/(2^b-1); ``reference``: /2^b);
+    ``weights.format`` / ``activations.format``: ``int``, or the FP4 block formats ``nvfp4`` /
+    ``mxfp4`` (``fp4.py``; 4 bits, blocks of 16 / 32 input channels).
 
     Smoothing: ``smooth.method`` ``tas`` (temporal-aggregated factors) or ``none``, applied to the
     roles in ``smooth.roles``; ``smooth.alpha`` fixed or searched over ``smooth.alpha_grid`` when ``smooth.search``.
@@ -330,6 +383,7 @@ class QuantConfig:
                 per_spec[spec][fname] = value
         if "range_mode" in flat:
             per_spec["activations"]["range_mode"] = flat["range_mode"]
+        _rederive_defaults(per_spec)
         top = {k: flat[k] for k in ("recipe", "adaln") if k in flat}
         specs = {spec: replace(getattr(self, spec), **values) for spec, values in per_spec.items() if values}
         return replace(self, **specs, **top)
@@ -394,6 +448,19 @@ class QuantConfig:
                 nested[spec] = spec_cls(**value)
         # the flat form of older folders: the specs' values, then the flat ones (validated as a whole)
         return cls(**nested).with_flat({k: v for k, v in data.items() if k in FLAT_NAMES})
+
+
+def _rederive_defaults(per_spec: dict[str, dict[str, Any]]) -> None:
+    """Flat overrides that change a format's bits or number format without naming the fields that
+    follow from them get those fields' defaults again: ``a_bits=4`` alone means per-token
+    activations, ``a_format="nvfp4"`` its blocks, ``w_format`` the format's weight layout."""
+    a, w = per_spec["activations"], per_spec["weights"]
+    if ("bits" in a or "format" in a) and "granularity" not in a:
+        a["granularity"] = None
+    if "format" in a and "group_size" not in a:
+        a["group_size"] = None
+    if "format" in w and "layout" not in w and "group_size" not in w:
+        w["layout"], w["group_size"] = "channel", 0
 
 
 def _unknown_keys_message(names: list[str]) -> str:

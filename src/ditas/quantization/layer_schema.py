@@ -19,7 +19,7 @@ import torch
 
 from ..errors import CheckpointError
 from .config import LORA_STORAGE, ActivationFormat, WeightFormat
-from .quantizers import ACT_GRANULARITIES, RANGE_MODES, WEIGHT_LAYOUTS
+from .quantizers import ACT_GRANULARITIES, DEFAULT_ACT_GROUP, FORMATS, RANGE_MODES, WEIGHT_LAYOUTS
 
 LORA_DTYPES = {name: getattr(torch, name) for name in LORA_STORAGE}  # storage of the LoRA factors
 
@@ -59,10 +59,14 @@ LAYER_META = (
     # format 4: the smoothing factors folded into the layer's input producer / its output rows
     # (``folds``); older formats have none recorded (``folds.unrecorded_folds``)
     MetaField("input_fold", bool, default=False), MetaField("output_fold", bool, default=False),
+    # format 5: number formats (int, nvfp4, mxfp4) and the activations' group size; older: int, 64
+    MetaField("w_format", str, choices=FORMATS, default="int"), MetaField("a_format", str, choices=FORMATS, default="int"),
+    MetaField("act_group_size", int, 1, default=DEFAULT_ACT_GROUP),
 )
 WEIGHT_ONLY_META = (MetaField("in_features", int, 1), MetaField("out_features", int, 1), MetaField("bias", bool),
                     MetaField("compute", str))
-TENSOR_NAMES = ("qweight", "wscale", "wzero", "bias", "smooth", "lora_down", "lora_up", "input_fold", "output_fold")
+TENSOR_NAMES = ("qweight", "wscale", "wzero", "bias", "smooth", "lora_down", "lora_up", "input_fold", "output_fold",
+                "wtscale")
 
 
 def scale_shape(out_f: int, in_f: int, weights: WeightFormat) -> tuple[int, int]:
@@ -84,7 +88,8 @@ def layer_tensors(in_f: int, out_f: int, weights: WeightFormat, *, bias: bool, s
     """Each of ``TENSOR_NAMES`` -> (shape, dtype) in memory, or None where the layer has none."""
     groups = scale_shape(out_f, in_f, weights)
     return {"qweight": ((out_f, in_f), torch.uint8), "wscale": (groups, torch.float32),
-            "wzero": (groups, torch.float32), "bias": ((out_f,), torch.float32) if bias else None,
+            "wzero": (groups, torch.float32) if weights.format == "int" else None,
+            "wtscale": ((1,), torch.float32) if weights.format == "nvfp4" else None, "bias": ((out_f,), torch.float32) if bias else None,
             "smooth": ((in_f,), torch.float32) if smooth else None,
             "lora_down": ((lora_rank, in_f), lora_dtype) if lora_rank else None,
             "lora_up": ((out_f, lora_rank), lora_dtype) if lora_rank else None,
@@ -103,13 +108,16 @@ def layer_meta(m: Any) -> dict[str, Any]:
             "layout": w.layout, "group_size": w.group_size, "act_granularity": a.granularity,
             "range_mode": w.range_mode, "lora_rank": m.lora_rank, "bias": m.bias is not None,
             "smooth": m.smooth is not None, "lora_dtype": dtype_name(m.lora_dtype or torch.float32),
-            "input_fold": m.input_fold is not None, "output_fold": m.output_fold is not None}
+            "input_fold": m.input_fold is not None, "output_fold": m.output_fold is not None,
+            "w_format": w.format, "a_format": a.format, "act_group_size": a.group_size}
 
 
 def layer_args(meta: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
     """(args, kwargs) of ``QuantLinear`` for a checked entry (``check_layer_table``)."""
-    weights = WeightFormat(meta["wbits"], meta["layout"], meta["group_size"], meta["range_mode"])
-    activations = ActivationFormat(meta["abits"], meta["act_granularity"], meta["range_mode"])
+    weights = WeightFormat(meta["wbits"], meta["layout"], meta["group_size"], meta["range_mode"],
+                           meta.get("w_format", "int"))
+    activations = ActivationFormat(meta["abits"], meta["act_granularity"], meta["range_mode"],
+                                   meta.get("a_format", "int"), meta.get("act_group_size", DEFAULT_ACT_GROUP))
     dtype = LORA_DTYPES[meta.get("lora_dtype", "float32")]
     return ((meta["in_features"], meta["out_features"], weights, activations),
             {"bias": meta["bias"], "lora_rank": meta["lora_rank"], "has_smooth": meta["smooth"], "lora_dtype": dtype,
@@ -118,7 +126,8 @@ def layer_args(meta: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
 
 def expected_tensor_names(meta: dict[str, Any]) -> list[str]:
     """The tensors a saved layer with this entry must hold (``TENSOR_NAMES`` order)."""
-    present = {"bias": meta["bias"], "smooth": meta["smooth"], "lora_down": meta["lora_rank"] > 0,
+    w_format = meta.get("w_format", "int")
+    present = {"wzero": w_format == "int", "wtscale": w_format == "nvfp4", "bias": meta["bias"], "smooth": meta["smooth"], "lora_down": meta["lora_rank"] > 0,
                "lora_up": meta["lora_rank"] > 0, "input_fold": meta.get("input_fold", False),
                "output_fold": meta.get("output_fold", False)}
     return [t for t in TENSOR_NAMES if present.get(t, True)]

@@ -4,9 +4,11 @@ low-rank branch.
 Tensors are named for their role (as nunchaku's quantized linear):
 
 - ``qweight``  uint8 (out, in): weight codes in ``[0, 2^bits - 1]`` (unpacked in memory; packed
-  to ``weight_format.bits`` only in checkpoints);
+  to ``weight_format.bits`` only in checkpoints); FP4 weights: E2M1 codes 0..15 (``fp4.py``);
 - ``wscale``, ``wzero``: float scale and integer-valued zero point per weight group (see
-  ``quantizers.WEIGHT_LAYOUTS`` for the shapes);
+  ``quantizers.WEIGHT_LAYOUTS`` for the shapes); FP4 weights: ``wscale`` holds the decoded block
+  scales (E4M3 or power-of-two values, exact in fp32), there is no ``wzero``, and NVFP4 weights
+  hold their fp32 tensor scale as ``wtscale`` (1,);
 - ``bias``: float (out,) or absent;
 - ``smooth``: float (in,) divisor applied to the input on the fly, or absent (a smoothing factor
   that could not be folded into a preceding layer, e.g. for ``fc2``);
@@ -22,7 +24,8 @@ converts once at the end. ``.to(dtype)`` never casts the layer's tensors (see ``
 they keep the precision the checkpoint declares whatever the model computes in.
 
 The layer computes ``y = Q_A(x / smooth) (W_q + lora_up lora_down)^T + bias`` where ``Q_A`` is
-dynamic activation quantization (per tensor or per token). Its ``kernel`` (a name in
+dynamic activation quantization (INT per tensor, per token or per group, or FP4 blocks:
+``quantizers.activation_quantizer``). Its ``kernel`` (a name in
 ``kernels.KERNELS``; given by ``kernels.use_kernels(model, ...)``) decides how: the layer asks that
 entry to ``prepare`` it and to compute its ``forward``; it knows no kernel by name. A new layer runs
 ``"simulated"`` (the float simulation) until its kernels are chosen. All kernels start from the
@@ -45,7 +48,7 @@ from ..dtypes import device_only
 from ..errors import ConfigError
 from .config import ActivationFormat, WeightFormat
 from .layer_schema import LORA_DTYPES, layer_tensors
-from .quantizers import activation_codes, dequantize_weight, quantize_weight
+from .quantizers import activation_codes, activation_quantizer, dequantize_weight_as, quantize_weight_as
 
 # the LoRA factors' storage of a layer built by ``from_linear`` without ``lora_dtype``: as given. The
 # ditas recipes round them to bf16 (``LoRASpec.dtype``): half their bytes (66 of the 533 MB of a W4A8
@@ -85,7 +88,7 @@ class QuantLinear(nn.Module):
                                 lora_rank=lora_rank, lora_dtype=lora_dtype, input_fold=has_input_fold,
                                 output_fold=has_output_fold)  # the saved layer's schema
         for name, spec in tensors.items():
-            init = torch.ones if name in ("wscale", "smooth", "input_fold", "output_fold") else torch.zeros
+            init = torch.ones if name in ("wscale", "wtscale", "smooth", "input_fold", "output_fold") else torch.zeros
             self.register_buffer(name, None if spec is None else init(spec[0], dtype=spec[1]))
         self._kernel_state = None  # what the kernel prepared (kernels/), not saved
 
@@ -97,9 +100,10 @@ class QuantLinear(nn.Module):
                     codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                     lora_dtype: torch.dtype | None = None, input_fold: torch.Tensor | None = None,
                     output_fold: torch.Tensor | None = None) -> "QuantLinear":
-        """Quantizes ``weight`` (default: ``linear.weight``) in ``weights`` with round-to-nearest min/max.
+        """Quantizes ``weight`` (default: ``linear.weight``) in ``weights`` with round-to-nearest
+        (min/max for INT, ``fp4.py`` for FP4).
 
-        ``codes`` = (qweight, wscale, wzero) lets a caller supply codes it chose itself (for
+        ``codes`` = (qweight, wscale, wzero) (for FP4: (qweight, wscale, tensor scale or None)) lets a caller supply codes it chose itself (for
         instance the best round of the training-free LoRA); ``weight`` is then ignored.
         ``lora_dtype``: how the LoRA factors are held and saved (default ``DEFAULT_LORA_DTYPE``);
         bf16 rounds them once, here, so the saved model is the one in memory. ``input_fold`` /
@@ -112,11 +116,13 @@ class QuantLinear(nn.Module):
                 has_input_fold=input_fold is not None, has_output_fold=output_fold is not None)
         if codes is None:
             w = linear.weight.detach() if weight is None else weight.detach()
-            codes = quantize_weight(w, weights.bits, weights.layout, weights.group_size, weights.range_mode)
+            codes = quantize_weight_as(w, weights)
         q, s, z = codes
         m.qweight.copy_(q)
         m.wscale.copy_(s)
-        m.wzero.copy_(z)
+        third = m.wzero if weights.format == "int" else m.wtscale  # None for mxfp4
+        if third is not None:
+            third.copy_(z)
         if linear.bias is not None:
             m.bias.copy_(linear.bias.detach())
         for name, value in (("smooth", smooth), ("input_fold", input_fold), ("output_fold", output_fold)):
@@ -131,7 +137,7 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight the codes stand for (without the low-rank branch)."""
         f = self.weight_format
-        return dequantize_weight(self.qweight, self.wscale, self.wzero, f.layout, f.group_size)
+        return dequantize_weight_as(self.qweight, self.wscale, self.wzero if f.format == "int" else self.wtscale, f)
 
     def effective_weight(self) -> torch.Tensor:
         """``W_q + lora_up @ lora_down``: what the layer multiplies the quantized input by."""
@@ -226,8 +232,15 @@ class QuantLinear(nn.Module):
         return state
 
     # -- forward ----------------------------------------------------------------------------------
+    def fake_quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Smoothed, quantized-dequantized input in any format (what the simulated kernel multiplies)."""
+        if self.smooth is not None:
+            x = x / self.smooth
+        return activation_quantizer(self.activation_format)(x)
+
     def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Smoothed input -> (codes, scale, zero); for abits >= 16: (x, None, None)."""
+        """Smoothed input -> (codes, scale, zero) of INT per-tensor / per-token activations (what the
+        integer kernels multiply); for abits >= 16: (x, None, None)."""
         if self.smooth is not None:
             x = x / self.smooth
         a = self.activation_format
@@ -245,8 +258,14 @@ class QuantLinear(nn.Module):
         """The layer's precision in one phrase (``W4 per-channel asym, A8 dynamic per-tensor``)."""
         w, a = self.weight_format, self.activation_format
         layout = {"channel": "per-channel", "group": f"group{w.group_size}", "reference32": "reference-32"}[w.layout]
-        act = "fp" if a.bits >= 16 else f"dynamic per-{a.granularity}"
-        return f"W{w.bits} {layout} asym, A{a.bits} {act}"
+        weights = f"W{w.bits} {layout} asym" if w.format == "int" else f"W4 {w.format} (block {w.group_size})"
+        if a.bits >= 16:
+            act = "fp"
+        elif a.format != "int":
+            act = f"{a.format} (block {a.group_size})"
+        else:
+            act = f"dynamic per-{a.granularity}" + (f" {a.group_size}" if a.granularity == "group" else "")
+        return f"{weights}, A{a.bits} {act}"
 
     def extra_repr(self) -> str:
         parts = [f"in_features={self.in_features}", f"out_features={self.out_features}", self.precision()]

@@ -9,6 +9,13 @@ Two range conventions:
 
 Every quantizer here returns integer *codes* in ``[0, 2^b - 1]`` plus the scale and integer zero
 point that dequantize them as ``(code - zero) * scale``; fake quantization is that composition.
+Activation granularities: ``tensor`` (one range), ``token`` (one per row), ``group`` (one per
+``group_size`` consecutive input channels of a row: ``token`` over the grouped view).
+
+Number formats (``FORMATS``): ``int`` (the above) and the FP4 block formats of ``fp4.py``
+(``nvfp4``, ``mxfp4``). :func:`weight_quantizer` and :func:`activation_quantizer` give the one
+function per format that the search, the LoRA fits and ``QuantLinear`` all call.
+
 Weight layouts (how scales are shared):
 
 - ``"channel"``: one scale per output row; ``wscale``/``wzero`` have shape (out, 1);
@@ -22,9 +29,13 @@ from __future__ import annotations
 
 import torch
 
+from .fp4 import FP4_BLOCKS, dequantize_fp4, fake_quant_fp4, quantize_dequantize_fp4, quantize_fp4
+
 WEIGHT_LAYOUTS = ("channel", "group", "reference32")
 RANGE_MODES = ("levels", "reference")
-ACT_GRANULARITIES = ("tensor", "token")
+ACT_GRANULARITIES = ("tensor", "token", "group")
+FORMATS = ("int", *FP4_BLOCKS)  # number formats of weights and activations (``fp4``: the FP4 ones)
+DEFAULT_ACT_GROUP = 64  # input channels per scale of group-wise INT activations
 _EPS = 1e-8
 
 
@@ -151,9 +162,57 @@ def activation_codes(x: torch.Tensor, bits: int, granularity: str = "tensor", ra
 
 
 def fake_quant_activation(x: torch.Tensor, bits: int, granularity: str = "tensor",
-                          range_mode: str = "levels") -> torch.Tensor:
-    """Quantize-dequantize; 16 bits or more means the activation stays in floating point."""
+                          range_mode: str = "levels", group_size: int = DEFAULT_ACT_GROUP) -> torch.Tensor:
+    """Quantize-dequantize; 16 bits or more means the activation stays in floating point.
+    ``group``: per-token quantization of the (..., K / group_size, group_size) view."""
     if bits >= 16:
         return x
+    if granularity == "group":
+        k = x.shape[-1]
+        if group_size < 1 or k % group_size:
+            raise ValueError(f"activation group size {group_size} does not divide the input width {k}")
+        g = x.reshape(*x.shape[:-1], k // group_size, group_size)
+        return fake_quant_activation(g, bits, "token", range_mode).reshape(x.shape)
     codes, scale, zero = activation_codes(x, bits, granularity, range_mode)
     return ((codes - zero) * scale).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+#                               One function per format
+# ----------------------------------------------------------------------------------------------
+
+
+def weight_quantizer(fmt):
+    """The quantizer of a ``WeightFormat``: float (out, in) -> ((codes, scale, third), dequantized).
+
+    ``third`` is the integer zero point (``int``), the fp32 tensor scale (``nvfp4``) or None
+    (``mxfp4``); ``QuantLinear`` stores it as ``wzero`` / ``wtscale`` / nothing."""
+    if fmt.format in FP4_BLOCKS:
+        return lambda w: quantize_dequantize_fp4(w, fmt.format)
+    return lambda w: quantize_dequantize_weight(w, fmt.bits, fmt.layout, fmt.group_size, fmt.range_mode)
+
+
+def quantize_weight_as(w: torch.Tensor, fmt) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The codes of ``w`` in a ``WeightFormat`` (the first half of :func:`weight_quantizer`)."""
+    if fmt.format in FP4_BLOCKS:
+        return quantize_fp4(w, fmt.format)
+    return quantize_weight(w, fmt.bits, fmt.layout, fmt.group_size, fmt.range_mode)
+
+
+def dequantize_weight_as(codes: torch.Tensor, scale: torch.Tensor, third: torch.Tensor | None, fmt) -> torch.Tensor:
+    """The float weight of codes in a ``WeightFormat`` (``third`` as :func:`weight_quantizer` says)."""
+    if fmt.format in FP4_BLOCKS:
+        return dequantize_fp4(codes, scale, third)
+    return dequantize_weight(codes, scale, third, fmt.layout, fmt.group_size)
+
+
+def activation_quantizer(fmt):
+    """The fake quantizer of an ``ActivationFormat``: ``q(x, amax=None)`` in ``x``'s dtype.
+
+    ``amax`` (nvfp4 only): the max |x| of the whole batch for the tensor scale, when ``x`` is a
+    subsample of its tokens (the search); the other formats have no use for it."""
+    if fmt.bits >= 16:
+        return lambda x, amax=None: x
+    if fmt.format in FP4_BLOCKS:
+        return lambda x, amax=None: fake_quant_fp4(x, fmt.format, amax)
+    return lambda x, amax=None: fake_quant_activation(x, fmt.bits, fmt.granularity, fmt.range_mode, fmt.group_size)

@@ -18,7 +18,9 @@
   the search, no LoRA), ``lora`` (LoRA only, no smoothing), ``ditas_fp_adaln`` (``ditas`` with
   the adaLN linears kept in float: measures what their int8 storage costs);
 - ``ditas_bc``: ``ditas`` plus bias correction (each layer's bias absorbs its mean output error
-  on the calibration run), an extension beyond the method.
+  on the calibration run), an extension beyond the method;
+- ``ditas_nvfp4``: ``ditas`` with NVFP4 weights and activations (W4A4 in E2M1 with FP8-E4M3
+  block scales per 16 input channels, ``fp4.py``; simulated on CPU).
 
 Every recipe but ``paper`` and ``ditas_fp_adaln`` stores the adaLN modulation linears weight-only
 in int8 after the folds (``adaln="int8"``); those two keep them in float (``paper`` as the
@@ -52,9 +54,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "lora": dict(smoothing="none", search=False, lora_dtype="bfloat16"),
     "ditas_fp_adaln": dict(adaln="float", lora_dtype="bfloat16"),
     "ditas_bc": dict(bias_correction=True, lora_dtype="bfloat16"),
+    "ditas_nvfp4": dict(w_bits=4, a_bits=4, w_format="nvfp4", a_format="nvfp4", lora_dtype="bfloat16"),
 }
 DEFAULT_RECIPE = "ditas"
-_SPEC = re.compile(r"^([a-z_]+)(?:@w(\d+)a(\d+))?$")  # a recipe of --recipes, optionally @wXaY
+_SPEC = re.compile(r"^([a-z][a-z0-9_]*)(?:@w(\d+)a(\d+))?$")  # a recipe of --recipes, optionally @wXaY
 
 
 def recipe_config(name: str = DEFAULT_RECIPE, **overrides: Any) -> QuantConfig:

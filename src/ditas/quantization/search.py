@@ -37,8 +37,8 @@ import torch
 
 from .config import QuantConfig
 from .lora import LoraFit, torch_threads, training_free_lora
-from .quantizers import fake_quant_activation, qparams_from_range, quantize_activation_with, \
-    quantize_dequantize_weight
+from .quantizers import activation_quantizer, qparams_from_range, quantize_activation_with, \
+    weight_quantizer as format_quantizer
 from .smoothing import tas_factors
 from ..calibration.inputs import LayerInputs  # noqa: F401  (re-exported)
 
@@ -69,29 +69,29 @@ class LayerQuant:
 
 
 def weight_quantizer(cfg: QuantConfig):
-    """The config's weight quantizer: float (out, in) -> ((codes, scale, zero), dequantized)."""
-
-    def q(w: torch.Tensor):
-        f = cfg.weights
-        return quantize_dequantize_weight(w, f.bits, f.layout, f.group_size, f.range_mode)
-
-    return q
+    """The config's weight quantizer: float (out, in) -> ((codes, scale, zero), dequantized)
+    (``quantizers.weight_quantizer``: one function per format)."""
+    return format_quantizer(cfg.weights)
 
 
 def _quant_inputs(inputs: LayerInputs, steps: int, s: torch.Tensor | None, cfg: QuantConfig) -> torch.Tensor:
-    """Q_A(X_t / s) for the first ``steps`` steps, concatenated."""
+    """Q_A(X_t / s) for the first ``steps`` steps, concatenated. Per-tensor ranges (INT per tensor,
+    NVFP4's tensor scale) come from all tokens (``colmin``/``colmax``), the rest from each token."""
     outs = []
+    a = cfg.activations
+    quant = activation_quantizer(a)
     for t in range(steps):
         x = inputs.xs[t] if s is None else inputs.xs[t] / s
-        if cfg.activations.bits >= 16:
-            outs.append(x)
-        elif cfg.activations.granularity == "tensor":
+        if a.bits < 16 and (a.granularity == "tensor" or a.format == "nvfp4"):
             lo_c, hi_c = (inputs.colmin[t], inputs.colmax[t]) if s is None else \
                 (inputs.colmin[t] / s, inputs.colmax[t] / s)
-            scale, zero = qparams_from_range(lo_c.min(), hi_c.max(), cfg.activations.bits, cfg.activations.range_mode)
-            outs.append(quantize_activation_with(x, cfg.activations.bits, scale, zero))
+            if a.format == "int":
+                scale, zero = qparams_from_range(lo_c.min(), hi_c.max(), a.bits, a.range_mode)
+                outs.append(quantize_activation_with(x, a.bits, scale, zero))
+            else:  # NVFP4: the tensor scale from the whole batch's amax
+                outs.append(quant(x, torch.maximum(lo_c.min().abs(), hi_c.max().abs())))
         else:
-            outs.append(fake_quant_activation(x, cfg.activations.bits, "token", cfg.activations.range_mode))
+            outs.append(quant(x))
     return torch.cat(outs)
 
 

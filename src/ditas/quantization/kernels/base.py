@@ -29,6 +29,7 @@ class Kernel:
     wbits: tuple[int, int] = (2, 8)     # weight bits, inclusive range
     max_abits: int = 8                  # activations up to this many bits
     act_granularities: tuple[str, ...] = ("tensor", "token")
+    formats: tuple[str, ...] = ("int",)  # number formats of weights and activations (quantizers.FORMATS)
     preference: int = 100
     holds_codes: bool = False
 
@@ -47,6 +48,9 @@ class Kernel:
         if device.type not in self.devices:
             return f"runs on {'/'.join(self.devices)}, not {device.type}"
         w, a = layer.weight_format, layer.activation_format
+        for what, fmt in (("weights", w.format), ("activations", a.format if a.bits < 16 else "int")):
+            if fmt not in self.formats:
+                return f"needs {' or '.join(f.upper() for f in self.formats)} {what}, the layer has {fmt} {what}"
         if w.layout not in self.layouts:
             return f"needs {' or '.join(self.layouts)} weights, the layer has {w.layout!r}"
         if not self.wbits[0] <= w.bits <= self.wbits[1]:
@@ -54,7 +58,7 @@ class Kernel:
         if a.bits > self.max_abits:
             return f"needs <= {self.max_abits}-bit activations, the layer has {a.bits}"
         if a.bits < 16 and a.granularity not in self.act_granularities:
-            return f"needs per-{' or per-'.join(self.act_granularities)} activations"
+            return f"needs per-{' or per-'.join(self.act_granularities)} activations, the layer has per-{a.granularity}"
         if not self.available():
             return "is not available (or not exact) with this torch build on this CPU"
         if not self.exact_on(device):

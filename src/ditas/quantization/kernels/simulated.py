@@ -1,6 +1,6 @@
 """``simulated``: the float simulation of ``QuantLinear`` (any device, any layout).
 
-Dequantized weight, fake-quantized input; the reference every integer kernel is tested against.
+Dequantized weight, fake-quantized input (every format: INT per tensor / token / group, FP4); the reference every integer kernel is tested against.
 The LoRA branch reads the same quantized input, so it is merged into one cached weight
 ``W_q + up @ down`` (one matmul instead of three, the same function).
 """
@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..quantizers import ACT_GRANULARITIES, FORMATS
 from .base import Kernel, cached
 
 
@@ -26,9 +27,11 @@ class SimulatedState:
 
 class Simulated(Kernel):
     name = "simulated"
-    summary = "float simulation (any device, any layout)"
+    summary = "float simulation (any device, any layout, any format)"
     devices = ("cpu", "cuda", "mps", "xpu")
     layouts = ("channel", "group", "reference32")
+    formats = FORMATS
+    act_granularities = ACT_GRANULARITIES
     max_abits = 16
     preference = 90
 
@@ -41,8 +44,7 @@ class Simulated(Kernel):
         x2 = x.reshape(-1, shape[-1])
         if x2.dtype != torch.float32:  # bf16/fp16 models: quantized and multiplied in fp32, as stored
             x2 = x2.float()
-        codes, a_scale, a_zero = layer.quantize_input(x2)
-        xq = codes if a_scale is None else (codes - a_zero) * a_scale
+        xq = layer.fake_quant_input(x2)
         if st.rank != layer.lora_rank:
             st.weight, st.rank = None, layer.lora_rank
         y = F.linear(xq, cached(st, "weight", layer.effective_weight), layer.bias)
