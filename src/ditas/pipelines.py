@@ -63,7 +63,9 @@ def load_pipeline(path: str | os.PathLike, transformer: torch.nn.Module | None =
         raise DitasError(f"{path} is a DiTPipeline (class labels, no prompts): give its transformer folder "
                          f"(--model {path / 'transformer'} --vae {path / 'vae'}), or in Python "
                          "ditas.quantize_(pipe.transformer) then pipe.save_pretrained(dir)")
-    if cls_name not in supported:
+    from .video import is_video_index
+
+    if cls_name not in supported and not is_video_index(index):  # video: any transformer an adapter takes
         raise DitasError(f"{path}: the pipeline's transformer is {cls_name or 'missing'}; ditas quantizes pipelines "
                          f"whose transformer is one of {', '.join(supported)}")
     from diffusers import DiffusionPipeline
@@ -138,10 +140,12 @@ def _quiet(pipe, progress: bool) -> None:
 @torch.no_grad()
 def record_pipeline_calibration(pipe, prompts: list[str], steps: int, guidance: float | None = None, seed: int = 0,
                                 height: int | None = None, width: int | None = None, batch_size: int = 4,
-                                progress: bool = True):
+                                progress: bool = True, extra: dict[str, Any] | None = None):
     """Runs ``pipe`` on ``prompts`` (latents only, no decoding) inside ``record_calibration``:
-    the data-free calibration record of its transformer (one call per step and batch)."""
+    the data-free calibration record of its transformer (one call per step and batch).
+    ``extra``: more arguments of every call (a video's ``num_frames``), also kept in ``calib.info``."""
     from .calibration.recording import record_calibration
+    from .video import pipeline_call
 
     if steps < 2:
         raise DitasError(f"calibration steps must be at least 2, got {steps}")
@@ -150,10 +154,10 @@ def record_pipeline_calibration(pipe, prompts: list[str], steps: int, guidance: 
     _quiet(pipe, progress)
     with record_calibration(pipe.transformer) as calib:
         for i in range(0, len(prompts), batch_size):
-            pipe(prompt=prompts[i: i + batch_size],
-                 **_call_kwargs(pipe, steps, guidance, seed + i, height, width, "latent"))
+            pipeline_call(pipe, prompt=prompts[i: i + batch_size], **(extra or {}),
+                          **_call_kwargs(pipe, steps, guidance, seed + i, height, width, "latent"))
     calib.info.update({"prompts": len(prompts), "steps": steps, "guidance_scale": guidance, "seed": seed,
-                       "height": height, "width": width})
+                       "height": height, "width": width, **(extra or {})})
     return calib
 
 

@@ -94,10 +94,11 @@ def check_quantize_arguments(args: argparse.Namespace, cfg) -> None:
                        min(args.calib_batch, prompts), prompts * cfg.calibration.steps, what="calibration")
 
 
-def quantize(args: argparse.Namespace, cfg, claim) -> int:
+def quantize(args: argparse.Namespace, cfg, claim, call_extra=None) -> int:
     """``ditas quantize --model PIPELINE_DIR``: ``cfg`` is the recipe's config with the CLI overrides;
     ``claim`` the claimed output folder (``fileio.output_dir``): everything is written into
-    ``claim.tmp`` and appears at once on ``claim.publish()``."""
+    ``claim.tmp`` and appears at once on ``claim.publish()``. ``call_extra(pipe)``: more arguments
+    of every calibration call, given the loaded pipeline (a video's ``num_frames``)."""
     from ..dtypes import cli_dtype
     from ..fileio import json_text
     from ..pipelines import PIPELINE_FILE, load_pipeline, pipeline_ref, read_prompts, record_pipeline_calibration
@@ -114,7 +115,8 @@ def quantize(args: argparse.Namespace, cfg, claim) -> int:
     t_load = time.perf_counter() - t0
     guidance = args.calib_guidance if args.calib_guidance is not None else args.calib_cfg
     calib = record_pipeline_calibration(pipe, prompts, cfg.calibration.steps, guidance, cfg.calibration.seed, args.height,
-                                        args.width, args.calib_batch, progress=not args.no_progress)
+                                        args.width, args.calib_batch, progress=not args.no_progress,
+                                        extra=call_extra(pipe) if call_extra else None)
     _, report = quantize_model(pipe.transformer, cfg, calib, progress=not args.no_progress, inplace=True)
     report["model"] = str(args.model)
     report.setdefault("wall_time_s", {})["load_s"] = round(t_load, 3)

@@ -17,7 +17,7 @@ from ..diffusion.sharded import DEFAULT_SHARD_SIZE
 from ..errors import DitasError
 from ..quantization.kernels import add_kernel_argument
 from ..validate import labels_problem
-from . import _text_to_image
+from . import _text_to_image, _video
 
 
 def _parse_classes(text: str | None) -> list[int] | None:
@@ -75,9 +75,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="attention core of a ditas DiT (default fp32: scaled_dot_product_attention as the model "
                         "was built; bf16 and int8 are faster approximations, see docs/sampling.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--out", required=True, help="output .png (grid) or .npz (arr_0 uint8 NHWC + labels); new file")
+    p.add_argument("--out", required=True, help="output .png (grid) or .npz (arr_0 uint8 NHWC + labels); new file "
+                                                "(a video pipeline: .mp4, .gif or a folder frames/)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _text_to_image.add_sample_arguments(p)
+    _video.add_sample_arguments(p)
     add_dtype_argument(p)
     return p
 
@@ -147,7 +149,9 @@ def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
     if _text_to_image.wants_pipeline_sample(args):  # a diffusers text-to-image pipeline (PixArt, SD3, Flux)
         if args.attention not in (None, "fp32"):
             raise DitasError("--attention applies to ditas DiT models, not to diffusers pipelines")
-        return _text_to_image.sample(args, device, world)
+        video = _video.is_video_run(args, _video.pipeline_dir_of(args))  # or text-to-video (Wan, ...)
+        return (_video if video else _text_to_image).sample(args, device, world)
+    _video.is_video_run(args, None)  # --frames / --fps are refused for a DiT
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".npz"):
         raise DitasError(f"--out must end in .png or .npz, got {out}")
