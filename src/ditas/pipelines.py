@@ -169,6 +169,18 @@ def generate_images(pipe, prompt: str | list[str], steps: int, guidance: float |
     return pipe(prompt=prompt, **_call_kwargs(pipe, steps, guidance, seed, height, width, "pil")).images
 
 
+@torch.no_grad()
+def generate_video(pipe, prompt: str, frames: int, steps: int, guidance: float | None = None, seed: int = 0,
+                   height: int | None = None, width: int | None = None, progress: bool = True) -> Any:
+    """The clip of ``prompt`` from a text-to-video pipeline: ``(frames, height, width, 3)`` uint8 numpy."""
+    from .video import pipeline_call, to_uint8_frames
+
+    _quiet(pipe, progress)
+    out = pipeline_call(pipe, prompt=[prompt], num_frames=frames,
+                        **_call_kwargs(pipe, steps, guidance, seed, height, width, "np"))
+    return to_uint8_frames(out.frames[0])
+
+
 def save_image_grid(images: list, path: str | os.PathLike, columns: int = 8, pad: int = 2) -> Path:
     """PIL images side by side (rows of ``columns``) in one PNG, written atomically."""
     from PIL import Image

@@ -1,6 +1,6 @@
 """Text-to-video diffusers pipelines (Wan, CogVideoX, LTX, HunyuanVideo, Mochi, ...): which
-pipeline folders are video pipelines, the frame counts they make, one clip generated from a
-prompt, and the clip written as .mp4 (imageio with the ffmpeg of the imageio-ffmpeg wheel), .gif
+pipeline folders are video pipelines, the frame counts they make, a clip as uint8 frames (made by
+``pipelines.generate_video``), and the clip written as .mp4 (imageio with the ffmpeg of the imageio-ffmpeg wheel), .gif
 (PIL) or a folder of numbered PNG frames.
 
 A video pipeline is recognised by what diffusers says of it, not by a list of names: the class
@@ -53,10 +53,9 @@ def is_video_index(index: dict[str, Any]) -> bool:
 
 
 def _index(path: str | os.PathLike) -> dict[str, Any] | None:
-    from .pipelines import is_pipeline_dir
     from .readers import read_json
 
-    if not is_pipeline_dir(path):
+    if not (Path(path) / "model_index.json").is_file():
         return None
     try:
         return read_json(Path(path) / "model_index.json", "pipeline index")
@@ -175,18 +174,6 @@ def to_uint8_frames(frames) -> np.ndarray:
     if a.dtype != np.uint8:
         a = np.clip(np.round(a.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
     return np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a
-
-
-@torch.no_grad()
-def generate_video(pipe, prompt: str, frames: int, steps: int, guidance: float | None = None, seed: int = 0,
-                   height: int | None = None, width: int | None = None, progress: bool = True) -> np.ndarray:
-    """The clip of ``prompt``: ``(frames, height, width, 3)`` uint8."""
-    from .pipelines import _call_kwargs, _quiet
-
-    _quiet(pipe, progress)
-    out = pipeline_call(pipe, prompt=[prompt], num_frames=frames,
-                        **_call_kwargs(pipe, steps, guidance, seed, height, width, "np"))
-    return to_uint8_frames(out.frames[0])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ before the pipeline is loaded.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..errors import DitasError
@@ -64,10 +65,23 @@ def check_quantize_arguments(args: argparse.Namespace, cfg) -> None:
     from ..video import check_text_to_video, config_temporal_factor, frames_problem
 
     check_text_to_video(args.model)
-    problem = frames_problem(args.frames, config_temporal_factor(args.model))
+    problem = frames_problem(args.frames, config_temporal_factor(args.model), f"the pipeline in {args.model}")
     if problem:
         raise DitasError(problem)
     _text_to_image.check_quantize_arguments(args, cfg)
+    second = second_transformer(args.model)
+    if second:
+        print(f"note: {args.model} has a second transformer ({second}, e.g. Wan 2.2's "
+              "low-noise expert); ditas quantizes 'transformer' only, the other stays in float", file=sys.stderr)
+
+
+def second_transformer(path) -> str | None:
+    """The name of a pipeline's second transformer component, if it has one (Wan 2.2 A14B)."""
+    from ..pipelines import check_pipeline_components
+
+    index = check_pipeline_components(path)
+    return next((k for k, v in index.items() if k.startswith("transformer_") and isinstance(v, list)
+                 and v != [None, None]), None)
 
 
 def quantize(args: argparse.Namespace, cfg, claim) -> int:
@@ -100,15 +114,15 @@ def _check_sample_arguments(args: argparse.Namespace, world: int) -> str:
 def sample(args: argparse.Namespace, device=None, world: int = 1) -> int:
     """``ditas sample [--quantized DIR] [--model PIPELINE_DIR] --prompt ... --frames N --out clip.mp4``."""
     from ..dtypes import cli_dtype
-    from ..pipelines import check_pipeline_components, load_pipeline
+    from ..pipelines import check_pipeline_components, generate_video, load_pipeline
     from ..video import check_text_to_video, config_temporal_factor, default_fps, frames_for, frames_problem
-    from ..video import generate_video, write_video
+    from ..video import write_video
 
     _check_sample_arguments(args, world)
     pipeline_dir = pipeline_dir_of(args)
     check_text_to_video(pipeline_dir)
     check_pipeline_components(pipeline_dir, with_transformer=not args.quantized)
-    problem = frames_problem(args.frames, config_temporal_factor(pipeline_dir), str(pipeline_dir))
+    problem = frames_problem(args.frames, config_temporal_factor(pipeline_dir), f"the pipeline in {pipeline_dir}")
     if problem:
         raise DitasError(problem)
     dtype = cli_dtype(getattr(args, "dtype", None), pipeline=True)
