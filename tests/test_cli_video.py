@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from ditas.cli.main import main
-from ditas.pipelines import PIPELINE_FILE
+from ditas.pipelines import PIPELINE_FILE, load_pipeline
+from ditas.quantization.checkpoint import load_quantized
 import family_models as fm
 
 pytest.importorskip("transformers")
@@ -72,9 +73,13 @@ def test_quantize_a_wan_pipeline_and_write_an_mp4(tmp_path, wan_dir, capsys):
     q = tmp_path / "q"
     assert main(["quantize", "--model", str(wan_dir), "--out", str(q), *QUANT_ARGS]) == 0
     report = json.loads((q / "report.json").read_text())
-    # 3 prompts in batches of 2 -> 2 pipeline runs x 2 steps = 4 transformer calls, of 5-frame clips
-    assert report["calibration"]["transformer_calls"] == 4 and report["calibration"]["num_frames"] == 5
+    # 3 prompts in batches of 2 -> 2 pipeline runs x 2 steps x 2 (Wan calls the transformer once with the
+    # prompts and once with the negative prompts) = 8 transformer calls, of 5-frame clips
+    assert report["calibration"]["transformer_calls"] == 8 and report["calibration"]["num_frames"] == 5
     assert json.loads((q / PIPELINE_FILE).read_text())["pipeline_class"] == "WanPipeline"
+    transformer = load_quantized(q, kernel="simulated")
+    # diffusers alone loads the folder's float transformer over a passed one (Wan's __init__ defaults it)
+    assert load_pipeline(wan_dir, transformer=transformer).transformer is transformer
     capsys.readouterr()
 
     clip = tmp_path / "clip.mp4"
@@ -92,7 +97,7 @@ def test_quantize_a_wan_pipeline_and_write_an_mp4(tmp_path, wan_dir, capsys):
     assert a.shape == b.shape == (5, 32, 48, 3)
     assert not np.array_equal(a, b)  # the quantized transformer made the quantized clip
     err = np.abs(a.astype(int) - b.astype(int)).mean()
-    assert err < 32, err  # ... and it is still the float model's clip, not noise
+    assert err < 8, err  # ... and it is still the float model's clip, not noise (measured: 1.1 of 255)
 
 
 def test_float_pipeline_clip_as_gif_and_png_frames(tmp_path, wan_dir, capsys):

@@ -85,10 +85,15 @@ def load_pipeline(path: str | os.PathLike, transformer: torch.nn.Module | None =
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
     try:
-        return DiffusionPipeline.from_pretrained(str(path), **kwargs)
+        pipe = DiffusionPipeline.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: diffusers could not load this pipeline ({first})") from None
+    if transformer is not None and pipe.transformer is not transformer:
+        # diffusers 0.42 loads the folder's transformer OVER a passed one where the pipeline's __init__
+        # gives `transformer` a default (WanPipeline: transformer=None): put the given one back
+        pipe.register_modules(transformer=transformer)
+    return pipe
 
 
 def _check_pipeline_configs(path: Path, index: dict, transformer_class: str, base: type) -> None:
