@@ -145,10 +145,12 @@ def _quiet(pipe, progress: bool) -> None:
 @torch.no_grad()
 def record_pipeline_calibration(pipe, prompts: list[str], steps: int, guidance: float | None = None, seed: int = 0,
                                 height: int | None = None, width: int | None = None, batch_size: int = 4,
-                                progress: bool = True, extra: dict[str, Any] | None = None):
+                                progress: bool = True, calib_cache: str | os.PathLike | None = None,
+                                extra: dict[str, Any] | None = None):
     """Runs ``pipe`` on ``prompts`` (latents only, no decoding) inside ``record_calibration``:
-    the data-free calibration record of its transformer (one call per step and batch).
-    ``extra``: more arguments of every call (a video's ``num_frames``), also kept in ``calib.info``."""
+    the data-free calibration record of its transformer (one call per step and batch); its block
+    calls streamed under ``calib_cache`` when given. ``extra``: more arguments of every call (a
+    video's ``num_frames``), also kept in ``calib.info``."""
     from .calibration.recording import record_calibration
     from .video import pipeline_call
 
@@ -157,7 +159,7 @@ def record_pipeline_calibration(pipe, prompts: list[str], steps: int, guidance: 
     if not prompts:
         raise DitasError("no calibration prompts")
     _quiet(pipe, progress)
-    with record_calibration(pipe.transformer) as calib:
+    with record_calibration(pipe.transformer, calib_cache) as calib:
         for i in range(0, len(prompts), batch_size):
             pipeline_call(pipe, prompt=prompts[i: i + batch_size], **(extra or {}),
                           **_call_kwargs(pipe, steps, guidance, seed + i, height, width, "latent"))
