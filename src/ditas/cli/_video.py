@@ -47,16 +47,22 @@ def is_video_run(args: argparse.Namespace, pipeline_dir) -> bool:
     return False
 
 
-def pipeline_dir_of(args: argparse.Namespace):
-    """The pipeline folder of a sample run: ``--model``, else the one ``--quantized`` records."""
+def pipeline_dir_of(args: argparse.Namespace, strict: bool = True):
+    """The pipeline folder of a sample run: ``--model``, else the one ``--quantized`` records (None
+    where it records none, or an unreadable one: ``strict`` refuses that in one line)."""
     from ..pipelines import read_pipeline_ref
 
     if args.model is not None or not getattr(args, "quantized", None):
         return args.model
-    ref = read_pipeline_ref(args.quantized)
-    if ref is None:
+    try:
+        ref = read_pipeline_ref(args.quantized)
+    except DitasError:
+        if strict:
+            raise
+        ref = None
+    if ref is None and strict:
         raise DitasError(f"{args.quantized} does not record its pipeline: give --model PIPELINE_DIR")
-    return ref["pipeline"]
+    return ref["pipeline"] if ref else None
 
 
 def check_quantize_arguments(args: argparse.Namespace, cfg) -> None:

@@ -149,7 +149,7 @@ def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
     if _text_to_image.wants_pipeline_sample(args):  # a diffusers text-to-image pipeline (PixArt, SD3, Flux)
         if args.attention not in (None, "fp32"):
             raise DitasError("--attention applies to ditas DiT models, not to diffusers pipelines")
-        video = _video.is_video_run(args, _video.pipeline_dir_of(args))  # or text-to-video (Wan, ...)
+        video = _video.is_video_run(args, _video.pipeline_dir_of(args, strict=False))  # or text-to-video
         return (_video if video else _text_to_image).sample(args, device, world)
     _video.is_video_run(args, None)  # --frames / --fps are refused for a DiT
     out = Path(args.out)
