@@ -47,6 +47,27 @@ def save_tiny_wan_pipeline(path, seed: int = 0) -> None:
     pipe.save_pretrained(str(path))
 
 
+def save_tiny_cogvideox_pipeline(path, seed: int = 0) -> None:
+    """A CogVideoX pipeline folder, all random and tiny: a 2-block CogVideoXTransformer3DModel (its
+    text length is the pipeline's 226 padded tokens), the 1-layer T5 encoder, a 4-level CogVideoX
+    VAE compressing 4 frames into one, a DDIM scheduler. Another family than Wan: one transformer
+    call per step for both guidance halves, the temporal factor under another name."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    torch.manual_seed(seed)
+    tokenizer, encoder = fm._t5()
+    transformer = CogVideoXTransformer3DModel(num_attention_heads=fm.HEADS, attention_head_dim=fm.HEAD_DIM, in_channels=4,
+                                              out_channels=4, time_embed_dim=2, text_embed_dim=fm.TEXT_DIM, num_layers=2,
+                                              sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
+                                              temporal_compression_ratio=4, max_text_seq_length=226)
+    vae = AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
+                                 block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
+                                 temporal_compression_ratio=4)
+    pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, scheduler=CogVideoXDDIMScheduler(),
+                             transformer=fm.add_outliers(transformer, seed))
+    pipe.save_pretrained(str(path))
+
+
 @pytest.fixture(scope="module")
 def wan_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("pipe") / "tiny-wan"
@@ -100,6 +121,20 @@ def test_quantize_a_wan_pipeline_and_write_an_mp4(tmp_path, wan_dir, capsys):
     assert err < 8, err  # ... and it is still the float model's clip, not noise (measured: 1.1 of 255)
 
 
+def test_quantize_a_cogvideox_pipeline_and_write_a_gif(tmp_path, capsys):
+    from PIL import Image
+
+    pipe, q, gif = tmp_path / "tiny-cogvideox", tmp_path / "q", tmp_path / "clip.gif"
+    save_tiny_cogvideox_pipeline(pipe)
+    size = ["--height", "32", "--width", "32"]
+    assert main(["quantize", "--model", str(pipe), "--out", str(q), *QUANT_ARGS, *size]) == 0
+    # 3 prompts in batches of 2 -> 2 pipeline runs x 2 steps (both guidance halves in one call)
+    assert json.loads((q / "report.json").read_text())["calibration"]["transformer_calls"] == 4
+    assert main(["sample", "--quantized", str(q), *SAMPLE_ARGS, *size, "--frames", "9", "--out", str(gif)]) == 0
+    with Image.open(gif) as im:  # CogVideoX's 8 fps: 120 ms a frame
+        assert (im.n_frames, im.size, im.info["duration"]) == (9, (32, 32), 120)
+
+
 def test_float_pipeline_clip_as_gif_and_png_frames(tmp_path, wan_dir, capsys):
     from PIL import Image
 
@@ -147,6 +182,11 @@ def test_mp4_without_imageio_names_the_extra(tmp_path, wan_dir, capsys, monkeypa
     out = tmp_path / "clip.mp4"
     assert main(["sample", "--model", str(wan_dir), *SAMPLE_ARGS, "--out", str(out)]) == 2
     assert "ditas[video]" in _one_line_error(capsys) and not out.exists()
+
+
+def test_quantized_folder_without_its_pipeline_is_one_line(tmp_path, capsys):
+    assert main(["sample", "--quantized", str(tmp_path), *SAMPLE_ARGS, "--out", str(tmp_path / "c.mp4")]) == 2
+    assert "does not record its pipeline: give --model PIPELINE_DIR" in _one_line_error(capsys)
 
 
 def test_bad_quantize_input_is_one_line(tmp_path, wan_dir, capsys):

@@ -40,6 +40,9 @@ def is_video_run(args: argparse.Namespace, pipeline_dir) -> bool:
 
     if is_video_pipeline(pipeline_dir):
         return True
+    if pipeline_dir is None and getattr(args, "quantized", None):  # --quantized names no pipeline: the
+        out = str(getattr(args, "out", ""))  # path of its output kind says so
+        return out.lower().endswith((".mp4", ".gif", "/"))
     given = [f for f, v in (("--frames", getattr(args, "frames", None)), ("--fps", getattr(args, "fps", None)))
              if v is not None]
     if given:
