@@ -24,20 +24,9 @@ from ditas.quantization.recipes import parse_recipes, recipe_config
 from ditas.quantization.weight_only import WeightOnlyInt8Linear
 from quant_helpers import random_dit
 import family_models as fm
+from test_families import _outputs, _record  # the tiny families' record and held-out outputs
 
 SMALL = dict(lora_rank=4, lora_rounds=2)
-
-
-def _record(model, steps: int = 4, seed: int = 1, **kw):
-    with torch.no_grad(), record_calibration(model, **kw) as calib:
-        for step in range(steps):
-            model(**fm.call_kwargs(model, seed=seed, step=step))
-    return calib
-
-
-def _outputs(model, seed: int = 7, steps: int = 3) -> list[torch.Tensor]:
-    with torch.no_grad():
-        return [model(**fm.call_kwargs(model, seed=seed, step=s))[0] for s in range(steps)]
 
 
 def psnr(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
@@ -73,7 +62,7 @@ def test_generic_is_within_half_a_db_of_the_hand_written_adapter(family):
     """Same calibration record, same held-out inputs: the generic adapter's W4A8 ditas output
     PSNR against FP is within 0.5 dB of the hand-written adapter's, and beats rtn."""
     m = fm.FAMILIES[family]()
-    calib = _record(m)
+    calib = _record(m, steps=4)
     refs = _outputs(m)
     hand, _ = quantize(m, recipe_config("ditas", **SMALL), calib, progress=False)
     gen, report = quantize(m, _generic(), calib, progress=False)

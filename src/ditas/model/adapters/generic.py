@@ -37,7 +37,9 @@ calibration run):
   between two stacks, or a block returns something else), block ``i + 1`` starts a new segment:
   its own FP calls are recorded during the user's run (``CalibrationRecord.segments``, streamed
   to disk under ``calib_cache`` when given) and it is calibrated on them. Only segment starts are
-  recorded, so memory grows with one block's inputs, not with depth.
+  recorded, so memory grows with one block's inputs, not with depth. The probe's replays run
+  with every forward hook of the block silenced (``_hooks_silenced``): no hook of the user's, nor
+  the recorder's, sees them.
 - Checkpoints: diffusers classes rebuild from class name + config (as ``DiffusersAdapter``),
   ditas' DiT from its config; the layer table says which linears are quantized, so loading needs
   no probe. Other classes quantize and run but cannot be saved (a one-line error).
@@ -53,7 +55,8 @@ import fnmatch
 import shutil
 import tempfile
 import weakref
-from collections import Counter
+from collections import Counter, OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -207,6 +210,26 @@ class _BlockRun:
     def holds(self, table: dict, x: torch.Tensor) -> bool:
         """Whether ``x`` itself is in ``table`` (id -> tensor)."""
         return table.get(id(x)) is x
+
+
+_HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+                "_forward_hooks_always_called")
+
+
+@contextmanager
+def _hooks_silenced(root: nn.Module) -> Iterator[None]:
+    """The forward hooks of ``root`` and its submodules (the user's, the recorder's, the probe's)
+    do not run inside: the probe's replays are not model calls, and nobody else may see them.
+    Each module's hook tables are swapped for empty ones and put back (never changed in place:
+    the call that runs the probe's hook may be iterating them)."""
+    saved = [(m, name, getattr(m, name)) for m in root.modules() for name in _HOOK_TABLES if hasattr(m, name)]
+    for m, name, _ in saved:
+        setattr(m, name, OrderedDict())
+    try:
+        yield
+    finally:
+        for m, name, table in saved:
+            setattr(m, name, table)
 
 
 def _tensor_ids(args: tuple, kwargs: dict) -> dict[int, torch.Tensor]:
@@ -400,7 +423,8 @@ class StructureProbe:
             self.replaying = True
             try:
                 again = run.snapshot.detached()
-                replayed = module(*again.args, **again.kwargs)
+                with _hooks_silenced(module):
+                    replayed = module(*again.args, **again.kwargs)
             except Exception:  # noqa: BLE001 (a block that cannot be replayed starts the next segment)
                 replayed = None
             finally:
@@ -447,19 +471,20 @@ class StructureProbe:
         """The input of ``block.rel`` when the block is replayed on its recorded call (after
         ``change()``, undone by the function it returns)."""
         got: list[torch.Tensor] = []
-        h = block.get_submodule(rel).register_forward_pre_hook(lambda m, a: got.append(a[0].detach().clone()))
         self.replaying = True
         undo = change() if change is not None else None
         try:
             again = run.snapshot.detached()
-            block(*again.args, **again.kwargs)
+            with _hooks_silenced(block):
+                h = block.get_submodule(rel).register_forward_pre_hook(lambda m, a: got.append(a[0].detach().clone()))
+                block(*again.args, **again.kwargs)
+                h.remove()
         except Exception:  # noqa: BLE001 (a block that cannot be replayed has no provable fold)
             got = []
         finally:
             if undo is not None:
                 undo()
             self.replaying = False
-            h.remove()
         return got[0] if len(got) == 1 else None
 
     def _divides(self, block: nn.Module, run: _BlockRun, rel: str, target: str, rows: tuple[int, int],
