@@ -177,6 +177,14 @@ def test_bad_sample_input_is_one_line_before_any_work(tmp_path, wan_dir, capsys,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_size_the_pipeline_refuses_is_one_line(tmp_path, wan_dir, capsys):
+    out = tmp_path / "c.gif"  # Wan takes multiples of 16 pixels: its own check, after loading, before any step
+    assert main(["sample", "--model", str(wan_dir), *SAMPLE_ARGS, "--height", "24", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "WanPipeline refused the run" in err.strip().splitlines()[-1]
+    assert not out.exists()
+
+
 def test_mp4_without_imageio_names_the_extra(tmp_path, wan_dir, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # as if the wheel were not installed
     out = tmp_path / "clip.mp4"
