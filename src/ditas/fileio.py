@@ -410,6 +410,15 @@ class OutputDir:
         return self.path
 
 
+def check_output_dir(path: str | os.PathLike, overwrite: bool = False,
+                     inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """``output_dir``'s refusals alone, for a run that claims the folder only after its work."""
+    path = Path(path)
+    _check_parent(path)
+    _check_replaceable(path, overwrite, inputs)
+    return path
+
+
 @contextlib.contextmanager
 def output_dir(path: str | os.PathLike, kind: str, *, overwrite: bool = False,
                inputs: Iterable[str | os.PathLike | None] = ()) -> Iterator[OutputDir]:

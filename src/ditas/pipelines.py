@@ -119,7 +119,9 @@ def load_pipeline(path: str | os.PathLike, transformer: torch.nn.Module | None =
     from .model.adapters.registry import text_to_image_transformers
 
     supported = (*text_to_image_transformers(), LABEL_TRANSFORMER)
-    if cls_name not in supported:
+    from .video import is_video_index
+
+    if cls_name not in supported and not is_video_index(index):  # video: any transformer an adapter takes
         raise DitasError(f"{path}: the pipeline's transformer is {cls_name or 'missing'}; ditas quantizes pipelines "
                          f"whose transformer is one of {', '.join(supported)}")
     from diffusers import DiffusionPipeline
@@ -139,10 +141,15 @@ def load_pipeline(path: str | os.PathLike, transformer: torch.nn.Module | None =
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
     try:
-        return DiffusionPipeline.from_pretrained(str(path), **kwargs)
+        pipe = DiffusionPipeline.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: diffusers could not load this pipeline ({first})") from None
+    if transformer is not None and pipe.transformer is not transformer:
+        # diffusers 0.42 loads the folder's transformer OVER a passed one where the pipeline's __init__
+        # gives `transformer` a default (WanPipeline: transformer=None): put the given one back
+        pipe.register_modules(transformer=transformer)
+    return pipe
 
 
 def _check_pipeline_configs(path: Path, index: dict, transformer_class: str, base: type) -> None:
@@ -194,24 +201,27 @@ def _quiet(pipe, progress: bool) -> None:
 @torch.no_grad()
 def record_pipeline_calibration(pipe, prompts: list[str], steps: int, guidance: float | None = None, seed: int = 0,
                                 height: int | None = None, width: int | None = None, batch_size: int = 4,
-                                progress: bool = True):
+                                progress: bool = True, calib_cache: str | os.PathLike | None = None,
+                                extra: dict[str, Any] | None = None):
     """Runs ``pipe`` on ``prompts`` (class labels for a ``DiTPipeline``; latents only, no decoding)
     inside ``record_calibration``: the data-free calibration record of its transformer (one call per
-    step and batch)."""
+    step and batch); its block calls streamed under ``calib_cache`` when given. ``extra``: more
+    arguments of every call (a video's ``num_frames``), also kept in ``calib.info``."""
     from .calibration.recording import record_calibration
+    from .video import pipeline_call
 
     if steps < 2:
         raise DitasError(f"calibration steps must be at least 2, got {steps}")
     if not prompts:
         raise DitasError("no calibration prompts")
     _quiet(pipe, progress)
-    with record_calibration(pipe.transformer) as calib:
+    with record_calibration(pipe.transformer, calib_cache) as calib:
         for i in range(0, len(prompts), batch_size):
-            pipe(**_condition(pipe, prompts[i: i + batch_size]),
-                 **_call_kwargs(pipe, steps, guidance, seed + i, height, width, "latent"))
+            pipeline_call(pipe, **_condition(pipe, prompts[i: i + batch_size]), **(extra or {}),
+                          **_call_kwargs(pipe, steps, guidance, seed + i, height, width, "latent"))
     kind = "labels" if "class_labels" in _condition(pipe, []) else "prompts"
     calib.info.update({kind: len(prompts), "steps": steps, "guidance_scale": guidance, "seed": seed,
-                       "height": height, "width": width})
+                       "height": height, "width": width, **(extra or {})})
     return calib
 
 
@@ -222,6 +232,18 @@ def generate_images(pipe, prompt: str | list[str], steps: int, guidance: float |
     _quiet(pipe, progress)
     batch = prompt if isinstance(prompt, list) else [prompt]
     return pipe(**_condition(pipe, batch), **_call_kwargs(pipe, steps, guidance, seed, height, width, "pil")).images
+
+
+@torch.no_grad()
+def generate_video(pipe, prompt: str, frames: int, steps: int, guidance: float | None = None, seed: int = 0,
+                   height: int | None = None, width: int | None = None, progress: bool = True) -> Any:
+    """The clip of ``prompt`` from a text-to-video pipeline: ``(frames, height, width, 3)`` uint8 numpy."""
+    from .video import pipeline_call, to_uint8_frames
+
+    _quiet(pipe, progress)
+    out = pipeline_call(pipe, prompt=[prompt], num_frames=frames,
+                        **_call_kwargs(pipe, steps, guidance, seed, height, width, "np"))
+    return to_uint8_frames(out.frames[0])
 
 
 def save_image_grid(images: list, path: str | os.PathLike, columns: int = 8, pad: int = 2) -> Path:

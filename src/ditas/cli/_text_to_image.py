@@ -29,6 +29,9 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
                    help="guidance scale of the calibration run (default: the pipeline's own; --calib-cfg "
                         "means the same here)")
     g.add_argument("--calib-batch", type=int, default=4, help="prompts per pipeline call (default 4)")
+    g.add_argument("--calib-cache", metavar="DIR", default=None,
+                   help="stream the recorded block calls to a new folder under DIR (removed afterwards) "
+                        "instead of keeping them in memory")
     g.add_argument("--height", type=int, default=None, help="image height (default: the pipeline's)")
     g.add_argument("--width", type=int, default=None, help="image width (default: the pipeline's)")
 
@@ -136,10 +139,11 @@ def calibration_conditions(args: argparse.Namespace, cfg, guidance: float | None
         raise DitasError(f"--calib-labels: {exc}") from None
 
 
-def quantize(args: argparse.Namespace, cfg, claim) -> int:
+def quantize(args: argparse.Namespace, cfg, claim, call_extra=None) -> int:
     """``ditas quantize --model PIPELINE_DIR``: ``cfg`` is the recipe's config with the CLI overrides;
     ``claim`` the claimed output folder (``fileio.output_dir``): everything is written into
-    ``claim.tmp`` and appears at once on ``claim.publish()``."""
+    ``claim.tmp`` and appears at once on ``claim.publish()``. ``call_extra(pipe)``: more arguments
+    of every calibration call, given the loaded pipeline (a video's ``num_frames``)."""
     from ..dtypes import cli_dtype
     from ..fileio import json_text
     from ..pipelines import PIPELINE_FILE, is_label_pipeline, load_pipeline, pipeline_ref, record_pipeline_calibration
@@ -157,7 +161,9 @@ def quantize(args: argparse.Namespace, cfg, claim) -> int:
         pipe = pipe.to(args.device)  # the calibration run and the block-wise search run there
     t_load = time.perf_counter() - t0
     calib = record_pipeline_calibration(pipe, prompts, steps, guidance, cfg.calibration.seed, args.height,
-                                        args.width, args.calib_batch, progress=not args.no_progress)
+                                        args.width, args.calib_batch, progress=not args.no_progress,
+                                        calib_cache=getattr(args, "calib_cache", None),
+                                        extra=call_extra(pipe) if call_extra else None)
     _, report = quantize_model(pipe.transformer, cfg, calib, progress=not args.no_progress, inplace=True)
     report["model"] = str(args.model)
     report.setdefault("wall_time_s", {})["load_s"] = round(t_load, 3)

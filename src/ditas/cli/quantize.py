@@ -10,7 +10,7 @@ from ..devices import add_device_argument
 from ..dtypes import add_dtype_argument
 from ..errors import DitasError
 from ..pipelines import is_pipeline_dir
-from . import _text_to_image
+from . import _text_to_image, _video
 from ._args import add_quant_arguments, config_from_args
 
 
@@ -26,6 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULT_RECIPE, help="quantization preset")
     add_quant_arguments(p)
     _text_to_image.add_quantize_arguments(p)
+    _video.add_quantize_arguments(p)
     add_device_argument(p)
     add_dtype_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -42,11 +43,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, args.recipe)
     args.device = resolve_device(args.device)  # a missing device fails before the output folder is claimed
     pipeline = is_pipeline_dir(args.model)  # a diffusers pipeline (PixArt, SD3, Flux, DiTPipeline)
+    run_pipeline = _video if _video.is_video_run(args, args.model) else _text_to_image  # or text-to-video
     if pipeline:
-        _text_to_image.check_quantize_arguments(args, cfg)
+        run_pipeline.check_quantize_arguments(args, cfg)
     with output_dir(args.out, "ditas-quantized", overwrite=args.overwrite,
                     inputs=[args.model, getattr(args, "prompts", None)]) as claim:
-        return _text_to_image.quantize(args, cfg, claim) if pipeline else _quantize(args, cfg, claim)
+        return run_pipeline.quantize(args, cfg, claim) if pipeline else _quantize(args, cfg, claim)
 
 
 def _quantize(args: argparse.Namespace, cfg, claim) -> int:

@@ -17,7 +17,7 @@ from ..diffusion.sharded import DEFAULT_SHARD_SIZE
 from ..errors import DitasError
 from ..image_files import folder_paths, is_folder_target, write_images
 from ..quantization.kernels import add_kernel_argument
-from . import _text_to_image
+from . import _text_to_image, _video
 from ._args import parse_classes as _parse_classes
 
 
@@ -64,9 +64,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="output .png (grid), .npz (arr_0 uint8 NHWC + labels; DiT only) "
                                                 "or a folder DIR/ (one PNG per image, named by index and label or "
-                                                "prompt); new files")
+                                                "prompt); new files. A video pipeline: .mp4, .gif or a folder "
+                                                "frames/")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _text_to_image.add_sample_arguments(p)
+    _video.add_sample_arguments(p)
     add_dtype_argument(p)
     return p
 
@@ -155,7 +157,9 @@ def _run(args: argparse.Namespace, device, rank: int, world: int) -> int:
     if _text_to_image.wants_pipeline_sample(args):  # a diffusers text-to-image pipeline (PixArt, SD3, Flux)
         if args.attention not in (None, "fp32"):
             raise DitasError("--attention applies to ditas DiT models, not to diffusers pipelines")
-        return _text_to_image.sample(args, device, world)
+        video = _video.is_video_run(args, _video.pipeline_dir_of(args, strict=False))  # or text-to-video
+        return (_video if video else _text_to_image).sample(args, device, world)
+    _video.is_video_run(args, None)  # --frames / --fps are refused for a DiT
     out, per_image = Path(args.out), is_folder_target(args.out)  # DIR/: one PNG per image
     if out.suffix.lower() not in (".png", ".npz") and not per_image:
         raise DitasError(f"--out must end in .png or .npz, or name a folder (DIR/), got {out}")
