@@ -59,3 +59,21 @@ def test_bf16_models_cap_lower_and_small_ranks_are_untouched():
     m, small = _quantize(4)
     assert small["warnings"] == []
     assert all(q.lora_rank == 4 for q in m.modules() if isinstance(q, QuantLinear))
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fp4_layers_state_the_bytes_their_folder_holds(tmp_path, fmt):
+    """FP4 block scales are saved as one byte each (and NVFP4 adds a float32 tensor scale): the
+    report's stored size is what the folder holds for every layer."""
+    from safetensors.torch import load_file
+
+    m = tiny_diffusers_dit(0)
+    report = ditas.quantize_(m, ditas.recipe_config("ditas", steps=2, calib_labels=2, lora_rank=2, lora_rounds=1,
+                                                    w_format=fmt, lora_dtype="float32"))
+    ditas.save_quantized(m, tmp_path / "q")
+    saved = load_file(str(tmp_path / "q" / "model.safetensors"))
+    for name, s in report["layer_bytes"].items():
+        held = sum(saved[f"{name}.{k}"].numel() * saved[f"{name}.{k}"].element_size()
+                   for k in ("qweight", "wscale", "wzero", "wtscale", "smooth", "lora_down", "lora_up")
+                   if f"{name}.{k}" in saved)
+        assert held == s["stored"], name

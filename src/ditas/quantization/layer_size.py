@@ -2,8 +2,8 @@
 keeps a "4-bit" layer smaller than the float one.
 
 A layer's stored size counts what the quantization adds in place of the float weight: the packed
-codes (``wbits`` per weight), the weight scales (float32) and zero points (one byte each, as
-saved since format 3), the LoRA factors in their storage dtype and the smoothing vector (float32).
+codes (``wbits`` per weight), the weight scales (float32; FP4 block scales one byte each, plus
+NVFP4's float32 tensor scale) and zero points (one byte each, as saved since format 3), the LoRA factors in their storage dtype and the smoothing vector (float32).
 The bias is left out: the float layer has the same one. The float size is ``out x in`` in the
 model's dtype (a bf16 model's float weight is half an fp32 one's).
 
@@ -31,8 +31,11 @@ def stored_bytes(in_f: int, out_f: int, weights, *, rank: int, lora_dtype: torch
     """Bytes a quantized ``in_f -> out_f`` layer stores for its weight (see the module docstring)."""
     t = layer_tensors(in_f, out_f, weights, bias=False, smooth=smooth, lora_rank=rank, lora_dtype=lora_dtype)
     total = -(-out_f * in_f * weights.bits // 8)  # the packed codes
-    total += _bytes(t["wscale"][0], torch.float32) + _bytes(t["wzero"][0], torch.uint8)
-    for name in ("smooth", "lora_down", "lora_up"):
+    fp4 = weights.format != "int"  # FP4 block scales are saved as their uint8 bits (E4M3 / E8M0)
+    total += _bytes(t["wscale"][0], torch.uint8 if fp4 else torch.float32)
+    if t["wzero"] is not None:
+        total += _bytes(t["wzero"][0], torch.uint8)
+    for name in ("wtscale", "smooth", "lora_down", "lora_up"):
         if t[name] is not None:
             total += _bytes(*t[name])
     return total
