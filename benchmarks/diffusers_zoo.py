@@ -413,7 +413,8 @@ def _entries() -> dict[str, ZooEntry]:
     qwen_inputs = lambda g, b: dict(  # noqa: E731
         hidden_states=_n(g, b, 16, 16), encoder_hidden_states=_n(g, b, 8, 16),
         encoder_hidden_states_mask=torch.ones(b, 8, dtype=torch.long), timestep=_s(g, b), img_shapes=[(1, 4, 4)] * b)
-    add("NucleusMoEImageTransformer2DModel", dict(qwen, moe_enabled=False), qwen_inputs, _shape(16, 16))
+    # the dense MLP is int(dim * mlp_ratio * 2 / 3) rounded down to 128s: ratio 6 gives it 128 channels, not 0
+    add("NucleusMoEImageTransformer2DModel", dict(qwen, moe_enabled=False, mlp_ratio=6.0), qwen_inputs, _shape(16, 16))
     add("QwenImageTransformer2DModel", dict(qwen, guidance_embeds=False), qwen_inputs, _shape(16, 16))
 
     def omnigen_inputs(g, b):
