@@ -40,9 +40,11 @@ def test_dit_adapter_describes_every_block_and_fold():
     assert len(a.weight_only_linears()) == 4
 
 
-def test_unknown_model_is_a_clear_error():
-    with pytest.raises(ConfigError, match="does not know how to quantize a Sequential"):
-        adapter_for(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+def test_unknown_model_falls_back_to_the_generic_adapter_which_asks_for_a_recorded_call():
+    a = adapter_for(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    assert a.family == "generic"
+    with pytest.raises(ConfigError, match="no adapter for a Sequential: the generic adapter needs a recorded call"):
+        a.blocks()
 
 
 def test_fold_spec_is_validated():

@@ -25,7 +25,8 @@ from ..calibration.blockwise import block_layer_inputs
 from ..calibration.trajectory import check_record, self_calibration
 from ..errors import CalibrationError, ConfigError
 from ..model.adapters.base import ON_THE_FLY, BlockSpec, CalibrationRecord, Fold, LinearSpec, SmoothGroup
-from ..model.adapters.registry import adapter_for
+from ..model.adapters.generic import select_adapter, skipped, wants_generic
+from ..model.adapters.registry import adapter_for, hand_written_adapter
 from .config import QuantConfig
 from .folds import output_fold_vector
 from .linear import QuantLinear
@@ -55,6 +56,7 @@ class Calibration:
     folds: dict[str, Fold] = field(default_factory=dict)
     prefolded: set[str] = field(default_factory=set)
     row_folds: dict[str, list[tuple[slice, torch.Tensor]]] = field(default_factory=dict)
+    adapter_info: dict = field(default_factory=dict)  # the report's "adapter" entry (empty: none)
 
 
 def prepare(model: nn.Module, config: QuantConfig) -> list[BlockSpec]:
@@ -75,10 +77,13 @@ def prepare(model: nn.Module, config: QuantConfig) -> list[BlockSpec]:
                 module = model.get_submodule(spec.name)
                 if isinstance(module, QuantLinear):
                     raise ConfigError(f"{spec.name} is quantized already: quantize a float model")
-                if isinstance(module, nn.Linear):
+                if isinstance(module, nn.Linear) and not skipped(spec.name, config.scope.skip):
                     members.append(spec)
             if members:
-                groups.append(SmoothGroup(tuple(members), g.role, g.fold))
+                fold = g.fold
+                if fold.kind == "prev_rows" and skipped(fold.target, config.scope.skip):
+                    fold = ON_THE_FLY  # its target stays float: keep the factor with the group
+                groups.append(SmoothGroup(tuple(members), g.role, fold))
         plan.append(BlockSpec(b.name, b.index, b.stack, tuple(groups)))
     specs = [lin for b in plan for lin in b.linears]
     if not specs:
@@ -164,22 +169,27 @@ def calibrate(model: nn.Module, config: QuantConfig, trajectory: CalibrationReco
     ``proj`` into qkv's V rows, with ``fold_proj_into_v``) divides those rows before the later
     group is searched and quantized.
     """
-    adapter = adapter_for(model)
-    plan = prepare(model, config)
-    specs = [lin for b in plan for lin in b.linears]
+    own = hand_written_adapter(model) or adapter_for(model)  # who samples a self-calibration run
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"expected a QuantConfig, got {type(config).__name__}")
+    if not wants_generic(model, config):
+        prepare(model, config)  # checked before any calibration run
     timings: dict[str, float] = {}
     if trajectory is None:
-        trajectory = self_calibration(adapter, config, progress)
+        trajectory = self_calibration(own, config, progress)
         timings["calibration_run_s"] = trajectory.wall_time_s
     else:
         if not isinstance(trajectory, CalibrationRecord):
             raise CalibrationError(f"calib must be a calibration record (ditas.record_calibration), got "
                                    f"{type(trajectory).__name__}")
-        check_record(adapter, trajectory, config)
+        check_record(own, trajectory, config)
         timings["calibration_run_s"] = 0.0
     if not trajectory.calls:
         raise CalibrationError("the calibration record holds no calls of the model: run the model inside "
                                "ditas.record_calibration")
+    adapter, trajectory = select_adapter(model, config, trajectory)
+    plan = prepare(model, config)
+    specs = [lin for b in plan for lin in b.linears]
     t0 = time.perf_counter()
     results: dict[str, LayerQuant] = {}
     folds: dict[str, Fold] = {}
@@ -189,6 +199,9 @@ def calibrate(model: nn.Module, config: QuantConfig, trajectory: CalibrationReco
     bar = tqdm(total=len(specs), desc="calibration: block-wise search", unit="layer", disable=not progress,
                leave=False)
     for bi, bspec in enumerate(plan):
+        recorded = adapter.recorded_calls(bspec, trajectory)
+        if recorded is not None:  # a segment starts here: its own recorded FP calls
+            calls = recorded
         block = model.get_submodule(bspec.name)
         later = {m.name for g in bspec.groups for m in g.members}
         inputs, outs = block_layer_inputs(block, bspec.name, [g.members[0].rel for g in bspec.groups], calls,
@@ -213,7 +226,7 @@ def calibrate(model: nn.Module, config: QuantConfig, trajectory: CalibrationReco
             folds[g.name] = fold
             results[g.name] = r
             bar.update(len(g.members))
-        if bi + 1 < len(plan):
+        if bi + 1 < len(plan) and adapter.recorded_calls(plan[bi + 1], trajectory) is None:
             calls = [adapter.next_call(bspec, c, y) for c, y in zip(calls, outs)]
         del inputs, outs
     bar.close()
@@ -225,7 +238,21 @@ def calibrate(model: nn.Module, config: QuantConfig, trajectory: CalibrationReco
         "naive_full_model_forward_passes": steps * len(results),  # one FP observation run per layer
         "batch_per_pass": _first_batch(trajectory.calls[0]),
     }
-    return Calibration(config, results, specs, timings, passes, plan, folds, prefolded, row_folds)
+    return Calibration(config, results, specs, timings, passes, plan, folds, prefolded, row_folds,
+                       _adapter_info(adapter, config, plan))
+
+
+def _adapter_info(adapter, config: QuantConfig, plan: list[BlockSpec]) -> dict:
+    """The report's ``adapter`` entry: the adapter's own (generic: blocks replayed or on recorded
+    inputs, layers left float and why) plus the block linears ``scope.skip`` left float."""
+    info = dict(adapter.report_info())
+    kept = {m.name for b in plan for m in b.linears}
+    skips = {s.name: f"matches skip pattern {skipped(s.name, config.scope.skip)!r}" for s in adapter.linears()
+             if s.name not in kept and skipped(s.name, config.scope.skip)}
+    if skips:
+        info.setdefault("name", adapter.family)
+        info["not_quantized"] = {**info.get("not_quantized", {}), **skips}
+    return info
 
 
 def _split_codes(codes, rows: slice, layout: str):
@@ -276,7 +303,8 @@ def convert(model: nn.Module, calibration: Calibration, kernel: str = AUTO) -> n
             if isinstance(m, QuantLinear):
                 m.set_lora_dtype(LORA_DTYPES[cfg.lora.dtype])
     if cfg.adaln == "int8":
-        quantize_weight_only(model, adapter_for(model).weight_only_linears())
+        quantize_weight_only(model, [n for n in adapter_for(model).weight_only_linears()
+                                     if not skipped(n, cfg.scope.skip)])
     use_kernels(model, kernel)
     return model
 
@@ -312,5 +340,6 @@ def make_report(cal: Calibration, extra_timings: dict[str, float]) -> dict:
         "wall_time_s": {k: round(v, 3) for k, v in {**cal.timings, **extra_timings}.items()},
         "peak_memory_mb": round(_peak_rss_mb(), 1),
         "layers": layers,
+        **({"adapter": cal.adapter_info} if cal.adapter_info else {}),
     }
 

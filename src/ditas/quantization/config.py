@@ -213,8 +213,32 @@ class CalibrationSpec:
         _check(p)
 
 
+ADAPTER_CHOICES = ("auto", "generic")
+
+
+@dataclass(frozen=True)
+class ScopeSpec:
+    """Which layers are quantized and who describes them: ``adapter`` ``auto`` (the model's
+    hand-written adapter, the generic one where none exists) or ``generic`` (the generic adapter
+    even where a hand-written one exists, e.g. to compare them); ``skip``: fnmatch patterns of
+    qualified linear names left in float (listed in the report with the reason)."""
+
+    adapter: str = "auto"
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.skip, (list, str)):
+            _normalize(self, "skip", (self.skip,) if isinstance(self.skip, str) else tuple(self.skip))
+        p = []
+        if self.adapter not in ADAPTER_CHOICES:
+            p.append(f"adapter must be one of {ADAPTER_CHOICES}, got {self.adapter!r}")
+        if not isinstance(self.skip, tuple) or any(not isinstance(v, str) or not v for v in self.skip):
+            p.append(f"skip must be a list of name patterns, got {self.skip!r}")
+        _check(p)
+
+
 _SPECS = {"weights": WeightFormat, "activations": ActivationFormat, "smooth": SmoothingSpec, "lora": LoRASpec,
-          "calibration": CalibrationSpec}
+          "calibration": CalibrationSpec, "scope": ScopeSpec}
 # The one table of flat names -> (spec, field): the override names of ``recipe_config`` and the
 # keys of the flat config dicts older quantized folders hold (``from_dict``). ``range_mode`` sets
 # both formats (QuantLinear applies one range mode to weights and activations).
@@ -230,6 +254,7 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
     "lora_svd": ("lora", "svd"), "lora_dtype": ("lora", "dtype"),
     "calib_labels": ("calibration", "labels"), "seed": ("calibration", "seed"), "steps": ("calibration", "steps"),
     "cfg_scale": ("calibration", "cfg_scale"), "sampler": ("calibration", "sampler"),
+    "adapter": ("scope", "adapter"), "skip": ("scope", "skip"),
 }
 
 
@@ -275,6 +300,8 @@ class QuantConfig:
 
     Calibration: ``calibration.labels`` (a count or explicit labels), ``.seed``, ``.steps``,
     ``.cfg_scale``, ``.sampler`` of the one FP sampling run.
+
+    Scope: ``scope.adapter`` (``auto`` or ``generic``) and ``scope.skip`` (name patterns kept float).
     """
 
     recipe: str
@@ -284,16 +311,17 @@ class QuantConfig:
     lora: LoRASpec
     calibration: CalibrationSpec
     adaln: str
+    scope: ScopeSpec
 
     def __init__(self, recipe: str = "custom", weights: WeightFormat | None = None,
                  activations: ActivationFormat | None = None, smooth: SmoothingSpec | None = None,
                  lora: LoRASpec | None = None, calibration: CalibrationSpec | None = None, adaln: str = "int8",
-                 **unknown: Any):
+                 scope: ScopeSpec | None = None, **unknown: Any):
         """Takes the specs (a missing one: its defaults); a flat name is refused with the way to say it."""
         if unknown:
             raise ConfigError(_unknown_keys_message(sorted(unknown)))
         given = {"weights": weights, "activations": activations, "smooth": smooth, "lora": lora,
-                 "calibration": calibration}
+                 "calibration": calibration, "scope": scope}
         for spec, cls in _SPECS.items():
             value = given[spec] if given[spec] is not None else cls()
             if not isinstance(value, cls):

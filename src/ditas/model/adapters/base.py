@@ -189,6 +189,10 @@ class CalibrationRecord:
     wall_time_s: float = 0.0
     key: tuple | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # the generic adapter's view (``generic.py``): the structure found by the probe (the first
+    # recorded model call) and the recorded calls of each block that starts a segment, by name
+    structure: Any = None
+    segments: dict[str, Any] = field(default_factory=dict)
 
     @property
     def steps(self) -> int:
@@ -254,6 +258,17 @@ class ModelAdapter:
         if isinstance(output, (tuple, list)):
             return [t for t in output if isinstance(t, torch.Tensor)]
         return []
+
+    def recorded_calls(self, block: BlockSpec, record: CalibrationRecord) -> Any:
+        """The recorded FP calls ``block`` is calibrated on (a sequence of ``BlockCall``), where it
+        starts a segment; None (the default for every block but the first): its calls are replayed
+        from the previous block's (``next_call``)."""
+        return None
+
+    def report_info(self) -> dict[str, Any]:
+        """What the report says about how the adapter saw the model (the generic adapter: the
+        layers it leaves float and why, which blocks were replayed); nothing by default."""
+        return {}
 
     # -- calibration without a recording ----------------------------------------------------------
     def calibration_sampler(self) -> CalibrationSampler | None:

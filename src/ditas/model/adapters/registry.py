@@ -16,7 +16,7 @@ from .base import ModelAdapter
 
 _ADAPTERS: dict[str, type[ModelAdapter]] = {}
 # family modules imported on first use (module path relative to this package)
-_LAZY = (".dit", ".diffusers_dit", ".pixart", ".sd3", ".flux")
+_LAZY = (".dit", ".diffusers_dit", ".pixart", ".sd3", ".flux", ".generic")
 _loaded = False
 
 
@@ -53,16 +53,30 @@ def adapter_class(family: str) -> type[ModelAdapter]:
     return _ADAPTERS[family]
 
 
-def adapter_for(model: nn.Module) -> ModelAdapter:
-    """The adapter describing ``model``; a clear ``ConfigError`` for an unknown kind of model."""
-    if isinstance(model, ModelAdapter):
-        return model
+GENERIC = "generic"
+STRUCTURE_ATTR = "_ditas_generic_structure"  # where the generic adapter keeps a model's structure
+
+
+def hand_written_adapter(model: nn.Module) -> ModelAdapter | None:
+    """The first registered hand-written adapter whose ``matches`` accepts ``model`` (None: none)."""
     _load_all()
     for cls in _ADAPTERS.values():
         if cls.matches(model):
             return cls(model)
-    raise ConfigError(f"ditas does not know how to quantize a {type(model).__name__} (known families: "
-                      f"{', '.join(_ADAPTERS)})")
+    return None
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter describing ``model``: the generic one where the model was quantized through it
+    (its structure is on the model, or a loaded folder says so), else the hand-written one that
+    matches, else the generic one (which asks for a recorded call when it needs the structure)."""
+    if isinstance(model, ModelAdapter):
+        return model
+    _load_all()
+    generic = _ADAPTERS[GENERIC]
+    if getattr(model, STRUCTURE_ATTR, None) is not None or getattr(model, "quant_family", None) == GENERIC:
+        return generic(model)
+    return hand_written_adapter(model) or generic(model)
 
 
 def text_to_image_transformers() -> tuple[str, ...]:
