@@ -121,9 +121,11 @@ def check_recipe(zoo, ditas, model, name: str, recipe: str, refs, folder: Path) 
             return {"reason": f"{recipe}: save/load is not bit-exact"}
     except Exception as exc:  # noqa: BLE001 - any failure is a row of the table, in one line
         return {"reason": one_line(f"{recipe} {stage}", exc)}
-    adapter = (report or {}).get("adapter", {}) if isinstance(report, dict) else {}
-    return {"error": rel_mse(outs, refs), "quantized_linears": n_quant,
-            "not_quantized": len(adapter.get("not_quantized", []) or []) if isinstance(adapter, dict) else None}
+    info = report.get("adapter", {}) if isinstance(report, dict) else {}
+    blocks = info.get("blocks", {})
+    return {"error": rel_mse(outs, refs), "adapter": info.get("name"), "quantized_linears": n_quant,
+            "not_quantized": len(info.get("not_quantized", {})), "blocks": len(blocks),
+            "replayed": sum(v == "replayed" for v in blocks.values())}
 
 
 def check_class(name: str, folder: Path | None = None) -> dict[str, Any]:
@@ -148,7 +150,9 @@ def check_class(name: str, folder: Path | None = None) -> dict[str, Any]:
     for r, res in results.items():
         if "error" in res:
             row[r] = res["error"]
-    row["quantized_linears"] = results["ditas"].get("quantized_linears")
+    for key in ("adapter", "quantized_linears", "not_quantized", "blocks", "replayed"):
+        if key in results["ditas"]:
+            row[key] = results["ditas"][key]
     reasons = [res["reason"] for res in results.values() if "reason" in res]
     if reasons:
         row["reason"] = reasons[0]
@@ -160,7 +164,11 @@ def check_class(name: str, folder: Path | None = None) -> dict[str, Any]:
     return row
 
 
-def run(classes: list[str], log=print) -> list[dict[str, Any]]:
+def _progress(line: str) -> None:
+    print(line, flush=True)
+
+
+def run(classes: list[str], log=_progress) -> list[dict[str, Any]]:
     """The rows of ``classes``, in order, printing one progress line per class."""
     rows = []
     for i, name in enumerate(classes, 1):
@@ -175,12 +183,15 @@ def table(rows: list[dict[str, Any]]) -> str:
     """The markdown table (and the count) of ``rows``."""
     works = sum(r["status"] == "works" for r in rows)
     lines = [f"**{works} of {len(rows)}** transformer classes work (W4A8 ditas below rtn on held-out inputs).", "",
-             "| class | status | ditas error | rtn error | ditas / rtn | reason |", "|---|---|---|---|---|---|"]
+             "| class | status | ditas error | rtn error | ditas / rtn | blocks (replayed) | quantized linears | reason |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["class"]):
         d, t = r.get("ditas"), r.get("rtn")
         ratio = f"{d / t:.2f}" if d is not None and t else ""
+        blocks = f"{r['blocks']} ({r['replayed']})" if "blocks" in r else ""
         lines.append(f"| `{r['class']}` | {r['status']} | {'' if d is None else f'{d:.4f}'} | "
-                     f"{'' if t is None else f'{t:.4f}'} | {ratio} | {r.get('reason', '').replace('|', '/')} |")
+                     f"{'' if t is None else f'{t:.4f}'} | {ratio} | {blocks} | {r.get('quantized_linears', '')} | "
+                     f"{r.get('reason', '').replace('|', '/')} |")
     return "\n".join(lines)
 
 

@@ -227,8 +227,9 @@ def _entries() -> dict[str, ZooEntry]:
                     latents_history_short=_n(g, b, 4, 1, 16, 16), latents_history_mid=_n(g, b, 4, 1, 16, 16),
                     latents_history_long=_n(g, b, 4, 4, 16, 16))
     add("HeliosTransformer3DModel",
-        dict({k: v for k, v in wan_like.items() if k != "rope_max_seq_len"}, qk_norm="rms_norm_across_heads", rope_dim=(4, 4, 4), has_multi_term_memory_patch=True,
-             guidance_cross_attn=True, zero_history_timestep=True, is_amplify_history=False),
+        dict({k: v for k, v in wan_like.items() if k != "rope_max_seq_len"}, qk_norm="rms_norm_across_heads",
+             rope_dim=(4, 4, 4), has_multi_term_memory_patch=True, guidance_cross_attn=True,
+             zero_history_timestep=True, is_amplify_history=False),
         helios_inputs, _shape(4, 2, 16, 16), batch=1)
     add("HiDreamImageTransformer2DModel",
         dict(patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
@@ -468,23 +469,21 @@ def _entries() -> dict[str, ZooEntry]:
         lambda g, b: dict(hidden_states=_n(g, b, 4, 2, 8, 8), encoder_hidden_states=_n(g, b, 12, 16),
                           timestep=_t(g, b)),
         _shape(4, 2, 8, 8))
-    add("SkyReelsV2Transformer3DModel", dict(wan_like, qk_norm="rms_norm_across_heads"),
-        lambda g, b: dict(hidden_states=_n(g, b, 4, 2, 8, 8), encoder_hidden_states=_n(g, b, 12, 16),
-                          timestep=_t(g, b)),
+    wan_inputs = lambda g, b: dict(  # noqa: E731
+        hidden_states=_n(g, b, 4, 2, 8, 8), encoder_hidden_states=_n(g, b, 12, 16), timestep=_t(g, b))
+    add("SkyReelsV2Transformer3DModel", dict(wan_like, qk_norm="rms_norm_across_heads"), wan_inputs,
         _shape(4, 2, 8, 8))
-    add("Transformer2DModel",
-        dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=2,
-             norm_num_groups=1, cross_attention_dim=16),
-        lambda g, b: dict(hidden_states=_n(g, b, 4, 8, 8), encoder_hidden_states=_n(g, b, 8, 16)),
-        _shape(4, 8, 8))
+    # the continuous-input 2D transformer of the U-Nets (and its DreamLite counterpart): no timestep
+    t2d = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=2,
+               norm_num_groups=1, cross_attention_dim=16)
+    t2d_inputs = lambda g, b: dict(hidden_states=_n(g, b, 4, 8, 8), encoder_hidden_states=_n(g, b, 8, 16))  # noqa: E731
+    add("Transformer2DModel", t2d, t2d_inputs, _shape(4, 8, 8))
+    add("DreamLiteTransformer2DModel", t2d, t2d_inputs, _shape(4, 8, 8))
     add("TransformerTemporalModel",
         dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2, norm_num_groups=1),
         lambda g, b: dict(hidden_states=_n(g, b * 2, 4, 8, 8), num_frames=2),
         lambda b: (b * 2, 4, 8, 8))
-    add("WanTransformer3DModel", dict(wan_like, qk_norm="rms_norm_across_heads"),
-        lambda g, b: dict(hidden_states=_n(g, b, 4, 2, 8, 8), encoder_hidden_states=_n(g, b, 12, 16),
-                          timestep=_t(g, b)),
-        _shape(4, 2, 8, 8))
+    add("WanTransformer3DModel", dict(wan_like, qk_norm="rms_norm_across_heads"), wan_inputs, _shape(4, 2, 8, 8))
     add("WanVACETransformer3DModel",
         dict(wan_like, qk_norm="rms_norm_across_heads", num_layers=4, vace_layers=[0, 2], vace_in_channels=12),
         lambda g, b: dict(hidden_states=_n(g, b, 4, 2, 8, 8), encoder_hidden_states=_n(g, b, 12, 16),
@@ -507,11 +506,6 @@ def _entries() -> dict[str, ZooEntry]:
         lambda g, b: dict(x=[_n(g, 4, 1, 8, 8) for _ in range(b)], cap_feats=[_n(g, 8, 16) for _ in range(b)],
                           t=_s(g, b)),
         lambda b: (4, 1, 8, 8))
-    add("DreamLiteTransformer2DModel",
-        dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=2,
-             norm_num_groups=1, cross_attention_dim=16),
-        lambda g, b: dict(hidden_states=_n(g, b, 4, 8, 8), encoder_hidden_states=_n(g, b, 8, 16)),
-        _shape(4, 8, 8))
     add("Flux3Transformer2DModel",
         dict(in_channels=4, cond_in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
              num_attention_heads=2, joint_attention_dim=32, timestep_channels=32, axes_dims_rope=(4, 4, 4, 4)),

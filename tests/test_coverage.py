@@ -9,27 +9,13 @@ core) is marked ``slow`` (``pytest -m slow tests/test_coverage.py``)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "coverage.py"
+from benchmark_modules import load_benchmark
 
-
-def _coverage():
-    if "ditas_coverage" in sys.modules:
-        return sys.modules["ditas_coverage"]
-    spec = importlib.util.spec_from_file_location("ditas_coverage", PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["ditas_coverage"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cov = _coverage()
+cov = load_benchmark("coverage", "ditas_coverage")
 
 # one class per kind of structure: class-conditional adaLN-zero DiT, cross-attention with a shared
 # adaLN-single (PixArt), joint text/image blocks (SD3), double + single stream stacks (Flux),

@@ -4,27 +4,12 @@ the installed diffusers' list (a new diffusers release with a new class fails he
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "diffusers_zoo.py"
+from benchmark_modules import load_benchmark
 
-
-def _zoo():
-    if "diffusers_zoo" in sys.modules:
-        return sys.modules["diffusers_zoo"]
-    spec = importlib.util.spec_from_file_location("diffusers_zoo", PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["diffusers_zoo"] = mod  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(mod)
-    return mod
-
-
-zoo = _zoo()
+zoo = load_benchmark("diffusers_zoo")
 
 
 def test_the_zoo_lists_exactly_the_installed_transformer_classes():
