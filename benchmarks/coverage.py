@@ -183,7 +183,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     """The markdown table (and the count) of ``rows``."""
     works = sum(r["status"] == "works" for r in rows)
     lines = [f"**{works} of {len(rows)}** transformer classes work (W4A8 ditas below rtn on held-out inputs).", "",
-             "| class | status | ditas error | rtn error | ditas / rtn | blocks (replayed) | quantized linears | reason |",
+             "| class | status | ditas error | rtn error | ditas / rtn | blocks (replayed) | W4A8 linears | reason |",
              "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["class"]):
         d, t = r.get("ditas"), r.get("rtn")

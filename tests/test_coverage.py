@@ -40,7 +40,7 @@ def test_representative_classes_quantize_and_beat_rtn(name, tmp_path):
     row = cov.check_class(name, tmp_path)
     _assert_row_is_honest(row)
     assert row["status"] == "works", row.get("reason")
-    assert row["quantized_linears"] > 0
+    assert row["adapter"] == "generic" and row["quantized_linears"] > 0 and row["blocks"] >= 2
 
 
 @pytest.mark.slow
