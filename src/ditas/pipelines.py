@@ -138,9 +138,10 @@ def _quiet(pipe, progress: bool) -> None:
 @torch.no_grad()
 def record_pipeline_calibration(pipe, prompts: list[str], steps: int, guidance: float | None = None, seed: int = 0,
                                 height: int | None = None, width: int | None = None, batch_size: int = 4,
-                                progress: bool = True):
+                                progress: bool = True, calib_cache: str | os.PathLike | None = None):
     """Runs ``pipe`` on ``prompts`` (latents only, no decoding) inside ``record_calibration``:
-    the data-free calibration record of its transformer (one call per step and batch)."""
+    the data-free calibration record of its transformer (one call per step and batch); its block
+    calls streamed under ``calib_cache`` when given."""
     from .calibration.recording import record_calibration
 
     if steps < 2:
@@ -148,7 +149,7 @@ def record_pipeline_calibration(pipe, prompts: list[str], steps: int, guidance: 
     if not prompts:
         raise DitasError("no calibration prompts")
     _quiet(pipe, progress)
-    with record_calibration(pipe.transformer) as calib:
+    with record_calibration(pipe.transformer, calib_cache) as calib:
         for i in range(0, len(prompts), batch_size):
             pipe(prompt=prompts[i: i + batch_size],
                  **_call_kwargs(pipe, steps, guidance, seed + i, height, width, "latent"))

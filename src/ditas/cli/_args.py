@@ -67,14 +67,23 @@ def add_quant_arguments(p: argparse.ArgumentParser, with_bits: bool = True) -> N
                    help="adaLN modulation linears: int8 weight-only (default for all recipes but paper and "
                         "ditas_fp_adaln) "
                         "or float")
+    p.add_argument("--adapter", choices=("auto", "generic"), default=None,
+                   help="who describes the model: auto (its hand-written adapter, the generic one where none "
+                        "exists) or generic (the generic adapter always, e.g. to compare; see docs/families.md)")
+    p.add_argument("--skip", action="append", default=None, metavar="PATTERN",
+                   help="leave the linears whose qualified names match PATTERN (fnmatch, e.g. '*.ff.*') in "
+                        "float; repeatable; listed in report.json")
     p.add_argument("--search-tokens", type=int, default=None,
                    help=f"tokens per step in the search loss; 0: all ({r} {d.smooth.search_tokens})")
 
 
 def config_from_args(args: argparse.Namespace, recipe: str, w_bits: int | None = None, a_bits: int | None = None):
     """The recipe with the options the user gave (an option left out keeps the recipe's value)."""
-    from ..quantization.recipes import recipe_config
+    from ..quantization.recipes import GENERIC_SUFFIX, recipe_config
 
+    if recipe.endswith(GENERIC_SUFFIX):  # a --recipes row quantized through the generic adapter
+        recipe = recipe[: -len(GENERIC_SUFFIX)]
+        args = argparse.Namespace(**{**vars(args), "adapter": "generic"})
     given = dict(
         w_bits=w_bits if w_bits is not None else getattr(args, "w_bits", None),
         a_bits=a_bits if a_bits is not None else getattr(args, "a_bits", None),
@@ -84,7 +93,8 @@ def config_from_args(args: argparse.Namespace, recipe: str, w_bits: int | None =
         lora_dtype=getattr(args, "lora_dtype", None),
         alpha=args.alpha, search_weight=args.search_weight, adaln=args.adaln,
         search_shortlist=args.search_shortlist, search_workers=args.search_workers,
-        bias_correction=args.bias_correction)
+        bias_correction=args.bias_correction, adapter=getattr(args, "adapter", None),
+        skip=tuple(args.skip) if getattr(args, "skip", None) else None)
     overrides = {k: v for k, v in given.items() if v is not None}
     if args.search_tokens is not None:
         if args.search_tokens < 0:

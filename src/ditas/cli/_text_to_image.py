@@ -25,6 +25,9 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
                    help="guidance scale of the calibration run (default: the pipeline's own; --calib-cfg "
                         "means the same here)")
     g.add_argument("--calib-batch", type=int, default=4, help="prompts per pipeline call (default 4)")
+    g.add_argument("--calib-cache", metavar="DIR", default=None,
+                   help="stream the recorded block calls to a new folder under DIR (removed afterwards) "
+                        "instead of keeping them in memory")
     g.add_argument("--height", type=int, default=None, help="image height (default: the pipeline's)")
     g.add_argument("--width", type=int, default=None, help="image width (default: the pipeline's)")
 
@@ -114,7 +117,8 @@ def quantize(args: argparse.Namespace, cfg, claim) -> int:
     t_load = time.perf_counter() - t0
     guidance = args.calib_guidance if args.calib_guidance is not None else args.calib_cfg
     calib = record_pipeline_calibration(pipe, prompts, cfg.calibration.steps, guidance, cfg.calibration.seed, args.height,
-                                        args.width, args.calib_batch, progress=not args.no_progress)
+                                        args.width, args.calib_batch, progress=not args.no_progress,
+                                        calib_cache=getattr(args, "calib_cache", None))
     _, report = quantize_model(pipe.transformer, cfg, calib, progress=not args.no_progress, inplace=True)
     report["model"] = str(args.model)
     report.setdefault("wall_time_s", {})["load_s"] = round(t_load, 3)

@@ -78,13 +78,14 @@ def write_quantized(model: nn.Module, folder: Path, quant_config: dict[str, Any]
     layers = quant_layers(model)
     if not layers:
         raise CheckpointError("the model has no quantized layers: save it with ditas.save_dit")
+    adapter = adapter_for(model)
+    model_config = adapter.model_config()  # first: a model that cannot be rebuilt is refused before any work
     wbits = {name: m.weight_format.bits for name, m in layers.items()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in packed_state(wbits, model.state_dict()).items()}
     qmeta = quantization_meta(model, quant_config)
-    adapter = adapter_for(model)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "ditas-quantized"})
     (folder / "config.json").write_text(json_text({"format": "ditas-quantized", "family": adapter.family,
-                                                  "quantization": qmeta, "model": adapter.model_config()},
+                                                  "quantization": qmeta, "model": model_config},
                                                   "config.json"))
     if report is not None:
         (folder / "report.json").write_text(json_text(report, "report.json"))

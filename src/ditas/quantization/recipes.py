@@ -54,7 +54,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "ditas_bc": dict(bias_correction=True, lora_dtype="bfloat16"),
 }
 DEFAULT_RECIPE = "ditas"
-_SPEC = re.compile(r"^([a-z_]+)(?:@w(\d+)a(\d+))?$")  # a recipe of --recipes, optionally @wXaY
+_SPEC = re.compile(r"^([a-z_]+)(?:@w(\d+)a(\d+))?(\+generic)?$")  # a recipe of --recipes, optionally @wXaY
+GENERIC_SUFFIX = "+generic"  # a --recipes row quantized through the generic adapter
 
 
 def recipe_config(name: str = DEFAULT_RECIPE, **overrides: Any) -> QuantConfig:
@@ -70,21 +71,26 @@ def recipe_config(name: str = DEFAULT_RECIPE, **overrides: Any) -> QuantConfig:
 def parse_recipes(text: str, w_bits: int | None, a_bits: int | None) -> list[tuple[str, str, int | None, int | None]]:
     """``"fp,rtn,ditas@w4a6"`` -> [(label, recipe, w_bits, a_bits), ...]: the rows of ``ditas compare``
     and ``ditas benchmark``. A recipe's bits come from its ``@wXaY``, else from ``w_bits``/``a_bits``
-    (the options), else from the recipe; ``fp`` is the float model (label ``fp``, no bits)."""
+    (the options), else from the recipe; ``fp`` is the float model (label ``fp``, no bits). A
+    ``+generic`` suffix (``ditas@w4a8+generic``) quantizes that row through the generic adapter
+    (its recipe comes back as ``ditas+generic``; ``cli._args.config_from_args`` reads it)."""
     out = []
     for item in [v.strip() for v in text.split(",") if v.strip()]:
         m = _SPEC.match(item)
         if not m or (m.group(1) != "fp" and m.group(1) not in RECIPES):
             raise ConfigError(f"unknown recipe {item!r} in --recipes; choose among fp, {', '.join(RECIPES)} "
-                              "(optionally with @wXaY)")
+                              "(optionally with @wXaY, then +generic for the generic adapter)")
         name = m.group(1)
         if name == "fp":
+            if m.group(2) or m.group(4):
+                raise ConfigError(f"fp is the float model: {item!r} takes no bits and no adapter")
             out.append(("fp", "fp", None, None))
             continue
         recipe = recipe_config(name)  # bits not given anywhere: the recipe's
         w = int(m.group(2)) if m.group(2) else w_bits if w_bits is not None else recipe.weights.bits
         a = int(m.group(3)) if m.group(3) else a_bits if a_bits is not None else recipe.activations.bits
-        out.append((f"{name}@w{w}a{a}", name, w, a))
+        suffix = GENERIC_SUFFIX if m.group(4) else ""
+        out.append((f"{name}@w{w}a{a}{suffix}", name + suffix, w, a))
     if not out:
         raise ConfigError("--recipes is empty")
     labels = [o[0] for o in out]

@@ -196,16 +196,21 @@ class _BlockRun:
     name: str
     call: BlockCall                                   # as called (object identity)
     snapshot: BlockCall                               # detached copy taken before it ran
+    # the tensors are held (not only their ids: a freed tensor's id is reused) until the block ends
     inputs: list = field(default_factory=list)        # distinct linear inputs (group ids)
-    outputs: dict = field(default_factory=dict)       # id(linear output) -> rel
-    owner_inputs: dict = field(default_factory=dict)  # owner name -> ids of its call's tensors
+    outputs: dict = field(default_factory=dict)       # id(linear output) -> (output, rel)
+    owner_inputs: dict = field(default_factory=dict)  # owner name -> {id: tensor} of its call
     owner_linears: Counter = field(default_factory=Counter)
-    act_outputs: set = field(default_factory=set)
+    act_outputs: dict = field(default_factory=dict)   # id -> activation module output
     linears: list = field(default_factory=list)
 
+    def holds(self, table: dict, x: torch.Tensor) -> bool:
+        """Whether ``x`` itself is in ``table`` (id -> tensor)."""
+        return table.get(id(x)) is x
 
-def _tensor_ids(args: tuple, kwargs: dict) -> set[int]:
-    return {id(v) for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)}
+
+def _tensor_ids(args: tuple, kwargs: dict) -> dict[int, torch.Tensor]:
+    return {id(v): v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)}
 
 
 def _values_match(a: Any, b: Any) -> bool:
@@ -324,14 +329,16 @@ class StructureProbe:
 
     def _act_pre(self, module, args) -> None:
         if self._watching() and self.run is not None and args and isinstance(args[0], torch.Tensor):
-            rel = self.run.outputs.get(id(args[0]))
+            out, rel = self.run.outputs.get(id(args[0]), (None, None))
+            if out is not args[0]:
+                return
             for seen in self.run.linears:
                 if seen.rel == rel:
                     seen.into_activation = True
 
     def _act_post(self, module, args, out) -> None:
         if self._watching() and self.run is not None and isinstance(out, torch.Tensor):
-            self.run.act_outputs.add(id(out))
+            self.run.act_outputs[id(out)] = out
 
     def _linear_pre(self, name: str, args) -> None:
         if not self._watching():
@@ -348,13 +355,13 @@ class StructureProbe:
         owner = self.owner[name]
         rel = name[len(run.name) + 1:]
         inside_act = owner != "" and is_activation(self.model.get_submodule(owner))
-        run.linears.append(_LinearSeen(rel, gid, x.ndim, id(x) in run.owner_inputs.get(owner, set()),
-                                       run.owner_linears[owner] > 0, id(x) in run.act_outputs, inside_act))
+        run.linears.append(_LinearSeen(rel, gid, x.ndim, run.holds(run.owner_inputs.get(owner, {}), x),
+                                       run.owner_linears[owner] > 0, run.holds(run.act_outputs, x), inside_act))
         run.owner_linears[owner] += 1
 
     def _linear_post(self, name: str, out) -> None:
         if self._watching() and self.run is not None and name.startswith(self.run.name + "."):
-            self.run.outputs[id(out)] = name[len(self.run.name) + 1:]
+            self.run.outputs[id(out)] = (out, name[len(self.run.name) + 1:])
 
     def _block_pre(self, module, args, kwargs) -> None:
         if not self._watching():
