@@ -330,3 +330,23 @@ def test_cli_quantizes_a_pipeline_through_the_generic_adapter(tmp_path, capsys):
     assert cache.is_dir() and list(cache.iterdir()) == []  # the record's folder is gone, the cache kept
     loaded = load_quantized(q)
     assert loaded.quant_family == "generic" and not isinstance(loaded.transformer_blocks[0].ff.net[2], QuantLinear)
+
+
+def test_cli_quantizes_samples_and_compares_a_dit_through_the_generic_adapter(tmp_path):
+    from ditas.cli.main import main
+
+    model_dir, out = tmp_path / "m", tmp_path / "q"
+    ditas.save_dit(random_dit(11, depth=2), model_dir)
+    small = ["--calib-labels", "3,1", "--calib-steps", "3", "--lora-rank", "4", "--lora-rounds", "1", "--no-progress"]
+    assert main(["quantize", "--model", str(model_dir), "--adapter", "generic", *small, "--out", str(out)]) == 0
+    data = json.loads((out / "config.json").read_text())
+    assert data["family"] == "generic" and data["model"]["library"] == "ditas"
+    m = ditas.load_dit(out, kernel="simulated")
+    assert isinstance(m.blocks[1].mlp.fc2, QuantLinear) and isinstance(m.blocks[1].adaLN_modulation[1],
+                                                                       WeightOnlyInt8Linear)
+    assert main(["sample", "--model", str(out), "--kernel", "simulated", "--num", "2", "--steps", "2",
+                 "--out", str(tmp_path / "s.png")]) == 0
+    assert main(["compare", "--model", str(model_dir), "--recipes", "fp,ditas,ditas+generic", "--num", "4",
+                 "--steps", "3", "--eps-samples", "2", *small, "--out", str(tmp_path / "c")]) == 0
+    rows = json.loads((tmp_path / "c" / "compare.json").read_text())["recipes"]
+    assert set(rows) == {"fp", "ditas@w4a8", "ditas@w4a8+generic"} and rows["ditas@w4a8+generic"]["psnr_db"] > 10
