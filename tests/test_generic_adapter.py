@@ -280,3 +280,73 @@ def test_model_without_repeated_blocks_is_refused_in_one_line():
         with record_calibration(nn.Sequential(nn.Linear(2, 2), nn.GELU(), nn.Linear(2, 2))):
             pass
     assert block_candidates(_custom()).keys() == {"first.0", "first.1", "second.0", "second.1"}
+
+
+PIPELINES = {"pixart": fm.save_tiny_pixart_pipeline, "sd3": fm.save_tiny_sd3_pipeline,
+             "flux": fm.save_tiny_flux_pipeline}
+
+
+@pytest.mark.parametrize("family", list(PIPELINES))
+def test_pipeline_outputs_generic_within_half_a_db_of_the_hand_written(tmp_path, family):
+    """The user's pipeline, recorded once on calibration prompts; the final latents of held-out
+    prompts (same seeds) against FP: the generic adapter within 0.5 dB of the hand-written one."""
+    import copy
+
+    from ditas.pipelines import _call_kwargs, load_pipeline, read_prompts, record_pipeline_calibration
+
+    PIPELINES[family](tmp_path / "pipe")
+    pipe = load_pipeline(tmp_path / "pipe")
+    prompts = read_prompts(None)
+    calib = record_pipeline_calibration(pipe, prompts[:4], 4, None, 0, 8, 8, 2, progress=False)
+    fp = pipe.transformer
+
+    def latents(transformer) -> list[torch.Tensor]:
+        pipe.transformer = transformer
+        with torch.no_grad():
+            return [pipe(prompt=prompts[10 + i], **_call_kwargs(pipe, 4, None, 5 + i, 8, 8, "latent")).images
+                    for i in range(2)]
+
+    refs = latents(fp)
+    got = {}
+    for adapter in ("auto", "generic"):
+        q, _ = quantize(copy.deepcopy(fp), recipe_config("ditas", adapter=adapter, **SMALL), calib, progress=False)
+        got[adapter] = psnr(latents(q), refs)
+    assert got["generic"] > got["auto"] - 0.5, got
+
+
+def test_cli_quantizes_a_pipeline_through_the_generic_adapter(tmp_path, capsys):
+    from ditas.cli.main import main
+
+    fm.save_tiny_pixart_pipeline(tmp_path / "pipe")
+    cache, q = tmp_path / "cache", tmp_path / "q"
+    assert main(["quantize", "--model", str(tmp_path / "pipe"), "--out", str(q), "--adapter", "generic",
+                 "--skip", "*.ff.net.2", "--calib-cache", str(cache), "--calib-steps", "2", "--calib-prompts", "2",
+                 "--lora-rank", "4", "--lora-rounds", "1", "--no-progress"]) == 0
+    assert json.loads((q / "config.json").read_text())["family"] == "generic"
+    info = json.loads((q / "report.json").read_text())["adapter"]
+    assert info["not_quantized"]["transformer_blocks.1.ff.net.2"] == "matches skip pattern '*.ff.net.2'"
+    assert "outside" in info["not_quantized"]["proj_out"]
+    gc.collect()
+    assert cache.is_dir() and list(cache.iterdir()) == []  # the record's folder is gone, the cache kept
+    loaded = load_quantized(q)
+    assert loaded.quant_family == "generic" and not isinstance(loaded.transformer_blocks[0].ff.net[2], QuantLinear)
+
+
+def test_cli_quantizes_samples_and_compares_a_dit_through_the_generic_adapter(tmp_path):
+    from ditas.cli.main import main
+
+    model_dir, out = tmp_path / "m", tmp_path / "q"
+    ditas.save_dit(random_dit(11, depth=2), model_dir)
+    small = ["--calib-labels", "3,1", "--calib-steps", "3", "--lora-rank", "4", "--lora-rounds", "1", "--no-progress"]
+    assert main(["quantize", "--model", str(model_dir), "--adapter", "generic", *small, "--out", str(out)]) == 0
+    data = json.loads((out / "config.json").read_text())
+    assert data["family"] == "generic" and data["model"]["library"] == "ditas"
+    m = ditas.load_dit(out, kernel="simulated")
+    assert isinstance(m.blocks[1].mlp.fc2, QuantLinear) and isinstance(m.blocks[1].adaLN_modulation[1],
+                                                                       WeightOnlyInt8Linear)
+    assert main(["sample", "--model", str(out), "--kernel", "simulated", "--num", "2", "--steps", "2",
+                 "--out", str(tmp_path / "s.png")]) == 0
+    assert main(["compare", "--model", str(model_dir), "--recipes", "fp,ditas,ditas+generic", "--num", "4",
+                 "--steps", "3", "--eps-samples", "2", *small, "--out", str(tmp_path / "c")]) == 0
+    rows = json.loads((tmp_path / "c" / "compare.json").read_text())["recipes"]
+    assert set(rows) == {"fp", "ditas@w4a8", "ditas@w4a8+generic"} and rows["ditas@w4a8+generic"]["psnr_db"] > 10

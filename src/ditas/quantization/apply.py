@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..calibration.blockwise import block_layer_inputs
 from ..calibration.trajectory import check_record, self_calibration
 from ..errors import CalibrationError, ConfigError
+from ..memory import release_freed_memory
 from ..model.adapters.base import ON_THE_FLY, BlockSpec, CalibrationRecord, Fold, LinearSpec, SmoothGroup
 from ..model.adapters.generic import select_adapter, skipped, wants_generic
 from ..model.adapters.registry import adapter_for, hand_written_adapter
@@ -237,6 +238,7 @@ def calibrate(model: nn.Module, config: QuantConfig, trajectory: CalibrationReco
         if bi + 1 < len(plan) and adapter.recorded_calls(plan[bi + 1], trajectory) is None:
             calls = [adapter.next_call(bspec, c, y) for c, y in zip(calls, outs)]
         del inputs, outs
+        release_freed_memory()  # this block's buffers back to the OS: the peak follows one block, not depth
     bar.close()
     timings["blockwise_search_s"] = time.perf_counter() - t0
     steps = trajectory.steps

@@ -281,6 +281,20 @@ def learn_transition(prev: BlockCall, output: Any, call: BlockCall) -> Transitio
     return Transition(tuple(args), tuple(kwargs))
 
 
+def _guarded(hook):
+    """A probe hook that never breaks the user's call: what it meets stops the probe (``finish``
+    reports it) and the call goes on."""
+    import functools
+
+    @functools.wraps(hook)
+    def run(self, *args, **kwargs):
+        try:
+            hook(self, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 (reported by finish, in one line)
+            self.failed, self.active = exc, False
+    return run
+
+
 class StructureProbe:
     """Hooks that watch ONE model call (between ``arm`` and ``finish``) and make the
     ``GenericStructure``. ``pending``: the calls of the blocks found to start a segment during
@@ -296,6 +310,7 @@ class StructureProbe:
         self.linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         self.owner = {n: self._owner(n) for n in self.linears}
         self.active = self.replaying = False
+        self.failed: Exception | None = None
         self.block_calls: Counter = Counter()
         self.linear_calls: Counter = Counter()
         self.order: list[str] = []
@@ -346,10 +361,12 @@ class StructureProbe:
     def _watching(self) -> bool:
         return self.active and not self.replaying
 
+    @_guarded
     def _owner_pre(self, name: str, args, kwargs) -> None:
         if self._watching() and self.run is not None:
             self.run.owner_inputs[name] = _tensor_ids(args, kwargs)
 
+    @_guarded
     def _act_pre(self, module, args) -> None:
         if self._watching() and self.run is not None and args and isinstance(args[0], torch.Tensor):
             out, rel = self.run.outputs.get(id(args[0]), (None, None))
@@ -359,10 +376,12 @@ class StructureProbe:
                 if seen.rel == rel:
                     seen.into_activation = True
 
+    @_guarded
     def _act_post(self, module, args, out) -> None:
         if self._watching() and self.run is not None and isinstance(out, torch.Tensor):
             self.run.act_outputs[id(out)] = out
 
+    @_guarded
     def _linear_pre(self, name: str, args) -> None:
         if not self._watching():
             return
@@ -382,10 +401,12 @@ class StructureProbe:
                                        run.owner_linears[owner] > 0, run.holds(run.act_outputs, x), inside_act))
         run.owner_linears[owner] += 1
 
+    @_guarded
     def _linear_post(self, name: str, out) -> None:
         if self._watching() and self.run is not None and name.startswith(self.run.name + "."):
             self.run.outputs[id(out)] = (out, name[len(self.run.name) + 1:])
 
+    @_guarded
     def _block_pre(self, module, args, kwargs) -> None:
         if not self._watching():
             return
@@ -413,6 +434,7 @@ class StructureProbe:
             return pname, None, f"replaying {pname} does not give its call (the model changes it in between)"
         return pname, t, ""
 
+    @_guarded
     @torch.no_grad()
     def _block_post(self, module, args, kwargs, output) -> None:
         if not self._watching() or self.run is None:
@@ -520,6 +542,9 @@ class StructureProbe:
         """The structure of the watched call; its hooks are removed."""
         self.active = False
         try:
+            if self.failed is not None:
+                raise CalibrationError(f"the structure probe of the {type(self.model).__name__} failed: "
+                                       f"{type(self.failed).__name__}: {self.failed}")
             self.structure = self._structure()
         finally:
             self.close()
