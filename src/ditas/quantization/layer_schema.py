@@ -59,6 +59,9 @@ LAYER_META = (
     # format 4: the smoothing factors folded into the layer's input producer / its output rows
     # (``folds``); older formats have none recorded (``folds.unrecorded_folds``)
     MetaField("input_fold", bool, default=False), MetaField("output_fold", bool, default=False),
+    # the Hadamard block of the online input rotation (rotation.py); written only where non-zero, so
+    # an unrotated layer's entry (and every older folder) reads as 0
+    MetaField("rotation", int, 0, default=0),
 )
 WEIGHT_ONLY_META = (MetaField("in_features", int, 1), MetaField("out_features", int, 1), MetaField("bias", bool),
                     MetaField("compute", str))
@@ -103,7 +106,8 @@ def layer_meta(m: Any) -> dict[str, Any]:
             "layout": w.layout, "group_size": w.group_size, "act_granularity": a.granularity,
             "range_mode": w.range_mode, "lora_rank": m.lora_rank, "bias": m.bias is not None,
             "smooth": m.smooth is not None, "lora_dtype": dtype_name(m.lora_dtype or torch.float32),
-            "input_fold": m.input_fold is not None, "output_fold": m.output_fold is not None}
+            "input_fold": m.input_fold is not None, "output_fold": m.output_fold is not None,
+            **({"rotation": m.rotation} if getattr(m, "rotation", 0) else {})}
 
 
 def layer_args(meta: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
@@ -113,7 +117,8 @@ def layer_args(meta: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
     dtype = LORA_DTYPES[meta.get("lora_dtype", "float32")]
     return ((meta["in_features"], meta["out_features"], weights, activations),
             {"bias": meta["bias"], "lora_rank": meta["lora_rank"], "has_smooth": meta["smooth"], "lora_dtype": dtype,
-             "has_input_fold": meta.get("input_fold", False), "has_output_fold": meta.get("output_fold", False)})
+             "has_input_fold": meta.get("input_fold", False), "has_output_fold": meta.get("output_fold", False),
+             "rotation": meta.get("rotation", 0)})
 
 
 def expected_tensor_names(meta: dict[str, Any]) -> list[str]:
