@@ -43,14 +43,19 @@ def fwht(x: torch.Tensor, block: int) -> torch.Tensor:
     if block < 1 or block & (block - 1) or width % block:
         raise ValueError(f"Hadamard block {block} must be a power of two dividing the width {width}")
     lead = x.shape[:-1]
-    y = x.reshape(-1, width // block, block)
+    flat = x.reshape(-1, width)
+    y = torch.empty(flat.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    y.copy_(flat)  # a contiguous working copy, fp32 at least
+    buf = torch.empty_like(y)
     h = 1
-    while h < block:
-        y = y.reshape(-1, width // block, block // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        y = torch.stack((a + b, a - b), dim=-2)
+    while h < block:  # stage: pairs (i, i + h) inside every 2h-run -> (a + b, a - b), ping-ponging buffers
+        a = y.view(-1, block // (2 * h), 2, h)
+        o = buf.view(-1, block // (2 * h), 2, h)
+        torch.add(a[:, :, 0], a[:, :, 1], out=o[:, :, 0])
+        torch.sub(a[:, :, 0], a[:, :, 1], out=o[:, :, 1])
+        y, buf = buf, y
         h *= 2
-    return (y.reshape(*lead, width) * (1.0 / block ** 0.5)).to(x.dtype)
+    return y.mul_(block ** -0.5).reshape(*lead, width).to(x.dtype)
 
 
 def rotate_weight(w: torch.Tensor, block: int) -> torch.Tensor:
