@@ -94,7 +94,8 @@ def test_nested_specs_are_the_config_and_flat_dicts_still_read():
                                search_tokens=None))
     nested = cfg.to_dict()
     assert set(nested) == {"recipe", "weights", "activations", "smooth", "lora", "calibration", "adaln"}
-    assert nested["weights"] == {"bits": 3, "layout": "group", "group_size": 16, "range_mode": "levels"}
+    assert nested["weights"] == {"bits": 3, "layout": "group", "group_size": 16, "range_mode": "levels",
+                                 "rounding": "nearest", "gptq_order": "natural"}
     # older folders hold the flat form: one entry per FLAT_NAMES key
     flat = {"recipe": cfg.recipe, "adaln": cfg.adaln,
             **{n: getattr(getattr(cfg, spec), field) for n, (spec, field) in FLAT_NAMES.items()}}

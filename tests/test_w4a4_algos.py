@@ -175,11 +175,12 @@ def test_a_rotated_model_saves_and_loads_bit_exact(tmp_path, rotated):
         assert torch.equal(q(x, t, y), loaded(x, t, y))
 
 
-def test_an_unrotated_layer_entry_has_no_rotation_key(tmp_path):
-    lin = nn.Linear(16, 8)
+def test_an_entry_without_rotation_reads_as_unrotated():
     from ditas.quantization.layer_schema import layer_args, layer_meta
-    meta = layer_meta(QuantLinear.from_linear(lin, WeightFormat(4), ActivationFormat(8)))
-    assert "rotation" not in meta and layer_args(meta)[1]["rotation"] == 0  # older folders read as unrotated
+    meta = layer_meta(QuantLinear.from_linear(nn.Linear(16, 8), WeightFormat(4), ActivationFormat(8)))
+    assert meta["rotation"] == 0
+    del meta["rotation"]  # an entry written before rotations existed
+    assert layer_args(meta)[1]["rotation"] == 0
 
 
 def test_the_quantized_rotated_model_stays_close_to_float(rotated):

@@ -59,8 +59,7 @@ LAYER_META = (
     # format 4: the smoothing factors folded into the layer's input producer / its output rows
     # (``folds``); older formats have none recorded (``folds.unrecorded_folds``)
     MetaField("input_fold", bool, default=False), MetaField("output_fold", bool, default=False),
-    # the Hadamard block of the online input rotation (rotation.py); written only where non-zero, so
-    # an unrotated layer's entry (and every older folder) reads as 0
+    # the Hadamard block of the online input rotation (rotation.py); 0: none, as older folders read
     MetaField("rotation", int, 0, default=0),
 )
 WEIGHT_ONLY_META = (MetaField("in_features", int, 1), MetaField("out_features", int, 1), MetaField("bias", bool),
@@ -107,7 +106,7 @@ def layer_meta(m: Any) -> dict[str, Any]:
             "range_mode": w.range_mode, "lora_rank": m.lora_rank, "bias": m.bias is not None,
             "smooth": m.smooth is not None, "lora_dtype": dtype_name(m.lora_dtype or torch.float32),
             "input_fold": m.input_fold is not None, "output_fold": m.output_fold is not None,
-            **({"rotation": m.rotation} if getattr(m, "rotation", 0) else {})}
+            "rotation": getattr(m, "rotation", 0)}
 
 
 def layer_args(meta: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:

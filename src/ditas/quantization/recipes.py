@@ -66,7 +66,7 @@ RECIPES: dict[str, dict[str, Any]] = {
                        w_rounding="gptq", lora_dtype="bfloat16"),
 }
 DEFAULT_RECIPE = "ditas"
-_SPEC = re.compile(r"^([a-z_]+)(?:@w(\d+)a(\d+))?$")  # a recipe of --recipes, optionally @wXaY
+_SPEC = re.compile(r"^([a-z_][a-z0-9_]*)(?:@w(\d+)a(\d+))?$")  # a recipe of --recipes, optionally @wXaY
 
 
 def recipe_config(name: str = DEFAULT_RECIPE, **overrides: Any) -> QuantConfig:
