@@ -22,6 +22,13 @@ iteration instead of four, as accurate as LAPACK for these fits), (2) the alphas
 scored in parallel threads (``search_workers``, default torch's thread count; results do not
 depend on it), and (3) the weight quantizer makes few passes over the weight.
 
+Besides alpha, a layer may be built in several *variants* (``Variant``): its input Hadamard-rotated
+or not (``smooth.rotation``, ``rotation.py``), the low-rank branch fitted after quantizing or taken
+from the weight's SVD first (``lora.order``, ``absorb.py``), weights rounded to nearest or by GPTQ
+(``weights.rounding``, ``gptq.py``). Each option set to ``search`` doubles the variants; every
+variant runs the whole alpha search above, and the layer keeps the variant whose final loss is
+lowest (first of equals, plain ones first); ``report.json`` records the choice per layer.
+
 The search subsamples tokens per step (``LayerInputs.xs``) but takes per-tensor activation ranges
 from all tokens (``colmin``/``colmax``): for positive ``s``, ``min_j(colmin_j / s_j)`` is exactly
 the minimum of ``X / s``, so the quantizer sees the same scale as at inference on that batch.
