@@ -164,7 +164,9 @@ def test_a_rotated_model_saves_and_loads_bit_exact(tmp_path, rotated):
     assert layers and all(m.rotation == hadamard_block(m.in_features) for m in layers)  # 64, and 256 for fc2
     assert all(entry["rotation"] in (64, 256) and entry["rounding"] == "gptq" for entry in report["layers"].values())
     out = ckpt.save_quantized(q, tmp_path / "q", cfg, report)
-    table = json.loads((out / "config.json").read_text())["quantization"]["layers"]
+    meta = json.loads((out / "config.json").read_text())["quantization"]
+    assert meta["format_version"] == ckpt.ROTATED_FORMAT_VERSION == 5  # a version-4 reader refuses it
+    table = meta["layers"]
     assert all(e["rotation"] == hadamard_block(e["in_features"]) for e in table.values())
     loaded = ditas.load_dit(out, kernel="simulated")
     a, b = q.state_dict(), loaded.state_dict()

@@ -48,7 +48,10 @@ from .weight_only import WeightOnlyInt8Linear
 # 2: each layer entry says how its LoRA factors are stored ("lora_dtype": float32 or bfloat16);
 # 1 (read, never written): LoRA factors in float32
 FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+# 5 (written only by a folder with a Hadamard-rotated layer; otherwise 4, readable as before): layer
+#    entries record ``rotation``, which a version-4 reader would ignore and compute garbage
+ROTATED_FORMAT_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
@@ -113,7 +116,8 @@ def quantization_meta(model: nn.Module, quant_config: Any = None) -> dict[str, A
         cfg = cfg.to_dict()
     first = next(iter(layers.values()))
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": ROTATED_FORMAT_VERSION if any(getattr(m, "rotation", 0) for m in layers.values())
+        else FORMAT_VERSION,
         "recipe": cfg.get("recipe", "custom"),
         "bits": {"weights": first.weight_format.bits, "activations": first.activation_format.bits},
         "weight_layout": first.weight_format.layout,
