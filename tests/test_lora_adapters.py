@@ -125,8 +125,11 @@ def test_fuse_appends_ranks_to_ditas_branch_and_unfuse_restores_it(kernel):
         assert torch.equal(model(x), unfused)
 
 
-def test_fused_equals_unfused_for_float_activations():
-    layer = _quant_layer(abits=16)
+@pytest.mark.parametrize("rotation", [0, 8])
+def test_fused_equals_unfused_for_float_activations(rotation):
+    """With a Hadamard rotation, ditas' branch reads (x / smooth) H^T: a fused adapter's
+    down-projection is rotated with it, so fusing keeps the function."""
+    layer = _quant_layer(abits=16, rotation=rotation)
     model, wrapper = _with_adapter(layer)
     x = torch.randn(5, 24)
     with torch.no_grad():
@@ -409,3 +412,4 @@ def test_save_load_keeps_the_fold_records_and_older_folders_refuse_lora(tmp_path
     assert getattr(old.get_submodule("transformer_blocks.0.attn.to_q"), FOLD_UNKNOWN, False)
     with pytest.raises(ConfigError, match="re-quantize"):
         inject_adapter_in_model(LoraConfig(r=2, target_modules=["transformer_blocks.0.attn.to_q"]), old)
+

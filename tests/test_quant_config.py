@@ -95,7 +95,7 @@ def test_nested_specs_are_the_config_and_flat_dicts_still_read():
     nested = cfg.to_dict()
     assert set(nested) == {"recipe", "weights", "activations", "smooth", "lora", "calibration", "adaln", "scope"}
     assert nested["weights"] == {"bits": 3, "layout": "group", "group_size": 16, "range_mode": "levels",
-                                 "format": "int"}
+                                 "rounding": "nearest", "gptq_order": "natural", "format": "int"}
     # older folders hold the flat form: one entry per FLAT_NAMES key
     flat = {"recipe": cfg.recipe, "adaln": cfg.adaln,
             **{n: getattr(getattr(cfg, spec), field) for n, (spec, field) in FLAT_NAMES.items()}}

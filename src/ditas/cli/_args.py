@@ -42,8 +42,9 @@ def parse_classes(text: str | None) -> list[int] | None:
 def add_quant_arguments(p: argparse.ArgumentParser, with_bits: bool = True) -> None:
     """Options shared by ``quantize`` and ``compare``. Every default is None, meaning the recipe's
     value (the help shows the default recipe's)."""
-    from ..quantization.config import (ACT_GRANULARITIES, ADALN_MODES, FORMATS, LORA_STORAGE, SAMPLERS,
-                                       SEARCH_WEIGHTS, WEIGHT_LAYOUTS)
+    from ..quantization.config import (ACT_GRANULARITIES, ADALN_MODES, FORMATS, GPTQ_ORDERS, LORA_ORDERS,
+                                       LORA_STORAGE, ROTATIONS, SAMPLERS, SEARCH_WEIGHTS, WEIGHT_LAYOUTS,
+                                       WEIGHT_ROUNDINGS)
     from ..quantization.recipes import DEFAULT_RECIPE, recipe_config
 
     d = recipe_config(DEFAULT_RECIPE)
@@ -101,6 +102,17 @@ def add_quant_arguments(p: argparse.ArgumentParser, with_bits: bool = True) -> N
     p.add_argument("--skip", action="append", default=None, metavar="PATTERN",
                    help="leave the linears whose qualified names match PATTERN (fnmatch, e.g. '*.ff.*') in "
                         "float; repeatable; listed in report.json")
+    p.add_argument("--rotation", choices=ROTATIONS, default=None,
+                   help=f"Hadamard rotation of the layers' inputs, online (none, hadamard, or search: the per-layer "
+                        f"search chooses) ({r} {d.smooth.rotation})")
+    p.add_argument("--lora-order", choices=LORA_ORDERS, default=None,
+                   help=f"low-rank branch: quantize_first (ditas: fit to the weight error), svd_first (SVDQuant: "
+                        f"top-r SVD of the smoothed weight, quantize the residual), or search ({r} {d.lora.order})")
+    p.add_argument("--w-rounding", choices=WEIGHT_ROUNDINGS, default=None,
+                   help=f"weight rounding: nearest, gptq (error-compensated from the calibration inputs' second "
+                        f"moments), or search ({r} {d.weights.rounding})")
+    p.add_argument("--gptq-order", choices=GPTQ_ORDERS, default=None,
+                   help=f"GPTQ column order: natural or desc (descending second moment) ({r} {d.weights.gptq_order})")
     p.add_argument("--search-tokens", type=int, default=None,
                    help=f"tokens per step in the search loss; 0: all ({r} {d.smooth.search_tokens})")
 
@@ -123,7 +135,9 @@ def config_from_args(args: argparse.Namespace, recipe: str, w_bits: int | None =
         alpha=args.alpha, search_weight=args.search_weight, adaln=args.adaln,
         search_shortlist=args.search_shortlist, search_workers=args.search_workers,
         bias_correction=args.bias_correction, adapter=getattr(args, "adapter", None),
-        skip=tuple(args.skip) if getattr(args, "skip", None) else None)
+        skip=tuple(args.skip) if getattr(args, "skip", None) else None, rotation=getattr(args, "rotation", None),
+        lora_order=getattr(args, "lora_order", None), w_rounding=getattr(args, "w_rounding", None),
+        gptq_order=getattr(args, "gptq_order", None))
     overrides = {k: v for k, v in given.items() if v is not None}
     if args.search_tokens is not None:
         if args.search_tokens < 0:

@@ -142,6 +142,10 @@ class QuantLoraLinear(_FoldedAdapters, nn.Module, LoraLayer):
             down = down * layer.smooth.float()[None, :]
         up = self.lora_B[adapter].weight.detach().float() * self.scaling[adapter]
         down, up = self.folded_delta(down, up)
+        if getattr(layer, "rotation", 0):  # the branch reads the rotated input: (x / smooth) H^T
+            from ..quantization.rotation import rotate_weight
+
+            down = rotate_weight(down, layer.rotation)
         return down.to(layer.wscale.device), up.to(layer.wscale.device)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

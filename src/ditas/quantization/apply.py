@@ -324,7 +324,8 @@ def convert(model: nn.Module, calibration: Calibration, kernel: str = AUTO) -> n
                 q = QuantLinear.from_linear(lin, cfg.weights, cfg.activations, smooth=smooth, lora_down=r.lora_down,
                                             lora_up=up, codes=codes, input_fold=input_fold,
                                             output_fold=output_fold_vector(lin.out_features,
-                                                                           calibration.row_folds.get(spec.name, [])))
+                                                                           calibration.row_folds.get(spec.name, [])),
+                                            rotation=r.rotation)
                 if r.bias is not None and lin.bias is not None:
                     q.bias.copy_(r.bias[rows])
                 q.invalidate()

@@ -30,7 +30,9 @@ from ..diffusion.samplers import SAMPLERS
 from ..model.adapters.base import ROLES as LAYER_ROLES
 from ..validate import cfg_scale_problem, is_int, seed_problem, steps_problem
 from .fp4 import FP4_BLOCKS
+from .gptq import GPTQ_ORDERS
 from .quantizers import ACT_GRANULARITIES, DEFAULT_ACT_GROUP, FORMATS, RANGE_MODES, WEIGHT_LAYOUTS
+from .rotation import ROTATIONS
 
 SMOOTHINGS = ("none", "tas")
 SEARCH_WEIGHTS = ("auto", "plain", "approx", "shortlist", "exact")
@@ -38,6 +40,8 @@ LORA_KEEPS = ("best", "last")
 LORA_SVDS = ("auto", "exact", "randomized")
 LORA_STORAGE = ("float32", "bfloat16")  # how the fitted LoRA factors are held and saved
 ADALN_MODES = ("int8", "float")
+WEIGHT_ROUNDINGS = ("nearest", "gptq", "search")  # search: the per-layer search picks one of the two
+LORA_ORDERS = ("quantize_first", "svd_first", "search")  # ditas' order, SVDQuant's, or the search's choice
 
 # The 16 ImageNet labels of the reference calibration set (method.md section 3).
 REFERENCE_LABELS = (207, 360, 387, 974, 88, 979, 417, 279, 27, 336, 177, 594, 748, 718, 447, 613)
@@ -76,12 +80,20 @@ class WeightFormat:
     group_size: int = 0
     range_mode: str = "levels"
     format: str = "int"
+    rounding: str = "nearest"   # "gptq": error-compensated rounding (gptq.py); "search": per layer
+    gptq_order: str = "natural"  # GPTQ column order: "natural" or "desc" (descending diag of H)
 
     def __post_init__(self) -> None:
         if self.format in FP4_BLOCKS and (self.layout, self.group_size) == ("channel", 0):
             _normalize(self, "layout", "group")
             _normalize(self, "group_size", FP4_BLOCKS[self.format])
         p = []
+        if self.rounding not in WEIGHT_ROUNDINGS:
+            p.append(f"weight rounding must be one of {WEIGHT_ROUNDINGS}, got {self.rounding!r}")
+        if self.gptq_order not in GPTQ_ORDERS:
+            p.append(f"GPTQ order must be one of {GPTQ_ORDERS}, got {self.gptq_order!r}")
+        if self.rounding != "nearest" and self.format in FP4_BLOCKS:  # gptq.py rounds on the INT grid
+            p.append(f"GPTQ rounding works on INT weights, not {self.format}: use rounding 'nearest'")
         if not (is_int(self.bits) and 2 <= self.bits <= 8):
             p.append(f"weight bits must be an integer in 2..8, got {self.bits!r}")
         if self.layout not in WEIGHT_LAYOUTS:
@@ -170,8 +182,11 @@ class SmoothingSpec:
     search_shortlist: int = 3
     search_workers: int | None = None
     bias_correction: bool = False
+    rotation: str = "none"  # Hadamard rotation of the inputs (rotation.py): none, hadamard, or search
 
     def __post_init__(self) -> None:
+        if self.rotation not in ROTATIONS:
+            _check([f"rotation must be one of {ROTATIONS}, got {self.rotation!r}"])
         if isinstance(self.roles, (list, str)):
             _normalize(self, "roles", (self.roles,) if isinstance(self.roles, str) else tuple(self.roles))
         if isinstance(self.alpha_grid, list):
@@ -217,9 +232,12 @@ class LoRASpec:
     keep: str = "best"
     svd: str = "auto"
     dtype: str = "float32"
+    order: str = "quantize_first"  # absorb.py: quantize then fit (ditas), svd_first (SVDQuant), or search
 
     def __post_init__(self) -> None:
         p = []
+        if self.order not in LORA_ORDERS:
+            p.append(f"LoRA order must be one of {LORA_ORDERS}, got {self.order!r}")
         if not (is_int(self.rank) and self.rank >= 0):
             p.append(f"LoRA rank must be a non-negative integer, got {self.rank!r}")
         if not (is_int(self.rounds) and self.rounds >= 1):
@@ -299,7 +317,8 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
     "smoothing": ("smooth", "method"), "smooth_roles": ("smooth", "roles"),
     **{n: ("smooth", n) for n in ("alpha", "search", "alpha_grid", "quantize_before_smooth", "w_max_from_quantized",
                                   "fold_proj_into_v", "loss_steps", "search_tokens", "search_weight",
-                                  "search_shortlist", "search_workers", "bias_correction")},
+                                  "search_shortlist", "search_workers", "bias_correction", "rotation")},
+    "w_rounding": ("weights", "rounding"), "gptq_order": ("weights", "gptq_order"), "lora_order": ("lora", "order"),
     "lora_rank": ("lora", "rank"), "lora_rounds": ("lora", "rounds"), "lora_keep": ("lora", "keep"),
     "lora_svd": ("lora", "svd"), "lora_dtype": ("lora", "dtype"),
     "calib_labels": ("calibration", "labels"), "seed": ("calibration", "seed"), "steps": ("calibration", "steps"),
@@ -390,6 +409,10 @@ class QuantConfig:
             p.append(f"recipe must be a name, got {self.recipe!r}")
         if self.adaln not in ADALN_MODES:
             p.append(f"adaLN storage must be one of {ADALN_MODES}, got {self.adaln!r}")
+        if self.smooth.quantize_before_smooth and (self.smooth.rotation != "none" or self.weights.rounding != "nearest"
+                                                   or self.lora.order != "quantize_first"):
+            p.append("quantize-before-smooth (the reference numerics) takes no rotation, GPTQ rounding or "
+                     "svd_first low-rank order")
         if self.weights.range_mode != self.activations.range_mode:
             p.append("weights and activations must use one range mode (QuantLinear applies one to both), got "
                      f"{self.weights.range_mode!r} and {self.activations.range_mode!r}")

@@ -62,6 +62,8 @@ LAYER_META = (
     # format 5: number formats (int, nvfp4, mxfp4) and the activations' group size; older: int, 64
     MetaField("w_format", str, choices=FORMATS, default="int"), MetaField("a_format", str, choices=FORMATS, default="int"),
     MetaField("act_group_size", int, 1, default=DEFAULT_ACT_GROUP),
+    # format 5: the Hadamard block of the online input rotation (rotation.py); 0: none, as older folders read
+    MetaField("rotation", int, 0, default=0),
 )
 WEIGHT_ONLY_META = (MetaField("in_features", int, 1), MetaField("out_features", int, 1), MetaField("bias", bool),
                     MetaField("compute", str))
@@ -109,7 +111,8 @@ def layer_meta(m: Any) -> dict[str, Any]:
             "range_mode": w.range_mode, "lora_rank": m.lora_rank, "bias": m.bias is not None,
             "smooth": m.smooth is not None, "lora_dtype": dtype_name(m.lora_dtype or torch.float32),
             "input_fold": m.input_fold is not None, "output_fold": m.output_fold is not None,
-            "w_format": w.format, "a_format": a.format, "act_group_size": a.group_size}
+            "w_format": w.format, "a_format": a.format, "act_group_size": a.group_size,
+            "rotation": getattr(m, "rotation", 0)}
 
 
 def layer_args(meta: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
@@ -121,7 +124,8 @@ def layer_args(meta: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
     dtype = LORA_DTYPES[meta.get("lora_dtype", "float32")]
     return ((meta["in_features"], meta["out_features"], weights, activations),
             {"bias": meta["bias"], "lora_rank": meta["lora_rank"], "has_smooth": meta["smooth"], "lora_dtype": dtype,
-             "has_input_fold": meta.get("input_fold", False), "has_output_fold": meta.get("output_fold", False)})
+             "has_input_fold": meta.get("input_fold", False), "has_output_fold": meta.get("output_fold", False),
+             "rotation": meta.get("rotation", 0)})
 
 
 def expected_tensor_names(meta: dict[str, Any]) -> list[str]:

@@ -14,6 +14,9 @@ Tensors are named for their role (as nunchaku's quantized linear):
   that could not be folded into a preceding layer, e.g. for ``fc2``);
 - ``lora_down`` (rank, in), ``lora_up`` (out, rank): the float low-rank branch (fp32 or bf16,
   ``lora_dtype``; computed in fp32 either way), or absent.
+- ``rotation`` (an int, not a tensor; 0: none): the block of the Hadamard rotation applied online
+  to the (smoothed) input, ``x -> fwht(x / smooth, rotation)`` (``rotation.py``); the codes are
+  then those of the rotated weight ``(W s) H^T``, so the float function is unchanged;
 - ``input_fold`` (in,), ``output_fold`` (out,): records of the smoothing factors folded into the
   producer of the layer's input and into its output rows (``folds``: what a LoRA adapter on the
   layer compensates), or absent; the layer's own forward never reads them.
@@ -49,11 +52,19 @@ from ..errors import ConfigError
 from .config import ActivationFormat, WeightFormat
 from .layer_schema import LORA_DTYPES, layer_tensors
 from .quantizers import activation_codes, activation_quantizer, dequantize_weight_as, quantize_weight_as
+from .rotation import fwht, rotate_weight
 
 # the LoRA factors' storage of a layer built by ``from_linear`` without ``lora_dtype``: as given. The
 # ditas recipes round them to bf16 (``LoRASpec.dtype``): half their bytes (66 of the 533 MB of a W4A8
 # DiT-XL/2 folder) at a measured -0.07 dB on the default model (docs/performance.md)
 DEFAULT_LORA_DTYPE = torch.float32
+
+
+def check_rotation(rotation: int, in_features: int) -> None:
+    """A rotation block is 0 (none) or a power of two dividing the input width."""
+    if not (isinstance(rotation, int) and rotation >= 0 and (rotation == 0 or (
+            not rotation & (rotation - 1) and in_features % rotation == 0))):
+        raise ConfigError(f"rotation must be 0 or a power of two dividing in_features {in_features}, got {rotation!r}")
 
 
 def _check_lora_dtype(dtype: torch.dtype) -> None:
@@ -67,8 +78,10 @@ class QuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, weights: WeightFormat, activations: ActivationFormat,
                  *, bias: bool = True, lora_rank: int = 0, has_smooth: bool = False,
-                 lora_dtype: torch.dtype = torch.float32, has_input_fold: bool = False, has_output_fold: bool = False):
+                 lora_dtype: torch.dtype = torch.float32, has_input_fold: bool = False, has_output_fold: bool = False,
+                 rotation: int = 0):
         super().__init__()
+        check_rotation(rotation, in_features)
         _check_lora_dtype(lora_dtype)
         if not isinstance(weights, WeightFormat) or not isinstance(activations, ActivationFormat):
             raise ConfigError(f"QuantLinear takes a WeightFormat and an ActivationFormat, got "
@@ -79,6 +92,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight_format, self.activation_format = weights, activations
         self.lora_rank = lora_rank
+        self.rotation = rotation  # Hadamard block of the online input rotation (0: none)
         self.kernel = "simulated"  # a name in kernels.KERNELS; kernels.use_kernels(model, ...) chooses
         # integer kernels: int8 limbs of lora_down appended to the weight (kernels.integer.lora_limbs;
         # 0: the down-projection runs apart in fp32) and whether the float LoRA products run in bf16
@@ -99,7 +113,7 @@ class QuantLinear(nn.Module):
                     lora_down: torch.Tensor | None = None, lora_up: torch.Tensor | None = None,
                     codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                     lora_dtype: torch.dtype | None = None, input_fold: torch.Tensor | None = None,
-                    output_fold: torch.Tensor | None = None) -> "QuantLinear":
+                    output_fold: torch.Tensor | None = None, rotation: int = 0) -> "QuantLinear":
         """Quantizes ``weight`` (default: ``linear.weight``) in ``weights`` with round-to-nearest
         (min/max for INT, ``fp4.py`` for FP4).
 
@@ -108,14 +122,19 @@ class QuantLinear(nn.Module):
         ``lora_dtype``: how the LoRA factors are held and saved (default ``DEFAULT_LORA_DTYPE``);
         bf16 rounds them once, here, so the saved model is the one in memory. ``input_fold`` /
         ``output_fold``: the smoothing factors folded around the layer (``folds``; records only).
+        ``rotation``: the Hadamard block of the online input rotation (``codes`` must then be those
+        of the rotated weight; a given ``weight`` is rotated here).
         """
         rank = 0 if lora_down is None else lora_down.shape[0]
         m = cls(linear.in_features, linear.out_features, weights, activations, bias=linear.bias is not None,
                 lora_rank=rank, has_smooth=smooth is not None,
                 lora_dtype=DEFAULT_LORA_DTYPE if lora_dtype is None else lora_dtype,
-                has_input_fold=input_fold is not None, has_output_fold=output_fold is not None)
+                has_input_fold=input_fold is not None, has_output_fold=output_fold is not None,
+                rotation=rotation)
         if codes is None:
             w = linear.weight.detach() if weight is None else weight.detach()
+            if rotation:
+                w = rotate_weight(w.float(), rotation)
             codes = quantize_weight_as(w, weights)
         q, s, z = codes
         m.qweight.copy_(q)
@@ -243,6 +262,8 @@ class QuantLinear(nn.Module):
         integer kernels multiply); for abits >= 16: (x, None, None)."""
         if self.smooth is not None:
             x = x / self.smooth
+        if self.rotation:
+            x = fwht(x, self.rotation)
         a = self.activation_format
         if a.bits >= 16:
             return x, None, None
@@ -273,6 +294,8 @@ class QuantLinear(nn.Module):
             parts.append(f"lora_rank={self.lora_rank}" + (" (bf16)" if self.lora_dtype == torch.bfloat16 else ""))
         if self.smooth is not None:
             parts.append("smooth=on-the-fly")
+        if self.rotation:
+            parts.append(f"rotation=hadamard{self.rotation}")
         if self.weight_format.range_mode == "reference":
             parts.append("range=reference(2^b)")
         parts.append(f"kernel={self.kernel}")

@@ -17,6 +17,12 @@
 - ablations ``tas`` (TAS on all four layers, fixed alpha 0.5, no LoRA), ``tas_search`` (TAS with
   the search, no LoRA), ``lora`` (LoRA only, no smoothing), ``ditas_fp_adaln`` (``ditas`` with
   the adaLN linears kept in float: measures what their int8 storage costs);
+- W4A4 (an extension beyond the method; docs/quantization.md measures them): ``ditas_w4a4``,
+  4-bit per-token activations with every layer's input Hadamard-rotated online (``rotation.py``),
+  the low-rank branch in SVDQuant's order (top-r SVD of the smoothed, rotated weight; the 4-bit
+  grid takes the residual: ``absorb.py``) and GPTQ rounding of that residual from the calibration
+  inputs' second moments (``gptq.py``); the ablations ``ditas_rot``, ``ditas_svdq`` and
+  ``ditas_gptq`` add one of the three to ``ditas``;
 - ``ditas_bc``: ``ditas`` plus bias correction (each layer's bias absorbs its mean output error
   on the calibration run), an extension beyond the method;
 - ``ditas_nvfp4``: ``ditas`` with NVFP4 weights and activations (W4A4 in E2M1 with FP8-E4M3
@@ -55,6 +61,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     "ditas_fp_adaln": dict(adaln="float", lora_dtype="bfloat16"),
     "ditas_bc": dict(bias_correction=True, lora_dtype="bfloat16"),
     "ditas_nvfp4": dict(w_bits=4, a_bits=4, w_format="nvfp4", a_format="nvfp4", lora_dtype="bfloat16"),
+    # W4A4 (docs/quantization.md, "W4A4"): ablations of one change each, and the named winner
+    "ditas_rot": dict(rotation="hadamard", lora_dtype="bfloat16"),
+    "ditas_svdq": dict(lora_order="svd_first", lora_dtype="bfloat16"),
+    "ditas_gptq": dict(w_rounding="gptq", lora_dtype="bfloat16"),
+    "ditas_w4a4": dict(a_bits=4, act_granularity="token", rotation="hadamard", lora_order="svd_first",
+                       w_rounding="gptq", lora_dtype="bfloat16"),
 }
 DEFAULT_RECIPE = "ditas"
 _SPEC = re.compile(r"^([a-z][a-z0-9_]*)(?:@w(\d+)a(\d+))?(\+generic)?$")  # a recipe of --recipes, optionally @wXaY

@@ -33,6 +33,7 @@ import torch
 
 from ...errors import ConfigError
 from ..quantizers import activation_qparams
+from ..rotation import fwht
 from .base import Kernel, cached, weights_problem
 
 LIMB_BASE = 128  # each further int8 limb of the LoRA down rows adds 7 bits
@@ -282,6 +283,8 @@ class IntegerKernel(Kernel):
         x2 = x.reshape(-1, shape[-1])
         if module.smooth is not None:
             x2 = x2 / module.smooth
+        if getattr(module, "rotation", 0):  # the online Hadamard rotation (rotation.py), before the codes as in quantize_input
+            x2 = fwht(x2, module.rotation)
         if x2.dtype != torch.float32:
             x2 = x2.float()
         a = module.activation_format

@@ -1,0 +1,98 @@
+"""GPTQ-style error-compensated rounding of a weight (Frantar et al. 2022), data-free in the DiTAS sense.
+
+Round-to-nearest minimises ``||W - Q||`` element by element; GPTQ minimises the output error on
+the layer's inputs, ``||(W - Q) X^T||^2 = tr((W - Q) H (W - Q)^T)`` with ``H = sum x x^T`` the
+second moment of the recorded calibration inputs (``LayerInputs.xs``: the FP model's own inputs,
+so nothing but the model is needed). Columns are rounded one at a time and the rounding error of
+each is spread over the columns not yet rounded through the inverse Hessian's Cholesky factor,
+in blocks of ``BLOCK`` columns (lazy batch updates).
+
+The scales and zero points are those of round-to-nearest on the weight as given (min/max of each
+group, fixed before any column is rounded: "static groups"), so every layout of
+``quantizers.WEIGHT_LAYOUTS`` works unchanged (a group's scale is looked up per element) and the
+codes stay in ``[0, 2^b - 1]`` (clamped); only which code each weight gets changes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .quantizers import _grouped, _ungrouped, _weight_codes
+
+BLOCK = 128          # columns per lazy update
+DAMP = 0.01          # damping: this fraction of the mean of H's diagonal is added to it
+GPTQ_ORDERS = ("natural", "desc")  # column order: as stored, or by descending diag(H) ("act order")
+
+
+def second_moment(xs: list[torch.Tensor]) -> torch.Tensor:
+    """``H = sum_t X_t^T X_t`` (in, in) over the recorded steps, in float64 (summed over many tokens)."""
+    h = None
+    for x in xs:
+        x = x.double()
+        h = x.T @ x if h is None else h.addmm_(x.T, x)
+    assert h is not None, "no recorded inputs"
+    return h
+
+
+def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of ``H^-1`` after damping (``DAMP`` of the mean diagonal); the damping
+    is raised tenfold until the factorisation succeeds (a rank-deficient H from few tokens)."""
+    n = h.shape[0]
+    damp = DAMP * float(h.diagonal().mean().clamp(min=1e-12))
+    eye = torch.eye(n, dtype=h.dtype)
+    for _ in range(6):
+        chol, info = torch.linalg.cholesky_ex(h + damp * eye)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(chol)
+            return torch.linalg.cholesky(hinv, upper=True)
+        damp *= 10
+    raise ValueError("GPTQ: the inputs' second moment is not positive definite even after damping")
+
+
+def _elementwise_qparams(w: torch.Tensor, bits: int, layout: str, group_size: int, range_mode: str):
+    """Round-to-nearest scales and zero points of ``w``, in the layout's shape and spread per element."""
+    _, scale, zero = _weight_codes(w, bits, layout, group_size, range_mode)
+    g = _grouped(w.float(), layout, group_size)
+    full_s = _ungrouped(scale[..., None].expand_as(g), layout, w.shape)
+    full_z = _ungrouped(zero[..., None].expand_as(g), layout, w.shape)
+    return scale, zero, full_s, full_z
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, layout: str = "channel", group_size: int = 0,
+                  range_mode: str = "levels", order: str = "natural"
+                  ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """GPTQ rounding of the (out, in) weight ``w`` for inputs whose second moment is ``h`` (in, in).
+
+    Returns ``((codes uint8 (out, in), scale, zero), dequantized)`` in the shapes of
+    ``quantizers.quantize_dequantize_weight``, which it replaces.
+    """
+    if order not in GPTQ_ORDERS:
+        raise ValueError(f"GPTQ column order must be one of {GPTQ_ORDERS}, got {order!r}")
+    w = w.float()
+    out_f, in_f = w.shape
+    scale, zero, full_s, full_z = _elementwise_qparams(w, bits, layout, group_size, range_mode)
+    h = h.double().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0  # a channel never seen: its weight does not matter, plain rounding
+    perm = torch.argsort(h.diagonal(), descending=True) if order == "desc" else torch.arange(in_f)
+    u = _inverse_cholesky(h[perm][:, perm]).float()
+    work, s_p, z_p = w[:, perm].clone(), full_s[:, perm], full_z[:, perm]
+    codes = torch.empty_like(work)
+    top = 2 ** bits - 1
+    for i1 in range(0, in_f, BLOCK):
+        i2 = min(i1 + BLOCK, in_f)
+        blk = work[:, i1:i2]  # a view: updates land in ``work``
+        err = torch.empty(out_f, i2 - i1)
+        for i in range(i2 - i1):
+            j = i1 + i
+            col = blk[:, i]
+            q = torch.clamp(torch.round(col / s_p[:, j]) + z_p[:, j], 0, top)
+            codes[:, j] = q
+            e = (col - (q - z_p[:, j]) * s_p[:, j]) / u[j, j]
+            blk[:, i:].sub_(e[:, None] * u[j, j:i2][None, :])
+            err[:, i] = e
+        work[:, i2:].sub_(err @ u[i1:i2, i2:])
+    inv = torch.argsort(perm)
+    codes = codes[:, inv]
+    deq = (codes - full_z) * full_s
+    return (codes.to(torch.uint8), scale, zero), deq

@@ -1,0 +1,68 @@
+"""Hadamard rotation of a linear's input (QuaRot-style), applied online as a fast Walsh-Hadamard transform.
+
+For an orthogonal ``H`` (``H H^T = I``), ``x W^T = (x H^T) (W H^T)^T``: rotating the input and the
+weight's columns by the same ``H`` leaves the float function unchanged, while spreading each
+channel's outliers over the whole block, which makes the rotated activations (and weights) far
+easier to quantize at 4 bits. Combined with smoothing, the layer reads ``z = (x / s) H^T`` and
+holds ``(W s) H^T``.
+
+``H`` here is the normalised Sylvester Hadamard matrix of size ``block`` (symmetric, so
+``x H^T = x H``), repeated block-diagonally over the width: ``block`` is the largest power of two
+dividing the width (the width itself when it is a power of two; 64 for 192, 256 for 768). The
+transform costs ``width * log2(block)`` additions per token (``fwht``), no matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ROTATIONS = ("none", "hadamard", "search")  # SmoothingSpec.rotation: never, always, or the search's choice
+
+
+def hadamard_block(width: int) -> int:
+    """The largest power of two dividing ``width`` (the block of the block-diagonal Hadamard)."""
+    if width < 1:
+        raise ValueError(f"width must be positive, got {width}")
+    return width & -width
+
+
+def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The normalised Sylvester Hadamard matrix of size ``n`` (a power of two), explicitly (tests)."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Sylvester Hadamard matrix needs a power-of-two size, got {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / n ** 0.5).to(dtype)
+
+
+def fwht(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x H^T`` along the last axis, ``H`` block-diagonal with normalised Hadamard blocks of size
+    ``block`` (a power of two dividing the width): log2(block) butterfly stages, a new tensor."""
+    width = x.shape[-1]
+    if block < 1 or block & (block - 1) or width % block:
+        raise ValueError(f"Hadamard block {block} must be a power of two dividing the width {width}")
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, width)
+    y = torch.empty(flat.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    y.copy_(flat)  # a contiguous working copy, fp32 at least
+    buf = torch.empty_like(y)
+    h = 1
+    while h < block:  # stage: pairs (i, i + h) inside every 2h-run -> (a + b, a - b), ping-ponging buffers
+        a = y.view(-1, block // (2 * h), 2, h)
+        o = buf.view(-1, block // (2 * h), 2, h)
+        torch.add(a[:, :, 0], a[:, :, 1], out=o[:, :, 0])
+        torch.sub(a[:, :, 0], a[:, :, 1], out=o[:, :, 1])
+        y, buf = buf, y
+        h *= 2
+    return y.mul_(block ** -0.5).reshape(*lead, width).to(x.dtype)
+
+
+def rotate_weight(w: torch.Tensor, block: int) -> torch.Tensor:
+    """``W H^T``: the weight that reads the rotated input (each row transformed like an input)."""
+    return fwht(w, block)
+
+
+def rotate_second_moment(h: torch.Tensor, block: int) -> torch.Tensor:
+    """``H_r = R H R^T`` for inputs rotated as ``x R^T``: the second moment of the rotated inputs."""
+    return fwht(fwht(h, block).T, block).T
