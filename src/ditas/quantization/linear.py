@@ -252,9 +252,12 @@ class QuantLinear(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------
     def fake_quant_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Smoothed, quantized-dequantized input in any format (what the simulated kernel multiplies)."""
+        """Smoothed (and rotated), quantized-dequantized input in any format (what the simulated
+        kernel multiplies)."""
         if self.smooth is not None:
             x = x / self.smooth
+        if self.rotation:
+            x = fwht(x, self.rotation)
         return activation_quantizer(self.activation_format)(x)
 
     def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
