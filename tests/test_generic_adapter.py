@@ -190,6 +190,29 @@ def test_an_unknown_model_needs_a_record_then_quantizes_with_segments(tmp_path):
     assert not (tmp_path / "q").exists()
 
 
+class _BlockWithAnEmptyLinear(_Block):
+    def __init__(self, d: int):
+        super().__init__(d)
+        self.empty = nn.Linear(d, 0)
+
+    def forward(self, x, scale):
+        return super().forward(x, scale) + self.empty(x).sum(-1, keepdim=True)
+
+
+def test_a_zero_width_linear_stays_float_with_its_reason():
+    """A config can round a layer's width to 0 (diffusers' NucleusMoE test config does for its dense
+    MLP): such a linear has nothing to quantize and must not stop the rest."""
+    m = _custom()
+    for stack in (m.first, m.second):
+        for i, block in enumerate(stack):
+            stack[i] = _BlockWithAnEmptyLinear(16)
+            stack[i].load_state_dict(block.state_dict(), strict=False)
+    calib = _record_custom(m)
+    q, report = quantize(m, recipe_config("rtn"), calib, progress=False)
+    assert report["adapter"]["not_quantized"]["first.0.empty"] == "has no weights (zero input or output features)"
+    assert isinstance(q.first[0].q, QuantLinear) and not isinstance(q.first[0].empty, QuantLinear)
+
+
 def test_skip_patterns_stay_float_and_are_reported():
     m = fm.tiny_pixart()
     calib = _record(m, steps=2)

@@ -568,6 +568,8 @@ class StructureProbe:
                 reasons[lin] = "not run by the recorded call"
             elif self.linear_calls[lin] > 1:
                 reasons[lin] = f"runs {self.linear_calls[lin]} times per model call (shared weights)"
+            elif 0 in (self.model.get_submodule(lin).in_features, self.model.get_submodule(lin).out_features):
+                reasons[lin] = "has no weights (zero input or output features)"
         blocks = []
         for i, name in enumerate(blocks_ok):
             prev, t, why = self.edges[name]
