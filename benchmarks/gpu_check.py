@@ -9,7 +9,8 @@ the device and must give the same outputs bit for bit. Then, on a tiny random bf
 (``gpu_pipeline_checks.py``), what a diffusers user does: (5) ``ditas.quantize_`` and sample (PSNR
 vs the FP bf16 pipeline); (6) ``pipe.save_pretrained`` -> ``DiffusionPipeline.from_pretrained``,
 bit-equal; (7) a peft LoRA made on the FP transformer, on the quantized one; (8)
-``torch.compile`` of the quantized transformer vs eager. Prints one table: times on the device and
+``torch.compile`` of the quantized transformer vs eager; (9) the W4A4 recipe ``ditas_w4a4``
+(INT4 per-token activations, online rotation) on ``int_mm`` vs simulated. Prints one table: times on the device and
 on the CPU, the largest differences, and pass or fail (tolerances measured in the same run where
 they can be); exit status 1 if a check fails. With ``--device cpu`` checks 5-8 run once.
 
@@ -46,7 +47,7 @@ def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().float().cpu() - b.detach().float().cpu()).abs().max())
 
 
-CHECKS = ("sample", "big", "quantize", "bf16", "save_load", "lora", "compile")
+CHECKS = ("sample", "big", "quantize", "bf16", "save_load", "lora", "compile", "w4a4")
 PIPELINE_CHECKS = ("bf16", "save_load", "lora", "compile")
 
 
@@ -56,7 +57,35 @@ def run_checks(device: torch.device, big: str, quick: bool, skip: tuple[str, ...
     rows = _model_checks(device, big, quick, skip)
     if any(c not in skip for c in PIPELINE_CHECKS):
         rows += _pipeline_rows(device, quick, skip, compile_backend)
+    if "w4a4" not in skip:
+        rows.append(_w4a4_row(device, quick))
     return rows
+
+
+def _w4a4_row(device: torch.device, quick: bool) -> dict:
+    """(9) ``ditas_w4a4`` (Hadamard rotation, SVD-first branch, GPTQ; INT4 per-token activations)
+    quantized on the device: the ``int_mm`` kernel (4-bit codes in int8 products, the rotation
+    online) against the simulated path, within the noise floor of a 1e-6 input change."""
+    import ditas
+    from ditas.quantization.apply import quantize
+    from ditas.quantization.kernels import use_kernels
+    from ditas.quantization.recipes import recipe_config
+
+    cfg = recipe_config("ditas_w4a4", calib_labels=2 if quick else 4, steps=5 if quick else 20, lora_rank=8,
+                        alpha_grid=(0.3, 0.5, 0.7))
+    (model, _), t_q = timed(lambda: quantize(ditas.load_dit(device=device), cfg, progress=False), device)
+    x, t, y = torch.randn(4, 1, 32, 32), torch.tensor([5, 300, 600, 999]), torch.tensor([0, 3, 6, 9])
+    with torch.no_grad():
+        sim = model(x.to(device), t.to(device), y.to(device))
+        g = torch.Generator().manual_seed(1)
+        floor = max(float((fwd_perturbed(model, device, x, t, y, g) - sim).norm() / sim.norm()) for _ in range(3))
+        use_kernels(model, "int_mm")
+        out = model(x.to(device), t.to(device), y.to(device))
+    rel = float((out - sim).norm() / sim.norm())
+    return {"check": "W4A4 (ditas_w4a4): int_mm vs simulated", "device_s": t_q, "cpu_s": float("nan"),
+            "max_diff": _maxdiff(out, sim), "rel_diff": rel, "floor": floor,
+            "note": f"quantize time; relative (norm) {rel:.2g}, 1e-6 input noise floor {floor:.2g}",
+            "ok": rel <= 2 * floor}
 
 
 def _model_checks(device: torch.device, big: str, quick: bool, skip: tuple[str, ...]) -> list[dict]:
