@@ -212,3 +212,24 @@ def save_tiny_flux_pipeline(path, seed: int = 0) -> None:
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(2), text_encoder=enc1, tokenizer=tok1,
                         text_encoder_2=enc2, tokenizer_2=tok2, transformer=tiny_flux(seed))
     pipe.save_pretrained(str(path))
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative (norm) error of ``a`` against ``b``, in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def record(model: nn.Module, steps: int = 3, seed: int = 1):
+    """A calibration record of ``steps`` calls of ``model`` (inputs of ``call_kwargs``)."""
+    from ditas.calibration.recording import record_calibration
+
+    with torch.no_grad(), record_calibration(model) as calib:
+        for step in range(steps):
+            model(**call_kwargs(model, seed=seed, step=step))
+    return calib
+
+
+def outputs(model: nn.Module, seed: int = 7, steps: int = 3) -> list[torch.Tensor]:
+    """The model's first outputs on ``steps`` held-out calls (another seed than ``record``'s)."""
+    with torch.no_grad():
+        return [model(**call_kwargs(model, seed=seed, step=s))[0] for s in range(steps)]

@@ -49,20 +49,7 @@ def _fused(model):
     return model
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def _record(model, steps: int = 3, seed: int = 1):
-    with torch.no_grad(), record_calibration(model) as calib:
-        for step in range(steps):
-            model(**fm.call_kwargs(model, seed=seed, step=step))
-    return calib
-
-
-def _outputs(model, seed: int = 7, steps: int = 3) -> list[torch.Tensor]:
-    with torch.no_grad():
-        return [model(**fm.call_kwargs(model, seed=seed, step=s))[0] for s in range(steps)]
+rel, _record, _outputs = fm.rel, fm.record, fm.outputs  # shared with the other family tests
 
 
 @pytest.mark.parametrize("family", list(BUILDERS))

@@ -24,7 +24,8 @@ from ditas.quantization.recipes import parse_recipes, recipe_config
 from ditas.quantization.weight_only import WeightOnlyInt8Linear
 from quant_helpers import random_dit
 import family_models as fm
-from test_families import _outputs, _record  # the tiny families' record and held-out outputs
+
+_record, _outputs = fm.record, fm.outputs  # the tiny families' record and held-out outputs
 
 SMALL = dict(lora_rank=4, lora_rounds=2)
 

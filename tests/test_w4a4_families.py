@@ -38,35 +38,17 @@ FORMATS = {"rtn W4A4": ("int", "token"), "ditas W4A4": ("int", "token"), "ditas_
            "ditas_nvfp4": ("nvfp4", "group")}
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def _record(model, steps: int = 4, seed: int = 1):
-    from ditas.calibration.recording import record_calibration
-
-    with torch.no_grad(), record_calibration(model) as calib:
-        for step in range(steps):
-            model(**fm.call_kwargs(model, seed=seed, step=step))
-    return calib
-
-
-def _outputs(model, seed: int = 7, steps: int = 3) -> list[torch.Tensor]:
-    with torch.no_grad():
-        return [model(**fm.call_kwargs(model, seed=seed, step=s))[0] for s in range(steps)]
-
-
 @pytest.mark.parametrize("family", list(fm.FAMILIES))
 def test_ditas_w4a4_beats_rtn_w4a4(family):
     m = fm.FAMILIES[family]()
-    calib = _record(m)
-    refs = _outputs(m)
+    calib = fm.record(m, steps=4)
+    refs = fm.outputs(m)
     err = {}
     for label, (recipe, overrides) in RECIPES.items():
         cfg = recipe_config(recipe, **overrides)
         assert cfg.weights.bits == 4 and cfg.activations.bits == 4, label
         assert (cfg.activations.format, cfg.activations.granularity) == FORMATS[label], label
         q, _ = quantize(m, cfg, calib, progress=False)
-        err[label] = sum(_rel(o, r) for o, r in zip(_outputs(q), refs)) / len(refs)
+        err[label] = sum(fm.rel(o, r) for o, r in zip(fm.outputs(q), refs)) / len(refs)
     print(f"\n| family | {' | '.join(RECIPES)} |\n| {family} | " + " | ".join(f"{err[k]:.4f}" for k in RECIPES) + " |")
     assert err["ditas_w4a4"] < 0.7 * err["rtn W4A4"], err
