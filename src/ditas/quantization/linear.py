@@ -251,22 +251,24 @@ class QuantLinear(nn.Module):
         return state
 
     # -- forward ----------------------------------------------------------------------------------
-    def fake_quant_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Smoothed (and rotated), quantized-dequantized input in any format (what the simulated
-        kernel multiplies)."""
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x / smooth``, then the online Hadamard rotation: what every kernel quantizes."""
         if self.smooth is not None:
             x = x / self.smooth
         if self.rotation:
             x = fwht(x, self.rotation)
+        return x
+
+    def fake_quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Smoothed (and rotated), quantized-dequantized input in any format (what the simulated
+        kernel multiplies)."""
+        x = self.transform_input(x)
         return activation_quantizer(self.activation_format)(x)
 
     def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Smoothed input -> (codes, scale, zero) of INT per-tensor / per-token activations (what the
         integer kernels multiply); for abits >= 16: (x, None, None)."""
-        if self.smooth is not None:
-            x = x / self.smooth
-        if self.rotation:
-            x = fwht(x, self.rotation)
+        x = self.transform_input(x)
         a = self.activation_format
         if a.bits >= 16:
             return x, None, None

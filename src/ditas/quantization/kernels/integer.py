@@ -33,7 +33,6 @@ import torch
 
 from ...errors import ConfigError
 from ..quantizers import activation_qparams
-from ..rotation import fwht
 from .base import Kernel, cached, weights_problem
 
 LIMB_BASE = 128  # each further int8 limb of the LoRA down rows adds 7 bits
@@ -280,11 +279,7 @@ class IntegerKernel(Kernel):
             lora_bf16 = bool(getattr(module, "lora_bf16", False))
         st = self.state(module)
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if module.smooth is not None:
-            x2 = x2 / module.smooth
-        if getattr(module, "rotation", 0):  # the online Hadamard rotation (rotation.py), before the codes as in quantize_input
-            x2 = fwht(x2, module.rotation)
+        x2 = module.transform_input(x.reshape(-1, shape[-1]))
         if x2.dtype != torch.float32:
             x2 = x2.float()
         a = module.activation_format
