@@ -115,14 +115,9 @@ def test_reference32_needs_widths_divisible_by_32():
 
 
 def test_search_mode_comparison_reports_exact_as_reference():
-    import importlib.util
-    from pathlib import Path
+    from benchmark_modules import load_benchmark
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "search_modes.py"
-    spec = importlib.util.spec_from_file_location("search_modes", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    compare_search_modes = module.compare_search_modes
+    compare_search_modes = load_benchmark("search_modes").compare_search_modes
 
     m = random_dit(4, depth=1)
     cfg = recipe_config("ditas", steps=2, calib_labels=2, lora_rank=4, lora_rounds=3, alpha_grid=(0.0, 0.5, 1.0),

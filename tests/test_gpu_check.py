@@ -7,22 +7,15 @@ minute and is tested in test_compile.py)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
+from benchmark_modules import load_benchmark
 from quant_helpers import needs_int_kernel
-
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("gpu_check", PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("gpu_check")
 
 
 @pytest.fixture(scope="module")
