@@ -39,7 +39,11 @@ weight of the integer backend, torchao's inner tensors); ``peak+`` = rise of the
 during one call above the RSS before it (after ``malloc_trim`` and a ``/proc/self/clear_refs``
 reset), i.e. the transient memory of a call (activations, workspaces, temporary copies).
 
-Usage: ``python benchmarks/bench_int_backend.py [--mode layers|adaln|dit|digits|profile|all] [--quick] [--repeats N]
+``--mode w4a4``: the four block linears at W4A4 against W4A8, all with rank-32 LoRA: INT4 per-token
+activations on the integer kernel (with and without the online Hadamard rotation of ``ditas_w4a4``),
+and the formats that run simulated (INT4 group 64, NVFP4).
+
+Usage: ``python benchmarks/bench_int_backend.py [--mode layers|w4a4|adaln|dit|digits|profile|all] [--quick] [--repeats N]
 [--threads N]``
 """
 
@@ -224,9 +228,10 @@ class LoraRoute:
 
 
 def quant_linear(linear: nn.Linear, wbits: int, lora: dict | None, kernel: str | None = None,
-                 route: LoraRoute = LoraRoute()) -> QuantLinear:
-    m = QuantLinear.from_linear(linear, WeightFormat(wbits), ActivationFormat(8, "tensor"),
-                                lora_dtype=LORA_DTYPES[route.storage], **(lora or {}))
+                 route: LoraRoute = LoraRoute(), activations: ActivationFormat = ActivationFormat(8, "tensor"),
+                 weights: WeightFormat | None = None, rotation: int = 0) -> QuantLinear:
+    m = QuantLinear.from_linear(linear, weights or WeightFormat(wbits), activations,
+                                lora_dtype=LORA_DTYPES[route.storage], rotation=rotation, **(lora or {}))
     m.lora_limbs, m.lora_bf16 = route.limbs, route.up == "bf16"
     m.set_kernel(kernel or available_kernels()[0])
     return m
@@ -319,6 +324,44 @@ def bench_layers(rounds: int, min_sample_s: float, tokens: int = 512) -> str:
                 v.rel_err = _rel(v.fn(), ref)
             run_interleaved(vs, rounds, min_sample_s)
         out.append(table(f"{lname} {k}->{n}, M={tokens}", vs))
+        print(out[-1] + "\n", flush=True)
+    return "\n\n".join(out)
+
+
+def bench_w4a4(rounds: int, min_sample_s: float, tokens: int = 512) -> str:
+    """W4A4 against W4A8 on the four DiT-XL/2 block linears, all with rank-32 LoRA (bf16 factors):
+    INT4 per-token activations on the integer kernel (4-bit codes in int8 products), the same with
+    ``ditas_w4a4``'s online Hadamard rotation, and the formats that run simulated (INT4 group 64,
+    NVFP4), with W4A8 on the simulated kernel as the simulated path's own baseline."""
+    out = []
+    g = torch.Generator().manual_seed(0)
+    kernel = available_kernels()[0]
+    for lname, (k, n) in LAYER_SHAPES.items():
+        lin = nn.Linear(k, n)
+        x = torch.randn(tokens, k, generator=g)
+        lin_bf = copy.deepcopy(lin).bfloat16()
+        xb = x.bfloat16()
+        lora = _lora(lin, g)
+        block = k & -k  # the largest power of two dividing the width: rotation.py's Hadamard block
+        layers = {
+            f"W4A8 per tensor ({kernel})": quant_linear(lin, 4, lora),
+            f"W4A4 per token ({kernel})": quant_linear(lin, 4, lora, activations=ActivationFormat(4, "token")),
+            f"W4A4 per token + Hadamard {block} ({kernel})": quant_linear(
+                lin, 4, lora, activations=ActivationFormat(4, "token"), rotation=block),
+            "W4A8 per tensor (simulated)": quant_linear(lin, 4, lora, kernel="simulated"),
+            "W4A4 INT4 group 64 (simulated)": quant_linear(lin, 4, lora, kernel="simulated",
+                                                          activations=ActivationFormat(4, "group", group_size=64)),
+            "W4A4 NVFP4 (simulated)": quant_linear(lin, 4, lora, kernel="simulated", weights=WeightFormat(4, format="nvfp4"),
+                                                  activations=ActivationFormat(4, format="nvfp4")),
+        }
+        vs = [Variant("fp32", lambda: lin(x), lin), Variant("bf16", lambda: lin_bf(xb), lin_bf)]
+        vs += [Variant(name, partial(m, x), m) for name, m in layers.items()]
+        with torch.inference_mode():
+            ref = lin(x)
+            for v in vs:
+                v.rel_err = _rel(v.fn(), ref)
+            run_interleaved(vs, rounds, min_sample_s)
+        out.append(table(f"{lname} {k}->{n}, M={tokens}, rank-32 LoRA", vs))
         print(out[-1] + "\n", flush=True)
     return "\n\n".join(out)
 
@@ -461,7 +504,7 @@ def profile_dit(depth: int, rows: int = 18) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mode", choices=["layers", "adaln", "dit", "digits", "profile", "all"], default="all")
+    p.add_argument("--mode", choices=["layers", "w4a4", "adaln", "dit", "digits", "profile", "all"], default="all")
     p.add_argument("--quick", action="store_true", help="few rounds; DiT-XL/2 widths at depth 4")
     p.add_argument("--repeats", type=int, default=0, help="rounds (default 15 layers/digits, 5 dit; quick: 3/2)")
     p.add_argument("--depth", type=int, default=0, help="DiT depth for --mode dit (default 28; quick 4)")
@@ -478,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     sample = 0.05 if args.quick else 0.2
     if args.mode in ("layers", "all"):
         bench_layers(small, sample)
+    if args.mode in ("w4a4", "all"):
+        bench_w4a4(small, sample)
     if args.mode in ("adaln", "all"):
         print(bench_adaln(small, sample) + "\n", flush=True)
     if args.mode in ("digits", "all"):
