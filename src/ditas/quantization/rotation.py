@@ -9,7 +9,8 @@ holds ``(W s) H^T``.
 ``H`` here is the normalised Sylvester Hadamard matrix of size ``block`` (symmetric, so
 ``x H^T = x H``), repeated block-diagonally over the width: ``block`` is the largest power of two
 dividing the width (the width itself when it is a power of two; 64 for 192, 256 for 768). The
-transform costs ``width * log2(block)`` additions per token (``fwht``), no matrix.
+transform costs ``width * (2 * 32 + log2(block / 32))`` operations per token (``fwht``: a product
+with a 32 x 32 Hadamard matrix, then butterfly stages), no ``block x block`` matrix.
 """
 
 from __future__ import annotations
@@ -36,26 +37,43 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return (h / n ** 0.5).to(dtype)
 
 
+DENSE_BLOCK = 32  # fwht: the first log2(32) butterfly stages as one product with H_32 (see fwht)
+
+
+def _dense_hadamard(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The normalised Hadamard matrix of size ``n`` (small: n <= DENSE_BLOCK) in ``dtype`` on ``device``."""
+    return hadamard_matrix(n, dtype).to(device)
+
+
 def fwht(x: torch.Tensor, block: int) -> torch.Tensor:
     """``x H^T`` along the last axis, ``H`` block-diagonal with normalised Hadamard blocks of size
-    ``block`` (a power of two dividing the width): log2(block) butterfly stages, a new tensor."""
+    ``block`` (a power of two dividing the width); a new tensor, fp32 at least inside.
+
+    Sylvester's ``H_block = H_(block/d) (x) H_d``: the inner factor (``d = min(block, DENSE_BLOCK)``)
+    is one product with the explicit ``H_d`` over contiguous rows of ``d``; the outer one is
+    log2(block/d) butterfly stages whose pairs are runs of at least ``d`` contiguous values. The
+    early butterfly stages (pairs 1, 2, 4 ... apart) are the slow, strided ones: the product
+    replaces them (``benchmarks/bench_int_backend.py --mode w4a4`` times the layers with it)."""
     width = x.shape[-1]
     if block < 1 or block & (block - 1) or width % block:
         raise ValueError(f"Hadamard block {block} must be a power of two dividing the width {width}")
     lead = x.shape[:-1]
-    flat = x.reshape(-1, width)
-    y = torch.empty(flat.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-    y.copy_(flat)  # a contiguous working copy, fp32 at least
-    buf = torch.empty_like(y)
-    h = 1
-    while h < block:  # stage: pairs (i, i + h) inside every 2h-run -> (a + b, a - b), ping-ponging buffers
-        a = y.view(-1, block // (2 * h), 2, h)
-        o = buf.view(-1, block // (2 * h), 2, h)
-        torch.add(a[:, :, 0], a[:, :, 1], out=o[:, :, 0])
-        torch.sub(a[:, :, 0], a[:, :, 1], out=o[:, :, 1])
-        y, buf = buf, y
-        h *= 2
-    return y.mul_(block ** -0.5).reshape(*lead, width).to(x.dtype)
+    d = min(block, DENSE_BLOCK)
+    work = torch.promote_types(x.dtype, torch.float32)
+    y = x.reshape(-1, d).to(work) @ _dense_hadamard(d, work, x.device)
+    y = y.view(-1, width)
+    if block > d:
+        buf = torch.empty_like(y)
+        h = d
+        while h < block:  # stage: runs (i, i + h) inside every 2h-run -> (a + b, a - b), ping-ponging buffers
+            a = y.view(-1, block // (2 * h), 2, h)
+            o = buf.view(-1, block // (2 * h), 2, h)
+            torch.add(a[:, :, 0], a[:, :, 1], out=o[:, :, 0])
+            torch.sub(a[:, :, 0], a[:, :, 1], out=o[:, :, 1])
+            y, buf = buf, y
+            h *= 2
+        y.mul_((block // d) ** -0.5)
+    return y.reshape(*lead, width).to(x.dtype)
 
 
 def rotate_weight(w: torch.Tensor, block: int) -> torch.Tensor:
