@@ -15,7 +15,8 @@ import ditas
 from ditas.calibration.recording import record_calibration
 from ditas.errors import CalibrationError, CheckpointError, ConfigError
 from ditas.model.adapters.base import BlockCall
-from ditas.model.adapters.generic import GenericAdapter, block_candidates
+from ditas.model.adapters.generic import GenericAdapter
+from ditas.model.adapters.generic_probe import block_candidates
 from ditas.model.adapters.registry import adapter_for, hand_written_adapter
 from ditas.quantization.apply import quantize, record
 from ditas.quantization.checkpoint import load_quantized, save_quantized

@@ -7,7 +7,7 @@ first block (as its hand-written adapter names it) is recorded with its args and
 hand-written loop, ditas' own sampler. Block-wise replay (``blockwise.py``) then recomputes every
 layer's FP inputs from these calls.
 
-For the generic adapter (``model/adapters/generic.py``) the first model call is also the probe:
+For the generic adapter (``model/adapters/generic_probe.py``) the first model call is also the probe:
 hooks watch it and make the model's structure (``record.structure``); from then on the calls of
 every block that starts a segment (the first block, and any block whose call is not made from
 the previous block's output alone) are recorded (``record.segments``), in memory or streamed to
@@ -26,7 +26,8 @@ from torch import nn
 
 from ..errors import CalibrationError
 from ..model.adapters.base import BlockCall, CalibrationRecord
-from ..model.adapters.generic import CallStore, StructureProbe, cache_folder
+from ..model.adapters.generic_calls import CallStore, cache_folder
+from ..model.adapters.generic_probe import StructureProbe
 from ..model.adapters.registry import hand_written_adapter
 
 

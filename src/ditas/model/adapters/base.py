@@ -189,8 +189,9 @@ class CalibrationRecord:
     wall_time_s: float = 0.0
     key: tuple | None = None
     info: dict[str, Any] = field(default_factory=dict)
-    # the generic adapter's view (``generic.py``): the structure found by the probe (the first
-    # recorded model call) and the recorded calls of each block that starts a segment, by name
+    # the generic adapter's view: the structure found by the probe (``generic_structure.py``, from
+    # the first recorded model call) and the recorded calls of each block that starts a segment, by
+    # name (``generic_calls.py``)
     structure: Any = None
     segments: dict[str, Any] = field(default_factory=dict)
 
