@@ -111,6 +111,25 @@ def test_gptq_output_error_is_below_round_to_nearest(layout, group, order):
     assert err < 0.8 * err_rtn
 
 
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("order", ["natural", "desc"])
+def test_gptq_on_fp4_keeps_the_block_scales_and_is_below_round_to_nearest(fmt, order):
+    from ditas.quantization.fp4 import dequantize_fp4, quantize_dequantize_fp4
+
+    x = _correlated_inputs(0)
+    w = torch.randn(64, 64, generator=torch.Generator().manual_seed(1))
+    (codes, scales, tscale), deq = gptq_quantize(w, second_moment([x]), 4, order=order, fmt=fmt)
+    (rcodes, rscales, rtscale), rtn = quantize_dequantize_fp4(w, fmt)
+    assert codes.dtype == torch.uint8 and codes.shape == w.shape and int(codes.max()) <= 15
+    assert torch.equal(scales, rscales)  # round-to-nearest's block scales, kept
+    assert (tscale is None) == (fmt == "mxfp4") and (tscale is None or torch.equal(tscale, rtscale))
+    assert torch.equal(dequantize_fp4(codes, scales, tscale), deq)  # codes and deq agree
+    assert not torch.equal(codes, rcodes)  # GPTQ chose other codes than round-to-nearest
+    err = ((x @ (deq - w).T) ** 2).mean()
+    err_rtn = ((x @ (rtn - w).T) ** 2).mean()
+    assert err < 0.8 * err_rtn
+
+
 def _layer_inputs(seed: int, width: int = 64) -> LayerInputs:
     xs = [_correlated_inputs(seed + t, 128, width) for t in range(3)]
     xs[0][:, :2] *= 10  # outlier channels

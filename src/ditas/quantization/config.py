@@ -92,8 +92,6 @@ class WeightFormat:
             p.append(f"weight rounding must be one of {WEIGHT_ROUNDINGS}, got {self.rounding!r}")
         if self.gptq_order not in GPTQ_ORDERS:
             p.append(f"GPTQ order must be one of {GPTQ_ORDERS}, got {self.gptq_order!r}")
-        if self.rounding != "nearest" and self.format in FP4_BLOCKS:  # gptq.py rounds on the INT grid
-            p.append(f"GPTQ rounding works on INT weights, not {self.format}: use rounding 'nearest'")
         if not (is_int(self.bits) and 2 <= self.bits <= 8):
             p.append(f"weight bits must be an integer in 2..8, got {self.bits!r}")
         if self.layout not in WEIGHT_LAYOUTS:

@@ -25,8 +25,9 @@
   ``ditas_gptq`` add one of the three to ``ditas``;
 - ``ditas_bc``: ``ditas`` plus bias correction (each layer's bias absorbs its mean output error
   on the calibration run), an extension beyond the method;
-- ``ditas_nvfp4``: ``ditas`` with NVFP4 weights and activations (W4A4 in E2M1 with FP8-E4M3
-  block scales per 16 input channels, ``fp4.py``; simulated on CPU).
+- ``ditas_nvfp4``: ``ditas_w4a4``'s rotation, SVD-first branch and GPTQ rounding with NVFP4 weights
+  and activations (W4A4 in E2M1 with FP8-E4M3 block scales per 16 input channels, ``fp4.py``;
+  GPTQ keeps round-to-nearest's block scales; simulated on CPU).
 
 Every recipe but ``paper`` and ``ditas_fp_adaln`` stores the adaLN modulation linears weight-only
 in int8 after the folds (``adaln="int8"``); those two keep them in float (``paper`` as the
@@ -60,7 +61,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "lora": dict(smoothing="none", search=False, lora_dtype="bfloat16"),
     "ditas_fp_adaln": dict(adaln="float", lora_dtype="bfloat16"),
     "ditas_bc": dict(bias_correction=True, lora_dtype="bfloat16"),
-    "ditas_nvfp4": dict(w_bits=4, a_bits=4, w_format="nvfp4", a_format="nvfp4", lora_dtype="bfloat16"),
+    "ditas_nvfp4": dict(w_bits=4, a_bits=4, w_format="nvfp4", a_format="nvfp4", rotation="hadamard",
+                        lora_order="svd_first", w_rounding="gptq", lora_dtype="bfloat16"),
     # W4A4 (docs/quantization.md, "W4A4"): ablations of one change each, and the named winner
     "ditas_rot": dict(rotation="hadamard", lora_dtype="bfloat16"),
     "ditas_svdq": dict(lora_order="svd_first", lora_dtype="bfloat16"),

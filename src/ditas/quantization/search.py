@@ -137,7 +137,7 @@ def _variant_quantizer(cfg: QuantConfig, variant: Variant, hess: torch.Tensor | 
     f = cfg.weights
 
     def q(w: torch.Tensor):
-        return gptq_quantize(w, h, f.bits, f.layout, f.group_size, f.range_mode, f.gptq_order)
+        return gptq_quantize(w, h, f.bits, f.layout, f.group_size, f.range_mode, f.gptq_order, f.format)
 
     return q
 
