@@ -295,17 +295,36 @@ ROUTES = {  # variant suffix -> LoRA route of the W4A8 +lora32 layer
 }
 
 
-def bench_layers(rounds: int, min_sample_s: float, tokens: int = 512) -> str:
-    out = []
+def _layer_cases(tokens: int):
+    """Per block linear of ``LAYER_SHAPES`` (seeded): (role, in, out, the fp32 linear, an input of
+    ``tokens`` rows, random rank-32 LoRA factors, [fp32, bf16] variants)."""
     g = torch.Generator().manual_seed(0)
-    kernels = available_kernels()
     for lname, (k, n) in LAYER_SHAPES.items():
         lin = nn.Linear(k, n)
         x = torch.randn(tokens, k, generator=g)
         lin_bf = copy.deepcopy(lin).bfloat16()
         xb = x.bfloat16()
         lora = _lora(lin, g)
-        vs = [Variant("fp32", lambda: lin(x), lin), Variant("bf16", lambda: lin_bf(xb), lin_bf)]
+        yield lname, k, n, lin, x, lora, [Variant("fp32", partial(lin, x), lin), Variant("bf16", partial(lin_bf, xb), lin_bf)]
+
+
+def _measure_layer(title: str, lin: nn.Linear, x: torch.Tensor, vs: list[Variant], rounds: int,
+                   min_sample_s: float) -> str:
+    """Errors against ``lin(x)``, then the interleaved timing of ``vs``: the table, also printed."""
+    with torch.inference_mode():
+        ref = lin(x)
+        for v in vs:
+            v.rel_err = _rel(v.fn(), ref)
+        run_interleaved(vs, rounds, min_sample_s)
+    out = table(title, vs)
+    print(out + "\n", flush=True)
+    return out
+
+
+def bench_layers(rounds: int, min_sample_s: float, tokens: int = 512) -> str:
+    out = []
+    kernels = available_kernels()
+    for lname, k, n, lin, x, lora, vs in _layer_cases(tokens):
         for label, route in ROUTES.items():
             m = quant_linear(lin, 4, lora, route=route)
             vs.append(Variant(f"W4A8 +lora32, {label}", partial(m, x), m))
@@ -318,13 +337,7 @@ def bench_layers(rounds: int, min_sample_s: float, tokens: int = 512) -> str:
         if have_torchao():
             ao = torchao_int8(nn.Sequential(copy.deepcopy(lin)))
             vs.append(Variant("torchao int8dyn", lambda: ao(x), ao))
-        with torch.inference_mode():
-            ref = lin(x)
-            for v in vs:
-                v.rel_err = _rel(v.fn(), ref)
-            run_interleaved(vs, rounds, min_sample_s)
-        out.append(table(f"{lname} {k}->{n}, M={tokens}", vs))
-        print(out[-1] + "\n", flush=True)
+        out.append(_measure_layer(f"{lname} {k}->{n}, M={tokens}", lin, x, vs, rounds, min_sample_s))
     return "\n\n".join(out)
 
 
@@ -334,14 +347,8 @@ def bench_w4a4(rounds: int, min_sample_s: float, tokens: int = 512) -> str:
     ``ditas_w4a4``'s online Hadamard rotation, and the formats that run simulated (INT4 group 64,
     NVFP4), with W4A8 on the simulated kernel as the simulated path's own baseline."""
     out = []
-    g = torch.Generator().manual_seed(0)
     kernel = available_kernels()[0]
-    for lname, (k, n) in LAYER_SHAPES.items():
-        lin = nn.Linear(k, n)
-        x = torch.randn(tokens, k, generator=g)
-        lin_bf = copy.deepcopy(lin).bfloat16()
-        xb = x.bfloat16()
-        lora = _lora(lin, g)
+    for lname, k, n, lin, x, lora, vs in _layer_cases(tokens):
         block = k & -k  # the largest power of two dividing the width: rotation.py's Hadamard block
         layers = {
             f"W4A8 per tensor ({kernel})": quant_linear(lin, 4, lora),
@@ -354,15 +361,8 @@ def bench_w4a4(rounds: int, min_sample_s: float, tokens: int = 512) -> str:
             "W4A4 NVFP4 (simulated)": quant_linear(lin, 4, lora, kernel="simulated", weights=WeightFormat(4, format="nvfp4"),
                                                   activations=ActivationFormat(4, format="nvfp4")),
         }
-        vs = [Variant("fp32", lambda: lin(x), lin), Variant("bf16", lambda: lin_bf(xb), lin_bf)]
         vs += [Variant(name, partial(m, x), m) for name, m in layers.items()]
-        with torch.inference_mode():
-            ref = lin(x)
-            for v in vs:
-                v.rel_err = _rel(v.fn(), ref)
-            run_interleaved(vs, rounds, min_sample_s)
-        out.append(table(f"{lname} {k}->{n}, M={tokens}, rank-32 LoRA", vs))
-        print(out[-1] + "\n", flush=True)
+        out.append(_measure_layer(f"{lname} {k}->{n}, M={tokens}, rank-32 LoRA", lin, x, vs, rounds, min_sample_s))
     return "\n\n".join(out)
 
 
