@@ -93,7 +93,7 @@ def test_nested_specs_are_the_config_and_flat_dicts_still_read():
     assert cfg == _nested(dict(w_bits=3, weight_layout="group", group_size=16, lora_rank=8, steps=20,
                                search_tokens=None))
     nested = cfg.to_dict()
-    assert set(nested) == {"recipe", "weights", "activations", "smooth", "lora", "calibration", "adaln", "scope"}
+    assert set(nested) == {"recipe", "weights", "activations", "smooth", "lora", "calibration", "adaln", "scope", "late"}
     assert nested["weights"] == {"bits": 3, "layout": "group", "group_size": 16, "range_mode": "levels",
                                  "rounding": "nearest", "gptq_order": "natural", "format": "int"}
     # older folders hold the flat form: one entry per FLAT_NAMES key

@@ -227,3 +227,19 @@ def test_integer_kernel_matches_simulated_with_rotation(kernel, gran):
     layer.set_kernel(kernel)
     integer = layer(x)
     assert float((integer - fake).norm() / fake.norm()) < 2e-6
+
+
+def test_fwht_under_autograd_is_the_same_transform_and_differentiates():
+    """A rotated layer called outside ``torch.no_grad`` (its input tracks gradients through the
+    model's parameters): the butterfly stages cannot write into buffers there, and take new
+    tensors instead; same values, and the gradient of the orthogonal H is H applied back."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 256, generator=g)
+    with torch.no_grad():
+        want = fwht(x, 256)
+    xg = x.clone().requires_grad_()
+    got = fwht(xg, 256)
+    assert got.requires_grad and torch.allclose(got, want, atol=1e-6)
+    w = torch.randn(5, 256, generator=g)
+    (got * w).sum().backward()
+    assert torch.allclose(xg.grad, fwht(w, 256), atol=1e-5)  # H symmetric: H^T w = H w

@@ -33,9 +33,10 @@ RECIPES = {
     "ditas W4A4": ("ditas", dict(a_bits=4, **SMALL)),
     "ditas_w4a4": ("ditas_w4a4", SMALL),
     "ditas_nvfp4": ("ditas_nvfp4", SMALL),  # blocks of 16 inputs: every width here is a multiple of 16
+    "ditas_w4a4_a8late": ("ditas_w4a4_a8late", SMALL),  # the third held-out call (t = 300 of 1000) at A8
 }
 FORMATS = {"rtn W4A4": ("int", "token"), "ditas W4A4": ("int", "token"), "ditas_w4a4": ("int", "token"),
-           "ditas_nvfp4": ("nvfp4", "group")}
+           "ditas_nvfp4": ("nvfp4", "group"), "ditas_w4a4_a8late": ("int", "token")}
 
 
 @pytest.mark.parametrize("family", list(fm.FAMILIES))
@@ -52,3 +53,4 @@ def test_ditas_w4a4_beats_rtn_w4a4(family):
         err[label] = sum(fm.rel(o, r) for o, r in zip(fm.outputs(q), refs)) / len(refs)
     print(f"\n| family | {' | '.join(RECIPES)} |\n| {family} | " + " | ".join(f"{err[k]:.4f}" for k in RECIPES) + " |")
     assert err["ditas_w4a4"] < 0.7 * err["rtn W4A4"], err
+    assert err["ditas_w4a4_a8late"] < 0.7 * err["rtn W4A4"], err

@@ -59,6 +59,7 @@ def _build_classes(quantizer_base: type, config_base: type) -> tuple[type, type]
     from .quantization.checkpoint import (READABLE_VERSIONS, _config_of, put_quant_layers, unpack_block_scales,
                                           unpack_qweight)
     from .quantization.kernels import AUTO, use_kernels
+    from .quantization.step_precision import use_step_precision
     from .quantization.layer_schema import check_layer_table
     from .quantization.linear import QuantLinear
     from .quantization.weight_only import WeightOnlyInt8Linear
@@ -147,6 +148,7 @@ def _build_classes(quantizer_base: type, config_base: type) -> tuple[type, type]
             model.quant_config = _config_of(self.quantization_config.quantization.get("config", {}))
             model.quant_family = self.quantization_config.family
             use_kernels(model, AUTO)
+            use_step_precision(model)
             return model
 
         def get_state_dict_and_metadata(self, state_dict, safe_serialization: bool = False):

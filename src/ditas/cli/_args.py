@@ -113,6 +113,11 @@ def add_quant_arguments(p: argparse.ArgumentParser, with_bits: bool = True) -> N
                         f"moments), or search ({r} {d.weights.rounding})")
     p.add_argument("--gptq-order", choices=GPTQ_ORDERS, default=None,
                    help=f"GPTQ column order: natural or desc (descending second moment) ({r} {d.weights.gptq_order})")
+    p.add_argument("--late-below", type=float, default=None, metavar="FRACTION",
+                   help=f"step-dependent activations: at the timesteps below this fraction of the range, activations "
+                        f"in --late-a-bits (0: off) ({r} {d.late.below})")
+    p.add_argument("--late-a-bits", type=int, default=None,
+                   help=f"activation bits (per token) at the late steps of --late-below ({r} {d.late.a_bits})")
     p.add_argument("--search-tokens", type=int, default=None,
                    help=f"tokens per step in the search loss; 0: all ({r} {d.smooth.search_tokens})")
 
@@ -137,7 +142,8 @@ def config_from_args(args: argparse.Namespace, recipe: str, w_bits: int | None =
         bias_correction=args.bias_correction, adapter=getattr(args, "adapter", None),
         skip=tuple(args.skip) if getattr(args, "skip", None) else None, rotation=getattr(args, "rotation", None),
         lora_order=getattr(args, "lora_order", None), w_rounding=getattr(args, "w_rounding", None),
-        gptq_order=getattr(args, "gptq_order", None))
+        gptq_order=getattr(args, "gptq_order", None), late_below=getattr(args, "late_below", None),
+        late_a_bits=getattr(args, "late_a_bits", None))
     overrides = {k: v for k, v in given.items() if v is not None}
     if args.search_tokens is not None:
         if args.search_tokens < 0:

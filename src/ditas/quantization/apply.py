@@ -32,6 +32,7 @@ from .config import QuantConfig
 from .folds import output_fold_vector
 from .linear import QuantLinear
 from .kernels import AUTO, canonical, use_kernels
+from .step_precision import timestep_source, use_step_precision
 from .search import LayerQuant, quantize_layer
 from .smoothing import apply_fold, fold_weight_rows, row_slice
 from .weight_only import quantize_weight_only
@@ -325,7 +326,7 @@ def convert(model: nn.Module, calibration: Calibration, kernel: str = AUTO) -> n
                                             lora_up=up, codes=codes, input_fold=input_fold,
                                             output_fold=output_fold_vector(lin.out_features,
                                                                            calibration.row_folds.get(spec.name, [])),
-                                            rotation=r.rotation)
+                                            rotation=r.rotation, late_activations=cfg.late_activations())
                 if r.bias is not None and lin.bias is not None:
                     q.bias.copy_(r.bias[rows])
                 q.invalidate()
@@ -348,6 +349,8 @@ def quantize(model: nn.Module, config: QuantConfig, trajectory: CalibrationRecor
     """prepare + calibrate + convert; returns the quantized model and a JSON-able report."""
     t0 = time.perf_counter()
     canonical(kernel)  # before the work
+    if config.late.enabled:
+        timestep_source(model, config)  # a family whose timestep ditas cannot read: refused before the work
     model.eval()
     if not inplace:
         model = copy.deepcopy(model)
@@ -358,6 +361,7 @@ def quantize(model: nn.Module, config: QuantConfig, trajectory: CalibrationRecor
     t2 = time.perf_counter()
     model.quant_config = config
     model.quant_family = adapter_for(model).family
+    use_step_precision(model)
     return model, make_report(cal, {"convert_s": t2 - t1, "total_s": t2 - t0}, _layer_bytes(model, float_dtypes))
 
 

@@ -10,7 +10,9 @@ ditas makes them; fp32 otherwise and in older folders), ``bias``, ``smooth``, ``
 in the layer's ``lora_dtype``, recorded in its entry since format version 2; version 1 folders
 hold float32 factors and still load), ``input_fold``/``output_fold`` as present (since version 4:
 the smoothing factors folded around the layer, ``folds``; a float linear's ``output_fold`` is
-listed under ``folded_float_layers``), and the float
+listed under ``folded_float_layers``), since version 5 number formats and rotations, version 6
+(written only where a layer has one) the late-step activation format (``late_abits``,
+``step_precision.py``), and the float
 tensors of everything else. adaLN linears stored weight-only (``WeightOnlyInt8Linear``) are listed
 under ``"weight_only_layers"`` and keep their int8 ``qweight``, ``wscale`` and ``bias``. ``load_quantized`` builds the model (by its family's adapter) on the meta device, puts
 ``QuantLinear`` modules in place of the quantized layers and only then allocates memory, so no
@@ -39,6 +41,7 @@ from .folds import FOLD_UNKNOWN, add_float_fold_slots, folded_float_layers, unre
 from .kernels import AUTO, canonical, use_kernels
 from .layer_schema import check_layer_table, check_layer_tensors, layer_args, layer_meta
 from .linear import QuantLinear
+from .step_precision import use_step_precision
 from .weight_only import WeightOnlyInt8Linear
 
 # 5: number formats: each layer entry says its weights' and activations' format ("w_format",
@@ -54,7 +57,8 @@ from .weight_only import WeightOnlyInt8Linear
 # 2: each layer entry says how its LoRA factors are stored ("lora_dtype": float32 or bfloat16);
 # 1 (read, never written): LoRA factors in float32
 FORMAT_VERSION = 5
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+LATE_STEPS_FORMAT_VERSION = 6  # layers with late-step activations (written only by a model that has them)
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
@@ -122,7 +126,9 @@ def quantization_meta(model: nn.Module, quant_config: Any = None) -> dict[str, A
         cfg = cfg.to_dict()
     first = next(iter(layers.values()))
     return {
-        "format_version": FORMAT_VERSION,
+        # a folder without late steps stays readable by a ditas that reads format 5
+        "format_version": LATE_STEPS_FORMAT_VERSION if any(m.late_activation_format is not None
+                                                           for m in layers.values()) else FORMAT_VERSION,
         "recipe": cfg.get("recipe", "custom"),
         "bits": {"weights": first.weight_format.bits, "activations": first.activation_format.bits},
         "weight_layout": first.weight_format.layout,
@@ -368,6 +374,7 @@ def load_quantized(path: str | os.PathLike, data: dict[str, Any] | None = None, 
     if device is not None:
         model = model.to(device)
     use_kernels(model, kernel)
+    use_step_precision(model)
     del state
     release_freed_memory()  # the file's bytes and the unpacked copies (about 1 GB at DiT-XL/2 size)
     return model.eval()

@@ -277,6 +277,35 @@ class CalibrationSpec:
         _check(p)
 
 
+@dataclass(frozen=True)
+class LateStepsSpec:
+    """Step-dependent activation precision: at the low-noise steps, those whose timestep is below
+    ``below`` of the model's timestep range (DDPM's 1000 steps; Flux's [0, 1]), every quantized
+    layer's activations use ``a_bits`` bits per ``granularity`` (INT) instead of the config's
+    ``activations`` format; the weights and the low-rank branch are the same at every step.
+    ``below`` 0 (the default): off. Why: at W4A4 the error that moves the sample distribution lies
+    at the last steps (docs/quantization.md, "Late steps at 8 bits"); ``step_precision.py`` switches
+    the layers from the timestep the model is called with."""
+
+    below: float = 0.0
+    a_bits: int = 8
+    granularity: str = "token"
+
+    def __post_init__(self) -> None:
+        p = []
+        if not _is_num(self.below) or not 0 <= self.below < 1:
+            p.append(f"late-steps threshold must be a fraction of the timestep range in [0, 1), got {self.below!r}")
+        if not (is_int(self.a_bits) and 4 <= self.a_bits <= 16):
+            p.append(f"late-step activation bits must be an integer in 4..16 (16 = float), got {self.a_bits!r}")
+        if self.granularity not in ACT_GRANULARITIES:
+            p.append(f"late-step activation granularity must be one of {ACT_GRANULARITIES}, got {self.granularity!r}")
+        _check(p)
+
+    @property
+    def enabled(self) -> bool:
+        return self.below > 0
+
+
 ADAPTER_CHOICES = ("auto", "generic")
 
 
@@ -302,7 +331,7 @@ class ScopeSpec:
 
 
 _SPECS = {"weights": WeightFormat, "activations": ActivationFormat, "smooth": SmoothingSpec, "lora": LoRASpec,
-          "calibration": CalibrationSpec, "scope": ScopeSpec}
+          "calibration": CalibrationSpec, "scope": ScopeSpec, "late": LateStepsSpec}
 # The one table of flat names -> (spec, field): the override names of ``recipe_config`` and the
 # keys of the flat config dicts older quantized folders hold (``from_dict``). ``range_mode`` sets
 # both formats (QuantLinear applies one range mode to weights and activations).
@@ -322,6 +351,7 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
     "calib_labels": ("calibration", "labels"), "seed": ("calibration", "seed"), "steps": ("calibration", "steps"),
     "cfg_scale": ("calibration", "cfg_scale"), "sampler": ("calibration", "sampler"),
     "adapter": ("scope", "adapter"), "skip": ("scope", "skip"),
+    "late_below": ("late", "below"), "late_a_bits": ("late", "a_bits"), "late_act_granularity": ("late", "granularity"),
 }
 
 
@@ -372,6 +402,9 @@ class QuantConfig:
     ``.cfg_scale``, ``.sampler`` of the one FP sampling run.
 
     Scope: ``scope.adapter`` (``auto`` or ``generic``) and ``scope.skip`` (name patterns kept float).
+
+    Late steps: ``late`` (``LateStepsSpec``, off by default): activations in ``late.a_bits`` bits
+    at the timesteps below ``late.below`` of the range (``late_activations()``).
     """
 
     recipe: str
@@ -382,16 +415,17 @@ class QuantConfig:
     calibration: CalibrationSpec
     adaln: str
     scope: ScopeSpec
+    late: LateStepsSpec
 
     def __init__(self, recipe: str = "custom", weights: WeightFormat | None = None,
                  activations: ActivationFormat | None = None, smooth: SmoothingSpec | None = None,
                  lora: LoRASpec | None = None, calibration: CalibrationSpec | None = None, adaln: str = "int8",
-                 scope: ScopeSpec | None = None, **unknown: Any):
+                 scope: ScopeSpec | None = None, late: LateStepsSpec | None = None, **unknown: Any):
         """Takes the specs (a missing one: its defaults); a flat name is refused with the way to say it."""
         if unknown:
             raise ConfigError(_unknown_keys_message(sorted(unknown)))
         given = {"weights": weights, "activations": activations, "smooth": smooth, "lora": lora,
-                 "calibration": calibration, "scope": scope}
+                 "calibration": calibration, "scope": scope, "late": late}
         for spec, cls in _SPECS.items():
             value = given[spec] if given[spec] is not None else cls()
             if not isinstance(value, cls):
@@ -414,7 +448,17 @@ class QuantConfig:
         if self.weights.range_mode != self.activations.range_mode:
             p.append("weights and activations must use one range mode (QuantLinear applies one to both), got "
                      f"{self.weights.range_mode!r} and {self.activations.range_mode!r}")
+        if self.late.enabled and not self.activations.bits < self.late.a_bits:
+            p.append(f"late-step activations must have more bits than the others ({self.activations.bits}), got "
+                     f"{self.late.a_bits}")
         _check(p)
+
+    def late_activations(self) -> ActivationFormat | None:
+        """The activation format of the late steps (None: the same format at every step)."""
+        if not self.late.enabled:
+            return None
+        return ActivationFormat(self.late.a_bits, self.late.granularity, self.activations.range_mode,
+                                group_size=self.activations.group_size if self.activations.format == "int" else None)
 
     def replace(self, **changes: Any) -> "QuantConfig":
         """A copy with whole specs (or ``recipe``/``adaln``) replaced, validated as a new config."""

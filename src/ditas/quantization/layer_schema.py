@@ -64,6 +64,9 @@ LAYER_META = (
     MetaField("act_group_size", int, 1, default=DEFAULT_ACT_GROUP),
     # format 5: the Hadamard block of the online input rotation (rotation.py); 0: none, as older folders read
     MetaField("rotation", int, 0, default=0),
+    # format 6: the activations' bits and granularity at the late steps (``QuantConfig.late``); 0: none
+    MetaField("late_abits", int, 0, 16, default=0),
+    MetaField("late_act_granularity", str, choices=ACT_GRANULARITIES, default="token"),
 )
 WEIGHT_ONLY_META = (MetaField("in_features", int, 1), MetaField("out_features", int, 1), MetaField("bias", bool),
                     MetaField("compute", str))
@@ -112,7 +115,13 @@ def layer_meta(m: Any) -> dict[str, Any]:
             "smooth": m.smooth is not None, "lora_dtype": dtype_name(m.lora_dtype or torch.float32),
             "input_fold": m.input_fold is not None, "output_fold": m.output_fold is not None,
             "w_format": w.format, "a_format": a.format, "act_group_size": a.group_size,
-            "rotation": getattr(m, "rotation", 0)}
+            "rotation": getattr(m, "rotation", 0), **late_meta(getattr(m, "late_activation_format", None))}
+
+
+def late_meta(late: ActivationFormat | None) -> dict[str, Any]:
+    """The late-step fields of a layer's entry (``late_abits`` 0: no late-step format)."""
+    return {"late_abits": 0, "late_act_granularity": "token"} if late is None else \
+        {"late_abits": late.bits, "late_act_granularity": late.granularity}
 
 
 def layer_args(meta: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
@@ -122,10 +131,15 @@ def layer_args(meta: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
     activations = ActivationFormat(meta["abits"], meta["act_granularity"], meta["range_mode"],
                                    meta.get("a_format", "int"), meta.get("act_group_size", DEFAULT_ACT_GROUP))
     dtype = LORA_DTYPES[meta.get("lora_dtype", "float32")]
+    late = None
+    if meta.get("late_abits", 0):
+        group = activations.group_size if activations.format == "int" else DEFAULT_ACT_GROUP  # as the config's
+        late = ActivationFormat(meta["late_abits"], meta.get("late_act_granularity", "token"), meta["range_mode"],
+                                group_size=group)
     return ((meta["in_features"], meta["out_features"], weights, activations),
             {"bias": meta["bias"], "lora_rank": meta["lora_rank"], "has_smooth": meta["smooth"], "lora_dtype": dtype,
              "has_input_fold": meta.get("input_fold", False), "has_output_fold": meta.get("output_fold", False),
-             "rotation": meta.get("rotation", 0)})
+             "rotation": meta.get("rotation", 0), "late_activations": late})
 
 
 def expected_tensor_names(meta: dict[str, Any]) -> list[str]:

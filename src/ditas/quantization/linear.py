@@ -17,6 +17,9 @@ Tensors are named for their role (as nunchaku's quantized linear):
 - ``rotation`` (an int, not a tensor; 0: none): the block of the Hadamard rotation applied online
   to the (smoothed) input, ``x -> fwht(x / smooth, rotation)`` (``rotation.py``); the codes are
   then those of the rotated weight ``(W s) H^T``, so the float function is unchanged;
+- ``late_activation_format`` (a format, not a tensor; None: none): the activations' format at the
+  late (low-noise) steps, used while ``at_late_step`` is True (set from the timestep of each model
+  call by ``step_precision.py``; ``QuantConfig.late``); the weights are the same at every step;
 - ``input_fold`` (in,), ``output_fold`` (out,): records of the smoothing factors folded into the
   producer of the layer's input and into its output rows (``folds``: what a LoRA adapter on the
   layer compensates), or absent; the layer's own forward never reads them.
@@ -67,6 +70,17 @@ def check_rotation(rotation: int, in_features: int) -> None:
         raise ConfigError(f"rotation must be 0 or a power of two dividing in_features {in_features}, got {rotation!r}")
 
 
+def check_late_activations(late: ActivationFormat | None, activations: ActivationFormat) -> None:
+    """A late-step format is an INT format with more bits than the layer's activations."""
+    if late is None:
+        return
+    if not isinstance(late, ActivationFormat) or late.format != "int" or late.bits <= activations.bits:
+        raise ConfigError(f"late-step activations must be an INT ActivationFormat with more bits than "
+                          f"{activations.bits}, got {late!r}")
+    if late.range_mode != activations.range_mode:
+        raise ConfigError(f"one range mode at every step, got {activations.range_mode!r} and {late.range_mode!r}")
+
+
 def _check_lora_dtype(dtype: torch.dtype) -> None:
     if dtype not in LORA_DTYPES.values():
         raise ValueError(f"LoRA factors are stored as {' or '.join(LORA_DTYPES)}, got {dtype}")
@@ -79,9 +93,10 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, weights: WeightFormat, activations: ActivationFormat,
                  *, bias: bool = True, lora_rank: int = 0, has_smooth: bool = False,
                  lora_dtype: torch.dtype = torch.float32, has_input_fold: bool = False, has_output_fold: bool = False,
-                 rotation: int = 0):
+                 rotation: int = 0, late_activations: ActivationFormat | None = None):
         super().__init__()
         check_rotation(rotation, in_features)
+        check_late_activations(late_activations, activations)
         _check_lora_dtype(lora_dtype)
         if not isinstance(weights, WeightFormat) or not isinstance(activations, ActivationFormat):
             raise ConfigError(f"QuantLinear takes a WeightFormat and an ActivationFormat, got "
@@ -91,6 +106,8 @@ class QuantLinear(nn.Module):
                               f"{activations.range_mode!r}")
         self.in_features, self.out_features = in_features, out_features
         self.weight_format, self.activation_format = weights, activations
+        self.late_activation_format = late_activations
+        self.at_late_step = False  # set per model call by step_precision.LateStepSwitch
         self.lora_rank = lora_rank
         self.rotation = rotation  # Hadamard block of the online input rotation (0: none)
         self.kernel = "simulated"  # a name in kernels.KERNELS; kernels.use_kernels(model, ...) chooses
@@ -113,7 +130,8 @@ class QuantLinear(nn.Module):
                     lora_down: torch.Tensor | None = None, lora_up: torch.Tensor | None = None,
                     codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                     lora_dtype: torch.dtype | None = None, input_fold: torch.Tensor | None = None,
-                    output_fold: torch.Tensor | None = None, rotation: int = 0) -> "QuantLinear":
+                    output_fold: torch.Tensor | None = None, rotation: int = 0,
+                    late_activations: ActivationFormat | None = None) -> "QuantLinear":
         """Quantizes ``weight`` (default: ``linear.weight``) in ``weights`` with round-to-nearest
         (min/max for INT, ``fp4.py`` for FP4).
 
@@ -123,14 +141,15 @@ class QuantLinear(nn.Module):
         bf16 rounds them once, here, so the saved model is the one in memory. ``input_fold`` /
         ``output_fold``: the smoothing factors folded around the layer (``folds``; records only).
         ``rotation``: the Hadamard block of the online input rotation (``codes`` must then be those
-        of the rotated weight; a given ``weight`` is rotated here).
+        of the rotated weight; a given ``weight`` is rotated here). ``late_activations``: the
+        activations' format at the late steps (``QuantConfig.late_activations()``), or None.
         """
         rank = 0 if lora_down is None else lora_down.shape[0]
         m = cls(linear.in_features, linear.out_features, weights, activations, bias=linear.bias is not None,
                 lora_rank=rank, has_smooth=smooth is not None,
                 lora_dtype=DEFAULT_LORA_DTYPE if lora_dtype is None else lora_dtype,
                 has_input_fold=input_fold is not None, has_output_fold=output_fold is not None,
-                rotation=rotation)
+                rotation=rotation, late_activations=late_activations)
         if codes is None:
             w = linear.weight.detach() if weight is None else weight.detach()
             if rotation:
@@ -251,6 +270,17 @@ class QuantLinear(nn.Module):
         return state
 
     # -- forward ----------------------------------------------------------------------------------
+    @property
+    def active_activation_format(self) -> ActivationFormat:
+        """The activations' format of this call: the late-step format while ``at_late_step``."""
+        late = self.late_activation_format
+        return late if late is not None and self.at_late_step else self.activation_format
+
+    def activation_formats(self) -> tuple[ActivationFormat, ...]:
+        """Every format the layer's activations take (what its kernel must support)."""
+        late = self.late_activation_format
+        return (self.activation_format,) if late is None else (self.activation_format, late)
+
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x / smooth``, then the online Hadamard rotation: what every kernel quantizes."""
         if self.smooth is not None:
@@ -263,13 +293,13 @@ class QuantLinear(nn.Module):
         """Smoothed (and rotated), quantized-dequantized input in any format (what the simulated
         kernel multiplies)."""
         x = self.transform_input(x)
-        return activation_quantizer(self.activation_format)(x)
+        return activation_quantizer(self.active_activation_format)(x)
 
     def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Smoothed input -> (codes, scale, zero) of INT per-tensor / per-token activations (what the
         integer kernels multiply); for abits >= 16: (x, None, None)."""
         x = self.transform_input(x)
-        a = self.activation_format
+        a = self.active_activation_format
         if a.bits >= 16:
             return x, None, None
         return activation_codes(x, a.bits, a.granularity, a.range_mode)
@@ -291,6 +321,9 @@ class QuantLinear(nn.Module):
             act = f"{a.format} (block {a.group_size})"
         else:
             act = f"dynamic per-{a.granularity}" + (f" {a.group_size}" if a.granularity == "group" else "")
+        late = self.late_activation_format
+        if late is not None:
+            act += f" (A{late.bits} " + ("fp" if late.bits >= 16 else f"dynamic per-{late.granularity}") + " at late steps)"
         return f"{weights}, A{a.bits} {act}"
 
     def extra_repr(self) -> str:

@@ -73,16 +73,20 @@ def fwht(x: torch.Tensor, block: int) -> torch.Tensor:
     y = x.reshape(-1, d).to(work) @ _dense_hadamard(d, work, x.device)
     y = y.view(-1, width)
     if block > d:
-        buf = torch.empty_like(y)
+        tracked = y.requires_grad and torch.is_grad_enabled()  # autograd refuses out=: new tensors instead
+        buf = None if tracked else torch.empty_like(y)
         h = d
         while h < block:  # stage: runs (i, i + h) inside every 2h-run -> (a + b, a - b), ping-ponging buffers
             a = y.view(-1, block // (2 * h), 2, h)
-            o = buf.view(-1, block // (2 * h), 2, h)
-            torch.add(a[:, :, 0], a[:, :, 1], out=o[:, :, 0])
-            torch.sub(a[:, :, 0], a[:, :, 1], out=o[:, :, 1])
-            y, buf = buf, y
+            if tracked:
+                y = torch.stack((a[:, :, 0] + a[:, :, 1], a[:, :, 0] - a[:, :, 1]), dim=2).view(-1, width)
+            else:
+                o = buf.view(-1, block // (2 * h), 2, h)
+                torch.add(a[:, :, 0], a[:, :, 1], out=o[:, :, 0])
+                torch.sub(a[:, :, 0], a[:, :, 1], out=o[:, :, 1])
+                y, buf = buf, y
             h *= 2
-        y.mul_((block // d) ** -0.5)
+        y = y * (block // d) ** -0.5 if tracked else y.mul_((block // d) ** -0.5)
     return y.reshape(*lead, width).to(x.dtype)
 
 

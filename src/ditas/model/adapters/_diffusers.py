@@ -7,12 +7,13 @@ architecture from them, and the quantized layers are put in place before any mem
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar
 
 from torch import nn
 
 from ...errors import CheckpointError
-from .base import BlockCall, BlockSpec, Fold, LinearSpec, ModelAdapter, ON_THE_FLY, SmoothGroup
+from .base import BlockCall, BlockSpec, Fold, LinearSpec, ModelAdapter, ON_THE_FLY, SmoothGroup, TimestepInput
 
 
 def diffusers_class(name: str) -> type:
@@ -53,6 +54,16 @@ class DiffusersAdapter(ModelAdapter):
         if config.get("class") != cls.class_name or not isinstance(config.get("config"), dict):
             raise CheckpointError(f"not a {cls.class_name} model config: {sorted(config)}")
         return diffusers_class(cls.class_name).from_config(config["config"])
+
+    timestep_range: ClassVar[float] = 1000.0  # the timestep the pipelines pass: DDPM units (Flux: [0, 1])
+
+    def timestep_input(self) -> TimestepInput | None:
+        """The model's own ``timestep`` argument (pipelines pass it by keyword; by position it is
+        where the class's ``forward`` declares it)."""
+        params = list(inspect.signature(type(self.model).forward).parameters)[1:]  # without self
+        if "timestep" not in params:
+            return None
+        return TimestepInput("", params.index("timestep"), "timestep", self.timestep_range)
 
     # -- helpers for the subclasses -----------------------------------------------------------------
     def has(self, name: str) -> bool:

@@ -135,6 +135,27 @@ class BlockSpec:
         return tuple(m for g in self.groups for m in g.members)
 
 
+@dataclass(frozen=True)
+class TimestepInput:
+    """Where the diffusion timestep enters the model (for step-dependent precision,
+    ``quantization/step_precision.py``): the argument ``position`` (or keyword ``keyword``) of the
+    call of submodule ``module`` ("" : the model itself), in units where the timestep range is
+    ``range`` (DDPM's 1000 steps: 1000; Flux's transformer takes t in [0, 1]: 1)."""
+
+    module: str = ""
+    position: int | None = None
+    keyword: str | None = None
+    range: float = 1000.0
+
+    def read(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """The timestep of one call of ``module`` (None where the call lacks it)."""
+        if self.keyword is not None and kwargs.get(self.keyword) is not None:
+            return kwargs[self.keyword]
+        if self.position is not None and len(args) > self.position:
+            return args[self.position]
+        return None
+
+
 @dataclass
 class BlockCall:
     """The positional and keyword arguments of one call of a block."""
@@ -270,6 +291,11 @@ class ModelAdapter:
         """What the report says about how the adapter saw the model (the generic adapter: the
         layers it leaves float and why, which blocks were replayed); nothing by default."""
         return {}
+
+    def timestep_input(self) -> TimestepInput | None:
+        """Where the timestep enters the model; None (the default): not known, so step-dependent
+        precision (``QuantConfig.late``) is refused for the family."""
+        return None
 
     # -- calibration without a recording ----------------------------------------------------------
     def calibration_sampler(self) -> CalibrationSampler | None:

@@ -18,7 +18,7 @@ from torch import nn
 from ..dit import DiT, DiTConfig
 from .registry import register
 from .base import (ON_THE_FLY, BlockCall, BlockSpec, CalibrationSampler, Fold, LinearSpec, ModelAdapter,
-                   SmoothGroup)
+                   SmoothGroup, TimestepInput)
 
 # adaLN chunk indices (shift, scale) of the modulation each role reads, out of 6
 ADALN_CHUNKS = {"qkv": (0, 1), "fc1": (3, 4)}
@@ -68,6 +68,10 @@ class DiTAdapter(ModelAdapter):
 
     def calibration_sampler(self) -> CalibrationSampler:
         return CalibrationSampler(self.model, self.model.num_classes, self.model.blocks[0])
+
+    def timestep_input(self) -> TimestepInput:
+        # the timestep embedder: ``forward_with_cfg`` calls ``forward`` directly, past the model's hooks
+        return TimestepInput("t_embedder", 0, None, 1000.0)
 
     def model_config(self) -> dict[str, Any]:
         return self.model.config.to_dict()

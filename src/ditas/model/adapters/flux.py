@@ -31,6 +31,7 @@ class FluxAdapter(DiffusersAdapter):
     family = "flux"
     class_name = "FluxTransformer2DModel"
     text_to_image = True
+    timestep_range = 1.0  # the pipeline passes sigma in [0, 1]; the model multiplies by 1000 inside
 
     def _qkv(self, attn: str) -> list[str]:
         fused = getattr(self.model.get_submodule(attn), "fused_projections", False)

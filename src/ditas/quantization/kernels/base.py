@@ -47,23 +47,33 @@ class Kernel:
         device = layer_device(layer) if device is None else torch.device(device)
         if device.type not in self.devices:
             return f"runs on {'/'.join(self.devices)}, not {device.type}"
-        w, a = layer.weight_format, layer.activation_format
-        for what, fmt in (("weights", w.format), ("activations", a.format if a.bits < 16 else "int")):
-            if fmt not in self.formats:
-                return f"needs {' or '.join(f.upper() for f in self.formats)} {what}, the layer has {fmt} {what}"
+        w = layer.weight_format
+        if w.format not in self.formats:
+            return f"needs {' or '.join(f.upper() for f in self.formats)} weights, the layer has {w.format} weights"
         if w.layout not in self.layouts:
             return f"needs {' or '.join(self.layouts)} weights, the layer has {w.layout!r}"
         if not self.wbits[0] <= w.bits <= self.wbits[1]:
             return f"needs {self.wbits[0]}..{self.wbits[1]}-bit weights, the layer has {w.bits}"
-        if a.bits > self.max_abits:
-            return f"needs <= {self.max_abits}-bit activations, the layer has {a.bits}"
-        if a.bits < 16 and a.granularity not in self.act_granularities:
-            return f"needs per-{' or per-'.join(self.act_granularities)} activations, the layer has per-{a.granularity}"
+        formats = layer.activation_formats() if hasattr(layer, "activation_formats") else (layer.activation_format,)
+        for a in formats:  # a layer with late-step activations runs both formats on one kernel
+            problem = self._activation_problem(a)
+            if problem:
+                return problem
         if not self.available():
             return "is not available (or not exact) with this torch build on this CPU"
         if not self.exact_on(device):
             return f"is not exact on this {device.type} (int8 products saturate without VNNI)"
         return weights_problem(layer)
+
+    def _activation_problem(self, a: Any) -> str | None:
+        fmt = a.format if a.bits < 16 else "int"
+        if fmt not in self.formats:
+            return f"needs {' or '.join(f.upper() for f in self.formats)} activations, the layer has {fmt} activations"
+        if a.bits > self.max_abits:
+            return f"needs <= {self.max_abits}-bit activations, the layer has {a.bits}"
+        if a.bits < 16 and a.granularity not in self.act_granularities:
+            return f"needs per-{' or per-'.join(self.act_granularities)} activations, the layer has per-{a.granularity}"
+        return None
 
     def prepare(self, layer: Any) -> Any:
         """The kernel's state for ``layer`` (held by the layer as ``kernel_state``, not saved)."""

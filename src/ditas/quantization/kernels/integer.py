@@ -225,9 +225,10 @@ class IntegerKernel(Kernel):
     @staticmethod
     def _check_inputs(module, codes: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor) -> bool:
         """Validates shapes; returns True for per-tensor activation parameters."""
-        if module.weight_format.layout != "channel" or module.activation_format.bits > 8:
+        abits = module.active_activation_format.bits
+        if module.weight_format.layout != "channel" or abits > 8:
             raise ConfigError(f"the integer kernels handle per-channel weights with <= 8-bit activations, got "
-                             f"layout={module.weight_format.layout!r}, abits={module.activation_format.bits}")
+                             f"layout={module.weight_format.layout!r}, abits={abits}")
         if codes.ndim != 2 or codes.shape[1] != module.in_features:
             raise ConfigError(f"codes must be (M, {module.in_features}), got {tuple(codes.shape)}")
         m = codes.shape[0]
@@ -282,7 +283,7 @@ class IntegerKernel(Kernel):
         x2 = module.transform_input(x.reshape(-1, shape[-1]))
         if x2.dtype != torch.float32:
             x2 = x2.float()
-        a = module.activation_format
+        a = module.active_activation_format
         a_scale, a_zero = activation_qparams(x2, a.bits, a.granularity, a.range_mode)
         codes = torch.div(x2, a_scale)
         codes.round_().add_(a_zero).clamp_(0, 2 ** a.bits - 1)
