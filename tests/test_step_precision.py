@@ -25,6 +25,8 @@ from ditas.quantization.step_precision import LateStepSwitch
 import family_models as fm
 from quant_helpers import integer_kernels, random_dit
 
+pytestmark = pytest.mark.exactness  # bit-identity between computations of one run: also on other CPU paths
+
 SMALL = dict(steps=3, calib_labels=2, lora_rank=4, lora_rounds=2, alpha_grid=(0.25, 0.75))
 
 
@@ -61,6 +63,9 @@ def test_config_late_steps_round_trip_and_refusals():
     assert (cfg.late.below, cfg.late.a_bits, cfg.activations.bits) == (0.4, 8, 4)
     assert cfg.late_activations() == ActivationFormat(8, "token")
     assert recipe_config("ditas_w4a4").late_activations() is None
+    nv = recipe_config("ditas_nvfp4_a8late")
+    assert (nv.activations.format, nv.smooth.rotation, nv.late.below, nv.late_activations().bits) == \
+        ("nvfp4", "none", 0.4, 8)
     assert QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     for bad, match in ((dict(late_a_bits=4), "more bits than the others"), (dict(late_below=1.0), r"in \[0, 1\)"),
                        (dict(late_below=-0.1), r"in \[0, 1\)"), (dict(late_a_bits=3), "4..16")):

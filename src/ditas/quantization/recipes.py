@@ -25,7 +25,8 @@
   ``ditas_gptq`` add one of the three to ``ditas``;
 - ``ditas_w4a4_a8late``: ``ditas_w4a4`` with 8-bit per-token activations at the timesteps below
   0.4 of the range (the last 20 of 50 DDPM steps; ``step_precision.py``): one set of weights,
-  4-bit activations at the noisy steps only;
+  4-bit activations at the noisy steps only; ``ditas_nvfp4_a8late``: the same in NVFP4, without
+  the rotation (``ditas_nvfp4``'s SVD-first branch and GPTQ rounding);
 - ``ditas_bc``: ``ditas`` plus bias correction (each layer's bias absorbs its mean output error
   on the calibration run), an extension beyond the method;
 - ``ditas_nvfp4``: ``ditas_w4a4``'s rotation, SVD-first branch and GPTQ rounding with NVFP4 weights
@@ -74,6 +75,9 @@ RECIPES: dict[str, dict[str, Any]] = {
                        w_rounding="gptq", lora_dtype="bfloat16"),
     "ditas_w4a4_a8late": dict(a_bits=4, act_granularity="token", rotation="hadamard", lora_order="svd_first",
                               w_rounding="gptq", lora_dtype="bfloat16", late_below=0.4, late_a_bits=8),
+    # NVFP4 with late 8-bit steps: without the rotation (which costs NVFP4 class accuracy and FID)
+    "ditas_nvfp4_a8late": dict(w_bits=4, a_bits=4, w_format="nvfp4", a_format="nvfp4", lora_order="svd_first",
+                               w_rounding="gptq", lora_dtype="bfloat16", late_below=0.4, late_a_bits=8),
 }
 DEFAULT_RECIPE = "ditas"
 _SPEC = re.compile(r"^([a-z][a-z0-9_]*)(?:@w(\d+)a(\d+))?(\+generic)?$")  # a recipe of --recipes, optionally @wXaY
