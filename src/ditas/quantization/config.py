@@ -60,6 +60,11 @@ def _check(problems: list[str]) -> None:
         raise ConfigError("invalid quantization config: " + "; ".join(problems))
 
 
+def _is_fp4(fmt: Any) -> bool:
+    """Whether ``fmt`` names an FP4 block format (a value read from a file may be anything)."""
+    return isinstance(fmt, str) and fmt in FP4_BLOCKS
+
+
 def _normalize(spec: Any, name: str, value: Any) -> None:
     """Sets a field of a frozen spec while it is built (lists from JSON become tuples)."""
     object.__setattr__(spec, name, value)
@@ -84,7 +89,7 @@ class WeightFormat:
     gptq_order: str = "natural"  # GPTQ column order: "natural" or "desc" (descending diag of H)
 
     def __post_init__(self) -> None:
-        if self.format in FP4_BLOCKS and (self.layout, self.group_size) == ("channel", 0):
+        if _is_fp4(self.format) and (self.layout, self.group_size) == ("channel", 0):
             _normalize(self, "layout", "group")
             _normalize(self, "group_size", FP4_BLOCKS[self.format])
         p = []
@@ -124,7 +129,7 @@ class ActivationFormat:
     group_size: int | None = None
 
     def __post_init__(self) -> None:
-        fp4 = self.format in FP4_BLOCKS
+        fp4 = _is_fp4(self.format)
         if self.granularity is None:
             bits_ok = is_int(self.bits)
             _normalize(self, "granularity", "group" if fp4 else "token" if bits_ok and self.bits < 8 else "tensor")
@@ -149,7 +154,7 @@ def _format_problems(what: str, fmt: Any, bits: Any, range_mode: str, grouping: 
     """What an FP4 format forbids: other bits, non-block groupings, the reference range mode."""
     if fmt not in FORMATS:
         return [f"{what} format must be one of {FORMATS}, got {fmt!r}"]
-    if fmt not in FP4_BLOCKS:
+    if not _is_fp4(fmt):
         return []
     p, block = [], FP4_BLOCKS[fmt]
     if bits != 4:
