@@ -45,6 +45,8 @@ def test_quantize_writes_a_loadable_folder_and_report(tmp_path, model_dir, capsy
     (["--a-bits", "3"], "activation bits"),
     (["--calib-labels", "1,x"], "calib-labels"),
     (["--calib-labels", "3,99"], "out of range"),
+    (["--a-bits", "8", "--late-below", "0.4", "--late-a-bits", "8"], "more bits than the others"),
+    (["--late-below", "1.5"], "fraction of the timestep range"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, model_dir, capsys, argv, words):
     out = tmp_path / "q"
@@ -52,6 +54,16 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, model_dir, capsys, a
     err = capsys.readouterr().err
     assert rc == 2 and words in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_quantize_with_late_steps_says_so_and_saves_them(tmp_path, model_dir, capsys):
+    out = tmp_path / "q"
+    rc = main(["quantize", "--model", str(model_dir), "--recipe", "rtn", "--a-bits", "4", "--late-below", "0.3",
+               "--late-a-bits", "8", "--calib-steps", "2", "--calib-labels", "1", "--no-progress", "--out", str(out)])
+    assert rc == 0 and "(W4A4, A8 below 0.3 of the timesteps)" in capsys.readouterr().out
+    m = ditas.load_dit(out)
+    assert {(q.activation_format.bits, q.late_activation_format.bits) for q in m.modules()
+            if isinstance(q, QuantLinear)} == {(4, 8)}
 
 
 def test_quantizing_a_quantized_model_is_refused(tmp_path, model_dir, capsys):

@@ -76,7 +76,9 @@ def _quantize(args: argparse.Namespace, cfg, claim) -> int:
     fp = report["forward_passes"]
     for line in report.get("warnings", []):  # e.g. a LoRA rank capped below the float size
         print(line, file=sys.stderr)
-    print(f"quantized {report['num_layers']} layers with recipe {cfg.recipe} (W{cfg.weights.bits}A{cfg.activations.bits}) -> {out}")
+    late = f", A{cfg.late.a_bits} below {cfg.late.below:g} of the timesteps" if cfg.late.enabled else ""
+    print(f"quantized {report['num_layers']} layers with recipe {cfg.recipe} (W{cfg.weights.bits}A{cfg.activations.bits}"
+          f"{late}) -> {out}")
     print(f"  calibration: {fp['full_model_forward_passes']} full-model forward passes "
           f"(a per-layer observation would need {fp['naive_full_model_forward_passes']}); "
           f"mean relative output error {report['mean_rel_output_error']:.4g}")
