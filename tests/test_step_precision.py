@@ -21,7 +21,7 @@ from ditas.quantization.apply import quantize
 from ditas.quantization.config import ActivationFormat, QuantConfig, WeightFormat
 from ditas.quantization.linear import QuantLinear
 from ditas.quantization.recipes import recipe_config
-from ditas.quantization.step_precision import LateStepSwitch
+from ditas.quantization.step_precision import remove_step_precision
 import family_models as fm
 from quant_helpers import integer_kernels, random_dit
 
@@ -37,9 +37,8 @@ def _late_layers(model) -> list[QuantLinear]:
 def _switched_by_hand(model):
     """A copy without the switch whose layers run the late-step format at every call."""
     other = copy.deepcopy(model)
+    remove_step_precision(other)
     for mod in other.modules():
-        for key in [k for k, h in mod._forward_pre_hooks.items() if isinstance(h, LateStepSwitch)]:
-            del mod._forward_pre_hooks[key]
         if isinstance(mod, QuantLinear) and mod.late_activation_format is not None:
             mod.activation_format, mod.late_activation_format = mod.late_activation_format, None
     return other

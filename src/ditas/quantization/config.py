@@ -148,6 +148,13 @@ class ActivationFormat:
                               ("granularity", self.granularity), self.group_size)
         _check(p)
 
+    def late_format(self, bits: int, granularity: str) -> "ActivationFormat":
+        """The INT format of ``bits`` per ``granularity`` that goes with this one at the late steps
+        (``QuantConfig.late``): the same range mode, and this format's group size where it is INT
+        (an FP4 block is not an INT group: the default group then)."""
+        return ActivationFormat(bits, granularity, self.range_mode,
+                                group_size=self.group_size if self.format == "int" else None)
+
 
 def _format_problems(what: str, fmt: Any, bits: Any, range_mode: str, grouping: tuple[str, Any],
                      group_size: Any) -> list[str]:
@@ -462,8 +469,7 @@ class QuantConfig:
         """The activation format of the late steps (None: the same format at every step)."""
         if not self.late.enabled:
             return None
-        return ActivationFormat(self.late.a_bits, self.late.granularity, self.activations.range_mode,
-                                group_size=self.activations.group_size if self.activations.format == "int" else None)
+        return self.activations.late_format(self.late.a_bits, self.late.granularity)
 
     def replace(self, **changes: Any) -> "QuantConfig":
         """A copy with whole specs (or ``recipe``/``adaln``) replaced, validated as a new config."""

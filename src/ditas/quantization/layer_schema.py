@@ -133,9 +133,7 @@ def layer_args(meta: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
     dtype = LORA_DTYPES[meta.get("lora_dtype", "float32")]
     late = None
     if meta.get("late_abits", 0):
-        group = activations.group_size if activations.format == "int" else DEFAULT_ACT_GROUP  # as the config's
-        late = ActivationFormat(meta["late_abits"], meta.get("late_act_granularity", "token"), meta["range_mode"],
-                                group_size=group)
+        late = activations.late_format(meta["late_abits"], meta.get("late_act_granularity", "token"))
     return ((meta["in_features"], meta["out_features"], weights, activations),
             {"bias": meta["bias"], "lora_rank": meta["lora_rank"], "has_smooth": meta["smooth"], "lora_dtype": dtype,
              "has_input_fold": meta.get("input_fold", False), "has_output_fold": meta.get("output_fold", False),

@@ -81,6 +81,17 @@ def check_late_activations(late: ActivationFormat | None, activations: Activatio
         raise ConfigError(f"one range mode at every step, got {activations.range_mode!r} and {late.range_mode!r}")
 
 
+def _activation_phrase(a: ActivationFormat) -> str:
+    """``A8 dynamic per-tensor``, ``A4 nvfp4 (block 16)``, ``A16 fp``: a format in the layer's repr."""
+    if a.bits >= 16:
+        act = "fp"
+    elif a.format != "int":
+        act = f"{a.format} (block {a.group_size})"
+    else:
+        act = f"dynamic per-{a.granularity}" + (f" {a.group_size}" if a.granularity == "group" else "")
+    return f"A{a.bits} {act}"
+
+
 def _check_lora_dtype(dtype: torch.dtype) -> None:
     if dtype not in LORA_DTYPES.values():
         raise ValueError(f"LoRA factors are stored as {' or '.join(LORA_DTYPES)}, got {dtype}")
@@ -312,19 +323,11 @@ class QuantLinear(nn.Module):
 
     def precision(self) -> str:
         """The layer's precision in one phrase (``W4 per-channel asym, A8 dynamic per-tensor``)."""
-        w, a = self.weight_format, self.activation_format
+        w, late = self.weight_format, self.late_activation_format
         layout = {"channel": "per-channel", "group": f"group{w.group_size}", "reference32": "reference-32"}[w.layout]
         weights = f"W{w.bits} {layout} asym" if w.format == "int" else f"W4 {w.format} (block {w.group_size})"
-        if a.bits >= 16:
-            act = "fp"
-        elif a.format != "int":
-            act = f"{a.format} (block {a.group_size})"
-        else:
-            act = f"dynamic per-{a.granularity}" + (f" {a.group_size}" if a.granularity == "group" else "")
-        late = self.late_activation_format
-        if late is not None:
-            act += f" (A{late.bits} " + ("fp" if late.bits >= 16 else f"dynamic per-{late.granularity}") + " at late steps)"
-        return f"{weights}, A{a.bits} {act}"
+        late_steps = "" if late is None else f" ({_activation_phrase(late)} at late steps)"
+        return f"{weights}, {_activation_phrase(self.activation_format)}{late_steps}"
 
     def extra_repr(self) -> str:
         parts = [f"in_features={self.in_features}", f"out_features={self.out_features}", self.precision()]

@@ -68,13 +68,18 @@ def timestep_source(model: nn.Module, config: Any) -> TimestepInput:
     return source
 
 
-def use_step_precision(model: nn.Module) -> LateStepSwitch | None:
-    """Attaches the switch of ``model``'s layers with a late-step format, from the model's
-    ``quant_config`` (replacing any switch it had); None when no layer has one."""
+def remove_step_precision(model: nn.Module) -> None:
+    """Takes ``model``'s switch off (its layers keep the phase they are in)."""
     for m in model.modules():
         for key in [k for k, h in m._forward_pre_hooks.items() if isinstance(h, LateStepSwitch)]:
             del m._forward_pre_hooks[key]
             m._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
+def use_step_precision(model: nn.Module) -> LateStepSwitch | None:
+    """Attaches the switch of ``model``'s layers with a late-step format, from the model's
+    ``quant_config`` (replacing any switch it had); None when no layer has one."""
+    remove_step_precision(model)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m.late_activation_format is not None]
     for m in layers:
         m.at_late_step = False

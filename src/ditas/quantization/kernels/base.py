@@ -54,8 +54,7 @@ class Kernel:
             return f"needs {' or '.join(self.layouts)} weights, the layer has {w.layout!r}"
         if not self.wbits[0] <= w.bits <= self.wbits[1]:
             return f"needs {self.wbits[0]}..{self.wbits[1]}-bit weights, the layer has {w.bits}"
-        formats = layer.activation_formats() if hasattr(layer, "activation_formats") else (layer.activation_format,)
-        for a in formats:  # a layer with late-step activations runs both formats on one kernel
+        for a in layer.activation_formats():  # a layer with late-step activations runs both on one kernel
             problem = self._activation_problem(a)
             if problem:
                 return problem
