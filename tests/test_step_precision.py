@@ -265,3 +265,23 @@ def test_a_flux_pipeline_run_switches_at_its_low_sigmas_and_diffusers_save_load_
             assert torch.equal(t(**kwargs)[0], back(**kwargs)[0]), step
             assert {m.at_late_step for m in _late_layers(back)} == {step == 2}
 
+
+
+def test_a_bf16_model_switches_on_its_bf16_timesteps():
+    """Real pipelines run in bf16 and pass the timestep in the model's dtype: the switch reads a
+    bf16 sigma, and the bf16 model stays within bf16 rounding of the fp32 one at both phases
+    (measured relative error 0.023 early, 0.007 late on tiny Flux)."""
+    m = fm.tiny_flux()
+    q, _ = quantize(m, recipe_config("ditas_w4a4_a8late", lora_rank=4, lora_rounds=2), fm.record(m, steps=3),
+                    progress=False)
+    half = copy.deepcopy(q).to(torch.bfloat16)
+    layers = _late_layers(half)
+    with torch.no_grad():
+        for step, late in ((0, False), (2, True)):
+            kwargs = fm.call_kwargs(q, step=step)
+            cast = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() and not k.endswith("_ids")
+                    else v for k, v in kwargs.items()}
+            assert cast["timestep"].dtype == torch.bfloat16
+            out = half(**cast)[0]
+            assert out.dtype == torch.bfloat16 and {l.at_late_step for l in layers} == {late}, step
+            assert fm.rel(out.float(), q(**kwargs)[0]) < 0.05, step
